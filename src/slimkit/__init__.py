@@ -1,0 +1,43 @@
+"""slimkit: make trained PyTorch models smaller and faster, and prove it in ONNX Runtime.
+
+>>> import torch, slimkit as sk
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+>>> q = sk.quantize(model, "int8", calib_data=[torch.randn(16, 8)])
+>>> q(torch.randn(2, 8)).shape
+torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from slimkit.core.batch import Batch, inputs_only
+from slimkit.core.config import handler_for, resolve
+from slimkit.export import ExportReport, ParityError, export_onnx
+from slimkit.io import load, save
+from slimkit.quant import PRESETS as _QUANT_PRESETS
+from slimkit.quant import QuantConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["quantize", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
+           "ParityError", "inputs_only", "__version__"]
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """Every named preset, as ``{name: config dict}``."""
+    return {name: cfg.to_dict() for name, cfg in sorted(_QUANT_PRESETS.items())}
+
+
+def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "int8",
+             calib_data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
+    """Quantize ``model`` with a preset name, a ``QuantConfig`` or the same as a dict.
+
+    Static presets (``int8``) need ``calib_data``: an iterable of batches the model is called with.
+    Returns a new model; the caller's model is untouched unless ``inplace=True``.
+    """
+    cfg = resolve(config, QuantConfig, _QUANT_PRESETS)
+    return handler_for(cfg)(model, cfg, calib_data=calib_data, inplace=inplace)

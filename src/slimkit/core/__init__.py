@@ -1,0 +1,1 @@
+"""Core: affine quantization math, configs and their registry, graph capture, calling models."""

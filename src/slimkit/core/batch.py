@@ -1,0 +1,92 @@
+"""Calling a model with a batch, and checking batches before any work is done on them.
+
+A batch is what the model is called with: a tensor is ``model(x)``, a tuple or list ``model(*x)``,
+a dict ``model(**x)`` (Hugging Face style). Loaders that yield ``(inputs, labels)`` are adapted with
+``inputs_only``; nothing is guessed.
+
+>>> import torch
+>>> call(torch.nn.Identity(), torch.ones(2)).tolist()
+[1.0, 1.0]
+>>> pairs = [(torch.ones(1, 3), torch.tensor([0]))]
+>>> [b.shape for b in inputs_only(pairs)]
+[torch.Size([1, 3])]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Batch", "call", "inputs_only", "check_batches", "tensors_of", "first_tensor"]
+
+Batch = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
+
+
+def call(model: nn.Module, batch: Batch) -> Any:
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise TypeError(
+        f"a batch must be a tensor, a tuple/list or a dict, got {type(batch).__name__}"
+    )
+
+
+def as_args(batch: Batch) -> tuple[Any, ...]:
+    """Positional arguments for tracing/export (dicts are passed as keyword-only by the caller)."""
+    if isinstance(batch, Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    raise TypeError(f"expected a tensor or a tuple, got {type(batch).__name__}")
+
+
+def inputs_only(loader: Iterable[Any]) -> Iterator[Batch]:
+    """Adapt a loader of ``(inputs, labels)`` pairs to one of inputs."""
+    for item in loader:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError("inputs_only expects (inputs, labels) pairs")
+        yield item[0]
+
+
+def tensors_of(obj: Any) -> list[Tensor]:
+    """Every tensor in a (nested) batch or model output, in a stable order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping) or hasattr(obj, "to_tuple"):
+        values = obj.values() if isinstance(obj, Mapping) else obj.to_tuple()
+        return [t for v in values for t in tensors_of(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in tensors_of(v)]
+    return []
+
+
+def first_tensor(obj: Any) -> Tensor:
+    ts = tensors_of(obj)
+    if not ts:
+        raise TypeError(f"no tensor found in {type(obj).__name__}")
+    return ts[0]
+
+
+def check_batches(batches: Iterable[Batch] | None, what: str = "calib_data") -> list[Batch]:
+    """Materialize ``batches`` and reject empty data and NaN/inf, naming the batch at fault."""
+    if batches is None:
+        raise ValueError(f"{what} is required for this config but none was given")
+    if isinstance(batches, (Tensor, Mapping)):
+        raise TypeError(
+            f"{what} must be an iterable of batches (e.g. a list of tensors or a DataLoader), "
+            f"not a single {type(batches).__name__}; wrap it in a list"
+        )
+    out = list(batches)
+    if not out:
+        raise ValueError(f"{what} is empty: give at least one batch")
+    for i, batch in enumerate(out):
+        for t in tensors_of(batch):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{what}: batch {i} holds NaN or inf values")
+    return out

@@ -1,0 +1,106 @@
+"""Graph capture with torch.fx, BatchNorm folding, and which nodes produce float tensors.
+
+>>> import torch
+>>> from torch import nn
+>>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+>>> gm = trace(m)
+>>> fold_batchnorm(gm)
+['1']
+>>> [n.op for n in gm.graph.nodes]
+['placeholder', 'call_module', 'output']
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from slimkit.core.batch import Batch
+
+__all__ = ["TraceError", "trace", "fold_batchnorm", "fuse_conv_bn_weights", "float_tensor_nodes"]
+
+log = logging.getLogger(__name__)
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not follow the model; the message names the cause."""
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types for dynamic control flow
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
+
+
+def fuse_conv_bn_weights(
+    weight: Tensor, bias: Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[Tensor, Tensor]:
+    """Fold ``bn(conv(x))`` into one conv/linear: ``w' = w * g / sqrt(v + eps)``,
+    ``b' = (b - mu) * g / sqrt(v + eps) + beta`` (Jacob et al. 2018, sec. 3.2)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    mean, var = bn.running_mean, bn.running_var
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(mean)
+    inv = gamma / torch.sqrt(var + bn.eps)
+    b = bias if bias is not None else torch.zeros_like(mean)
+    shape = [-1] + [1] * (weight.dim() - 1)
+    return weight * inv.reshape(shape), (b - mean) * inv + beta
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
+    """Fold every BatchNorm that directly follows a conv/linear used only by it. In place on ``gm``;
+    returns the folded BatchNorm node names. Training-mode BatchNorms are left alone."""
+    modules = dict(gm.named_modules())
+    folded = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        bn = modules[node.target]
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        layer = modules.get(src.target)
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            continue
+        if bn.training or not bn.track_running_stats or bn.running_mean is None:
+            continue
+        if layer.weight.shape[0] != bn.num_features:
+            continue
+        with torch.no_grad():
+            w, b = fuse_conv_bn_weights(layer.weight, layer.bias, bn)
+            layer.weight.copy_(w)
+            layer.bias = nn.Parameter(b)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        folded.append(node.name)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return folded
+
+
+def float_tensor_nodes(gm: fx.GraphModule, batch: Batch) -> set[str]:
+    """Names of the nodes whose value is a floating-point tensor when ``gm`` runs on ``batch``."""
+    found: set[str] = set()
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, Tensor) and out.is_floating_point():
+                found.add(n.name)
+            return out
+
+    interp = _Record(gm)
+    with torch.no_grad():
+        if isinstance(batch, Tensor):
+            interp.run(batch)
+        elif isinstance(batch, dict):
+            names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+            interp.run(*[batch.get(str(k)) for k in names])
+        else:
+            interp.run(*batch)
+    return found

@@ -1,0 +1,110 @@
+"""Running ONNX models in ONNX Runtime: sessions, parity with PyTorch, latency.
+
+>>> import numpy as np
+>>> summarize([3.0, 1.0, 2.0])["median_ms"]
+2.0
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from slimkit.core.batch import Batch, call, tensors_of
+
+__all__ = ["session", "run", "Parity", "check_parity", "measure_latency", "summarize", "feeds"]
+
+
+def session(path: str, threads: int = 2, level: str = "all") -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def feeds(sess: ort.InferenceSession, batch: Batch, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    names = names or [i.name for i in sess.get_inputs()]
+    if isinstance(batch, Mapping):
+        return {n: batch[n].detach().cpu().numpy() for n in names}
+    ts = tensors_of(batch)
+    if len(ts) != len(names):
+        raise ValueError(f"the model takes {len(names)} inputs ({names}) but the batch has {len(ts)}")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, ts, strict=True)}
+
+
+def run(sess: ort.InferenceSession, batch: Batch) -> list[np.ndarray]:
+    return sess.run(None, feeds(sess, batch))
+
+
+@dataclass
+class Parity:
+    """Agreement between ONNX Runtime and PyTorch on one batch."""
+
+    rel_l2: float
+    max_abs: float
+    top1_agreement: float | None
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_l2 <= self.tolerance
+
+    def __str__(self) -> str:
+        top1 = "" if self.top1_agreement is None else f", top-1 agreement {100 * self.top1_agreement:.1f}%"
+        return f"relative L2 error {self.rel_l2:.2e} (tolerance {self.tolerance:.0e}), max abs {self.max_abs:.3g}{top1}"
+
+
+def check_parity(model: nn.Module, path: str, batch: Batch, names: list[str] | None,
+                 tolerance: float) -> Parity:
+    sess = session(path)
+    got = sess.run(None, feeds(sess, batch, names))
+    with torch.no_grad():
+        ref = [t.detach().float().numpy() for t in tensors_of(call(model, batch))]
+    if len(got) != len(ref):
+        raise ValueError(f"ONNX model has {len(got)} outputs, PyTorch {len(ref)}")
+    num = sum(float(np.sum((g - r) ** 2)) for g, r in zip(got, ref, strict=True))
+    den = sum(float(np.sum(r**2)) for r in ref)
+    rel = (num / max(den, 1e-30)) ** 0.5
+    max_abs = max(float(np.max(np.abs(g - r))) if g.size else 0.0 for g, r in zip(got, ref, strict=True))
+    top1 = None
+    if ref[0].ndim == 2 and ref[0].shape[1] > 1:
+        top1 = float(np.mean(got[0].argmax(1) == ref[0].argmax(1)))
+    return Parity(rel, max_abs, top1, tolerance)
+
+
+def summarize(times_ms: list[float]) -> dict[str, float]:
+    return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms),
+            "mean_ms": statistics.fmean(times_ms), "runs": float(len(times_ms))}
+
+
+def measure_latency(path: str, batch: Batch, threads: int = 2, warmup: int = 10, runs: int = 50,
+                    min_seconds: float = 0.0) -> dict[str, float]:
+    """Latency of one ONNX model in ONNX Runtime: warm-up, then ``runs`` timed runs (more while
+    ``min_seconds`` has not elapsed); median and min in milliseconds."""
+    sess = session(path, threads)
+    f = feeds(sess, batch)
+    for _ in range(warmup):
+        sess.run(None, f)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        sess.run(None, f)
+        times.append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = summarize(times)
+    out["threads"] = threads
+    return out

@@ -1,0 +1,94 @@
+"""Save and load compressed models without pickle: weights as safetensors, the plan as JSON.
+
+``save(model, dir)`` writes ``dir/model.safetensors`` and ``dir/plan.json``; ``load(dir, base)``
+applies the plan to a freshly built ``base`` model and loads the weights (strictly: a plan or
+weights that do not match the base model are an error, never a silent partial load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["save", "load", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_PLAN, _WEIGHTS = "plan.json", "model.safetensors"
+
+
+def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write ``model`` (compressed by slimkit, or plain) to ``directory``, atomically."""
+    directory = Path(directory)
+    plan = getattr(model, "slimkit_plan", None)
+    meta: dict[str, Any] = {"format": FORMAT_VERSION, "plan": plan.to_dict() if plan is not None else None}
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        save_file(state, str(tmp / _WEIGHTS))
+        (tmp / _PLAN).write_text(json.dumps(meta, indent=1))
+        if directory.exists():
+            if not (directory / _PLAN).exists():
+                raise FileExistsError(f"{directory} exists and is not a slimkit save folder; refusing to overwrite it")
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return directory
+
+
+def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
+    """Rebuild a saved model on ``base_model`` (a freshly built model of the same architecture).
+    ``base_model`` itself is not modified."""
+    directory = Path(directory)
+    plan_path, weights_path = directory / _PLAN, directory / _WEIGHTS
+    for p in (plan_path, weights_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: {directory} is not a complete slimkit save folder")
+    try:
+        meta = json.loads(plan_path.read_text())
+        version = meta["format"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{plan_path} is corrupt: {e}") from e
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{plan_path} has format {version}; this slimkit reads format {FORMAT_VERSION}")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights_path} is corrupt: {e}") from e
+    import copy
+
+    plan = meta.get("plan")
+    if plan is None:
+        model = copy.deepcopy(base_model)
+    else:
+        model = _apply(plan, base_model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights in {weights_path} do not match the base model: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return model.eval()
+
+
+def _apply(plan: dict[str, Any], base: nn.Module) -> nn.Module:
+    kind = plan.get("kind")
+    if kind == "quant":
+        from slimkit.quant.ptq import QuantPlan, apply_plan
+
+        try:
+            parsed = QuantPlan.from_dict(plan)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"the saved quantization plan is invalid: {e}") from e
+        return apply_plan(base, parsed)
+    raise ValueError(f"unknown plan kind {kind!r} in the save folder")

@@ -1,0 +1,237 @@
+"""Quantized modules: what a PTQ plan is applied as, in PyTorch, and what export lowers to ONNX.
+
+- ``ActQuant`` observes activations during calibration, then fake-quantizes with frozen qparams.
+  It exports as ``QuantizeLinear -> DequantizeLinear``.
+- ``QuantLinear`` / ``QuantConv`` hold integer weights (and, once the input scale is known, an
+  int32 bias with scale ``s_x * s_w`` as integer kernels expect). They export as
+  ``DequantizeLinear(int8 initializer)`` feeding a float ``Gemm``/``Conv``, which ONNX Runtime
+  fuses with the surrounding Q/DQ into ``QLinearConv``/``QGemm``. In dynamic mode they quantize
+  their input at run time and export as ``DynamicQuantizeLinear -> MatMulInteger/ConvInteger``.
+
+Every forward computes in float exactly the numbers the integer kernels produce (up to float
+summation order and rounding ties), which is what the export parity check relies on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimkit.core.affine import choose_qparams, qrange, quantize
+from slimkit.quant.calibrators import Observer
+
+__all__ = ["ActQuant", "QuantLinear", "QuantConv", "dynamic_qparams"]
+
+
+class _QDQ(torch.autograd.Function):
+    """Per-tensor quantize-dequantize with constant qparams; straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
+        z = zp.to(x.dtype)
+        q = torch.clamp(torch.round(x * (1.0 / scale)) + z, qmin, qmax)
+        return (q - z) * scale
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:  # type: ignore[override]
+        return g, None, None, None, None
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: Any, zp: Any, qmin: int, qmax: int) -> Any:
+        q = g.op("QuantizeLinear", x, scale, zp)
+        return g.op("DequantizeLinear", q, scale, zp)
+
+
+class _DQ(torch.autograd.Function):
+    """Dequantize an integer initializer (weights per output channel, int32 biases)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:  # type: ignore[override]
+        shape = [-1] + [1] * (q.dim() - 1)
+        return (q.float() - zp.float().reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g: Any, q: Any, scale: Any, zp: Any) -> Any:
+        return g.op("DequantizeLinear", q, scale, zp, axis_i=0)
+
+
+def dynamic_qparams(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Run-time uint8 qparams exactly as ONNX ``DynamicQuantizeLinear`` computes them."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return scale, zp
+
+
+class _DynamicMatmul(torch.autograd.Function):
+    """``x @ W^T + b`` with x quantized at run time to uint8 (ONNX Runtime's dynamic INT8)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, wq: Tensor, ws: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
+        s, z = dynamic_qparams(x)
+        xq = torch.clamp(torch.round(x / s) + z, 0, 255)
+        acc = (xq - z) @ wq.float().t()
+        return acc * (s * ws) + bias
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, wq: Any, ws: Any, bias: Any) -> Any:
+        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", xq, g.op("Transpose", wq, perm_i=[1, 0]), xz)
+        y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", xs, ws))
+        return g.op("Add", y, bias)
+
+
+class _DynamicConv(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, wq: Tensor, ws: Tensor, bias: Tensor, conv: dict[str, Any]
+    ) -> Tensor:
+        s, z = dynamic_qparams(x)
+        xq = torch.clamp(torch.round(x / s) + z, 0, 255)
+        acc = F.conv2d(F.pad(xq - z, _pads(conv)), wq.float(), None, conv["stride"], 0,
+                       conv["dilation"], conv["groups"])
+        return acc * (s * ws).reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, wq: Any, ws: Any, bias: Any, conv: dict[str, Any]) -> Any:
+        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
+        p = conv["padding"]
+        acc = g.op("ConvInteger", xq, wq, xz, strides_i=list(conv["stride"]),
+                   pads_i=[p[0], p[1], p[0], p[1]], dilations_i=list(conv["dilation"]),
+                   group_i=conv["groups"])
+        shape = g.op("Constant", value_t=torch.tensor([1, -1, 1, 1]))
+        scale = g.op("Reshape", g.op("Mul", xs, ws), shape)
+        y = g.op("Mul", g.op("Cast", acc, to_i=1), scale)
+        return g.op("Add", y, g.op("Reshape", bias, shape))
+
+
+def _pads(conv: dict[str, Any]) -> tuple[int, int, int, int]:
+    ph, pw = conv["padding"]
+    return (pw, pw, ph, ph)
+
+
+class ActQuant(nn.Module):
+    """Activation quantizer: observes in ``calibrate`` mode, fake-quantizes once frozen."""
+
+    def __init__(self, bits: int = 8, signed: bool = False, observer: Observer | None = None):
+        super().__init__()
+        self.bits, self.signed = bits, signed
+        self.qmin, self.qmax = qrange(bits, signed)
+        zdtype = torch.int8 if signed else torch.uint8
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=zdtype))
+        self.observer = observer
+        self.calibrating = observer is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            if self.observer is None:
+                raise RuntimeError("ActQuant is calibrating but has no observer")
+            self.observer.update(x)
+            return x
+        return _QDQ.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def freeze(self) -> None:
+        """Turn the observed range into qparams and stop observing."""
+        if self.observer is None:
+            raise RuntimeError("ActQuant.freeze needs an observer")
+        scale, zp = self.observer.qparams()
+        self.set_qparams(scale, zp)
+
+    def set_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
+        self.scale.copy_(scale.reshape(()))
+        self.zero_point.copy_(zero_point.reshape(()).to(self.zero_point.dtype))
+        self.calibrating = False
+        self.observer = None
+
+    def extra_repr(self) -> str:
+        state = "calibrating" if self.calibrating else f"scale={float(self.scale):.3g}, zp={int(self.zero_point)}"
+        return f"bits={self.bits}, signed={self.signed}, {state}"
+
+
+class _QuantWeighted(nn.Module):
+    """Common part of QuantLinear and QuantConv: integer weights, quantized bias, dynamic mode."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, narrow: bool,
+                 dynamic: bool, per_channel: bool) -> None:
+        super().__init__()
+        self.bits, self.dynamic = bits, dynamic
+        cout = weight.shape[0]
+        lo, hi = qrange(bits, signed=True, narrow=narrow)
+        amax = weight.detach().reshape(cout, -1).abs().amax(1)
+        if not per_channel:
+            amax = amax.max().expand(cout).clone()
+        scale, _ = choose_qparams(-amax, amax, bits, signed=True, symmetric=True, narrow=narrow)
+        q = quantize(weight.detach(), scale, torch.zeros(cout, dtype=torch.int32), lo, hi, axis=0)
+        self.register_buffer("weight_q", q.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("weight_zero_point", torch.zeros(cout, dtype=torch.int8))
+        b = bias.detach().float() if bias is not None else torch.zeros(cout)
+        self.register_buffer("bias", b.clone())
+        self.register_buffer("bias_q", torch.zeros(cout, dtype=torch.int32))
+        self.register_buffer("bias_scale", torch.ones(cout))
+        self.bias_quantized = False
+
+    def quantize_bias(self, input_scale: Tensor) -> None:
+        """Store the bias as int32 with scale ``s_x * s_w`` (what QLinearConv/QGemm consume)."""
+        bscale = self.weight_scale * input_scale.reshape(())
+        self.bias_scale.copy_(bscale)
+        self.bias_q.copy_(torch.clamp(torch.round(self.bias / bscale), -(2**31), 2**31 - 1).to(torch.int32))
+        self.bias_quantized = True
+
+    def dequantized_weight(self) -> Tensor:
+        return _DQ.apply(self.weight_q, self.weight_scale, self.weight_zero_point)
+
+    def effective_bias(self) -> Tensor:
+        if self.bias_quantized:
+            return _DQ.apply(self.bias_q, self.bias_scale, torch.zeros_like(self.bias_q))
+        return self.bias
+
+
+class QuantLinear(_QuantWeighted):
+    def __init__(self, linear: nn.Linear, bits: int = 8, narrow: bool = True,
+                 dynamic: bool = False, per_channel: bool = True) -> None:
+        super().__init__(linear.weight, linear.bias, bits, narrow, dynamic, per_channel)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic:
+            shape = x.shape
+            y = _DynamicMatmul.apply(x.reshape(-1, shape[-1]), self.weight_q, self.weight_scale, self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized_weight(), self.effective_bias())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, dynamic={self.dynamic}"
+
+
+class QuantConv(_QuantWeighted):
+    """Quantized ``nn.Conv1d``/``nn.Conv2d`` with zero padding."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, bits: int = 8, narrow: bool = True,
+                 dynamic: bool = False, per_channel: bool = True) -> None:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"QuantConv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}")
+        if dynamic and not isinstance(conv, nn.Conv2d):
+            raise ValueError("dynamic quantization supports Conv2d only")
+        super().__init__(conv.weight, conv.bias, bits, narrow, dynamic, per_channel)
+        self.dims = conv.weight.dim() - 2
+        self.conv = {"stride": tuple(conv.stride), "padding": tuple(conv.padding),
+                     "dilation": tuple(conv.dilation), "groups": conv.groups}
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        if self.dynamic:
+            return _DynamicConv.apply(x, self.weight_q, self.weight_scale, self.bias, c)
+        fn = F.conv2d if self.dims == 2 else F.conv1d
+        return fn(x, self.dequantized_weight(), self.effective_bias(), c["stride"], c["padding"],
+                  c["dilation"], c["groups"])
+
+    def extra_repr(self) -> str:
+        w = self.weight_q.shape
+        return f"{w[1] * self.conv['groups']}, {w[0]}, kernel={tuple(w[2:])}, bits={self.bits}, {self.conv}"

@@ -1,0 +1,248 @@
+"""Post-training quantization: build the plan from calibration data, then apply it.
+
+The plan (``QuantPlan``) is plain data: the config, where the activation quantizers sit, their
+fitted scales and zero-points, and which layers were quantized or skipped (and why). Applying a
+plan to a freshly built base model is deterministic and needs no data, which is how ``sk.load``
+rebuilds a quantized model without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from slimkit.core.batch import Batch, call, check_batches
+from slimkit.core.config import register
+from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
+from slimkit.quant.calibrators import make_observer
+from slimkit.quant.config import QuantConfig
+from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
+from slimkit.quant.placement import Placement, find_placement, insert_quantizers
+
+__all__ = ["QuantPlan", "quantize_ptq", "apply_plan"]
+
+log = logging.getLogger(__name__)
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class QuantPlan:
+    """What PTQ decided. ``qparams_`` are fitted from data (scikit-learn's trailing underscore)."""
+
+    config: QuantConfig
+    mode: str = "graph"  # "graph" (fx) or "module" (fallback for models fx cannot trace)
+    placement: Placement = field(default_factory=Placement)
+    qparams_: dict[str, tuple[float, int]] = field(default_factory=dict)
+    quantized_layers: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    folded_bn: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "quant",
+            "config": self.config.to_dict(),
+            "mode": self.mode,
+            "placement": self.placement.to_dict(),
+            "qparams": {k: [s, z] for k, (s, z) in self.qparams_.items()},
+            "quantized_layers": self.quantized_layers,
+            "skipped": self.skipped,
+            "folded_bn": self.folded_bn,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantPlan:
+        return cls(
+            config=QuantConfig.from_dict(d["config"]),
+            mode=d["mode"],
+            placement=Placement.from_dict(d["placement"]),
+            qparams_={k: (float(v[0]), int(v[1])) for k, v in d["qparams"].items()},
+            quantized_layers=list(d["quantized_layers"]),
+            skipped=dict(d["skipped"]),
+            folded_bn=list(d["folded_bn"]),
+        )
+
+
+def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
+    """Replace Linear/Conv modules by their quantized versions, in place, recording the choice."""
+    dynamic = cfg.activations == "dynamic"
+    bits = cfg.effective_weight_bits
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, _WEIGHTED):
+                continue
+            if full in cfg.exclude:
+                plan.skipped[full] = "excluded by config"
+                continue
+            if isinstance(child, nn.Conv1d) and dynamic:
+                plan.skipped[full] = "dynamic quantization supports Conv2d and Linear"
+                continue
+            try:
+                q: nn.Module = (
+                    QuantLinear(child, bits, dynamic=dynamic, per_channel=cfg.per_channel)
+                    if isinstance(child, nn.Linear)
+                    else QuantConv(child, bits, dynamic=dynamic, per_channel=cfg.per_channel)
+                )
+            except ValueError as e:
+                plan.skipped[full] = str(e)
+                continue
+            setattr(module, child_name, q)
+            plan.quantized_layers.append(full)
+    for full, why in plan.skipped.items():
+        log.info("kept in float: %s (%s)", full, why)
+
+
+def _observer_factory(cfg: QuantConfig) -> Any:
+    def make(node_name: str) -> ActQuant:
+        opts: dict[str, Any] = {"bits": cfg.activation_bits, "signed": False, "symmetric": False}
+        if cfg.calibrator == "percentile":
+            opts["percentile"] = cfg.percentile
+        return ActQuant(cfg.activation_bits, signed=False, observer=make_observer(cfg.calibrator, **opts))
+
+    return make
+
+
+def _frozen_factory(cfg: QuantConfig) -> Any:
+    return lambda node_name: ActQuant(cfg.activation_bits, signed=False)
+
+
+def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None) -> nn.Module:
+    """Fold, swap and place quantizers on a copy-owned ``model``; fills ``plan`` when it is new."""
+    cfg = plan.config
+    if cfg.activations != "static":
+        _swap_weighted(model, cfg, plan)
+        plan.mode = "module"
+        return model
+    if plan.mode == "graph":
+        try:
+            gm = trace(model)
+        except TraceError as e:
+            log.warning("%s; falling back to module-level quantization of Linear/Conv "
+                        "(BatchNorm not folded, activations quantized at layer inputs only)", e)
+            plan.mode = "module"
+    if plan.mode == "module":
+        return _prepare_module_level(model, plan, make)
+    if cfg.fold_bn:
+        plan.folded_bn = fold_batchnorm(gm)
+    _swap_weighted(gm, cfg, plan)
+    gm.recompile()
+    if example is not None:
+        plan.placement = find_placement(gm, float_tensor_nodes(gm, example))
+    insert_quantizers(gm, plan.placement, make)
+    return gm
+
+
+class _InputQuantized(nn.Module):
+    """Module-level fallback: quantize the input of one quantized layer."""
+
+    def __init__(self, quant: ActQuant, layer: nn.Module) -> None:
+        super().__init__()
+        self.input_quant, self.layer = quant, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.input_quant(x))
+
+
+def _prepare_module_level(model: nn.Module, plan: QuantPlan, make: Any) -> nn.Module:
+    _swap_weighted(model, plan.config, plan)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (QuantLinear, QuantConv)):
+                full = f"{name}.{child_name}" if name else child_name
+                setattr(module, child_name, _InputQuantized(make(full), child))
+    return model
+
+
+def _act_quantizers(model: nn.Module) -> dict[str, ActQuant]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
+def _quantize_biases(model: nn.Module) -> None:
+    """Give each static quantized layer fed by a quantizer an int32 bias at scale s_x * s_w."""
+    if isinstance(model, fx.GraphModule):
+        modules = dict(model.named_modules())
+        for node in model.graph.nodes:
+            layer = modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(layer, (QuantLinear, QuantConv)) and not layer.dynamic:
+                src = node.args[0]
+                quant = modules.get(str(src.target)) if isinstance(src, fx.Node) and src.op == "call_module" else None
+                if isinstance(quant, ActQuant):
+                    layer.quantize_bias(quant.scale)
+    for m in model.modules():
+        if isinstance(m, _InputQuantized) and isinstance(m.layer, (QuantLinear, QuantConv)):
+            m.layer.quantize_bias(m.input_quant.scale)
+
+
+def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
+                 inplace: bool = False) -> nn.Module:
+    """Quantize ``model`` after training. Returns the quantized model with ``.slimkit_plan``."""
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    plan = QuantPlan(config=cfg)
+    if cfg.activations != "static":
+        if calib_data is not None:
+            log.info("%s quantization needs no calibration data; ignoring calib_data", cfg.activations)
+        out = _prepare(target, plan, None, None)
+        out.slimkit_plan = plan  # type: ignore[assignment]
+        return out
+    batches = check_batches(calib_data)
+    if cfg.calib_batches is not None:
+        batches = batches[: cfg.calib_batches]
+    out = _prepare(target, plan, _observer_factory(cfg), batches[0])
+    quantizers = _act_quantizers(out)
+    if not quantizers:
+        raise ValueError(f"no layer of {type(model).__name__} could be quantized: {plan.skipped or 'no Linear/Conv layers'}")
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", leave=False, disable=None)):
+            try:
+                call(out, batch)
+            except ValueError as e:
+                raise ValueError(f"calibration batch {i}: {_culprit(quantizers, e)}") from e
+    for name, q in quantizers.items():
+        try:
+            q.freeze()
+        except ValueError as e:
+            raise ValueError(f"activation quantizer {name!r}: {e}") from e
+        plan.qparams_[name] = (float(q.scale), int(q.zero_point))
+    _quantize_biases(out)
+    out.slimkit_plan = plan  # type: ignore[assignment]
+    log.info("quantized %d layers, %d activation quantizers, %d kept in float",
+             len(plan.quantized_layers), len(quantizers), len(plan.skipped))
+    return out
+
+
+def _culprit(quantizers: dict[str, ActQuant], err: Exception) -> str:
+    return f"{err} (while observing activations; quantizers: {len(quantizers)})"
+
+
+def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Rebuild the quantized model from a freshly built ``base`` and a saved plan, without data.
+    Weights are then loaded from the saved state dict by the caller."""
+    model = copy.deepcopy(base).eval()
+    saved = QuantPlan(config=plan.config, mode=plan.mode, placement=plan.placement)
+    out = _prepare(model, saved, _frozen_factory(plan.config), None)
+    quantizers = _act_quantizers(out)
+    if set(quantizers) != set(plan.qparams_):
+        diff = set(quantizers) ^ set(plan.qparams_)
+        raise ValueError(f"the plan does not match this base model: quantizers differ ({sorted(diff)[:5]})")
+    if saved.quantized_layers != plan.quantized_layers:
+        raise ValueError("the plan does not match this base model: its quantized layers differ "
+                         f"(plan: {plan.quantized_layers[:5]}..., model: {saved.quantized_layers[:5]}...)")
+    for name, (s, z) in plan.qparams_.items():
+        quantizers[name].set_qparams(torch.tensor(s), torch.tensor(z))
+    _quantize_biases(out)
+    out.slimkit_plan = plan  # type: ignore[assignment]
+    return out
+
+
+@register(QuantConfig)
+def _handle(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
+    return quantize_ptq(model, cfg, calib_data, inplace)
+

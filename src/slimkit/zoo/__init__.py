@@ -1,0 +1,73 @@
+"""Reference models, and digits-trained versions of them cached in the user's cache folder.
+
+``trained("resnet18")`` builds the small digits variant, trains it once (well under a minute on two
+cores) and caches the weights as safetensors under ``$SLIMKIT_CACHE`` (default
+``~/.cache/slimkit``); later calls load the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .mlp import mlp
+from .mobilenet import mobilenet_v2
+from .resnet import resnet18
+
+__all__ = ["resnet18", "mobilenet_v2", "mlp", "digits_model", "trained", "DIGITS_MODELS", "cache_dir"]
+
+log = logging.getLogger(__name__)
+
+# The digits (1x32x32) variants: factory and training epochs.
+DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "resnet18": (lambda: resnet18(width=16, in_channels=1, small_input=True), 6),
+    "mobilenet_v2": (lambda: mobilenet_v2(width_mult=0.5, in_channels=1, small_input=True), 5),
+    "mlp": (lambda: mlp(), 10),
+}
+
+
+def digits_model(name: str) -> nn.Module:
+    """A freshly built (untrained) digits variant of a zoo model."""
+    if name not in DIGITS_MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(DIGITS_MODELS)}")
+    return DIGITS_MODELS[name][0]()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMKIT_CACHE", Path.home() / ".cache" / "slimkit"))
+
+
+def trained(name: str, seed: int = 0) -> nn.Module:
+    """The digits-trained model ``name`` (trains and caches it on first use)."""
+    from slimkit.data import batches, load_digits32
+    from slimkit.train import accuracy, fit
+
+    model = digits_model(name)
+    key = hashlib.sha256(f"{name}-{seed}-{torch.__version__}-v1".encode()).hexdigest()[:12]
+    path = cache_dir() / "zoo" / f"{name}-{key}.safetensors"
+    if path.exists():
+        try:
+            model.load_state_dict(load_file(str(path)))
+            return model.eval()
+        except Exception as e:  # a corrupt cache is rebuilt, not trusted
+            log.warning("ignoring unreadable cache %s: %s", path, e)
+            model = digits_model(name)
+    d = load_digits32()
+    torch.manual_seed(seed)
+    model = digits_model(name)
+    fit(model, batches(d.train_x, d.train_y, 32), epochs=DIGITS_MODELS[name][1], lr=0.05, seed=seed)
+    log.info("trained %s on digits: test accuracy %.2f%%", name, accuracy(model, d.test_x, d.test_y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return model.eval()

@@ -91,7 +91,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, buf, input_names=names, output_names=outputs,
+        torch.onnx.export(model, args, buf, input_names=names,  # type: ignore[arg-type]
+                          output_names=outputs,
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())

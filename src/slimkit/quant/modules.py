@@ -118,6 +118,9 @@ def _pads(conv: dict[str, Any]) -> tuple[int, int, int, int]:
 class ActQuant(nn.Module):
     """Activation quantizer: observes in ``calibrate`` mode, fake-quantizes once frozen."""
 
+    scale: Tensor
+    zero_point: Tensor
+
     def __init__(self, bits: int = 8, signed: bool = False, observer: Observer | None = None):
         super().__init__()
         self.bits, self.signed = bits, signed
@@ -156,6 +159,13 @@ class ActQuant(nn.Module):
 
 class _QuantWeighted(nn.Module):
     """Common part of QuantLinear and QuantConv: integer weights, quantized bias, dynamic mode."""
+
+    weight_q: Tensor
+    weight_scale: Tensor
+    weight_zero_point: Tensor
+    bias: Tensor
+    bias_q: Tensor
+    bias_scale: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, narrow: bool,
                  dynamic: bool, per_channel: bool) -> None:
@@ -221,7 +231,7 @@ class QuantConv(_QuantWeighted):
             raise ValueError("dynamic quantization supports Conv2d only")
         super().__init__(conv.weight, conv.bias, bits, narrow, dynamic, per_channel)
         self.dims = conv.weight.dim() - 2
-        self.conv = {"stride": tuple(conv.stride), "padding": tuple(conv.padding),
+        self.conv: dict[str, Any] = {"stride": tuple(conv.stride), "padding": tuple(conv.padding),
                      "dilation": tuple(conv.dilation), "groups": conv.groups}
 
     def forward(self, x: Tensor) -> Tensor:

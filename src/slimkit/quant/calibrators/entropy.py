@@ -3,8 +3,9 @@ TensorRT"): pick the clipping range whose quantized distribution Q loses the lea
 about the reference distribution P, ``argmin KL(P || Q)``.
 
 For each candidate range: P is the histogram restricted to the range with the mass outside it
-folded into the edge bins; Q merges P's bins into ``2**bits`` levels and spreads each level's mass
-evenly over the bins that were non-empty in P. TensorRT searches thresholds on ``|x|`` with 128
+folded into the edge bins; Q merges the *unfolded* slice into ``2**bits`` levels and spreads each
+level's mass evenly over the bins that were non-empty in P. The folded mass is what Q lacks, so
+clipping is paid for and over-clipping loses. TensorRT searches thresholds on ``|x|`` with 128
 levels; here the search runs on the two-sided histogram with ``2**bits`` levels, which is the same
 for symmetric data and also serves one-sided (post-ReLU) activations.
 """
@@ -22,7 +23,8 @@ __all__ = ["EntropyObserver", "kl_of_clipping"]
 
 def kl_of_clipping(counts: np.ndarray, start: int, stop: int, levels: int) -> float:
     """``KL(P || Q)`` for the histogram ``counts`` clipped to bins ``[start, stop)``."""
-    p = counts[start:stop].astype(np.float64).copy()
+    sliced = counts[start:stop].astype(np.float64)
+    p = sliced.copy()
     p[0] += counts[:start].sum()
     p[-1] += counts[stop:].sum()
     nonzero = p > 0
@@ -30,12 +32,13 @@ def kl_of_clipping(counts: np.ndarray, start: int, stop: int, levels: int) -> fl
     for chunk in np.array_split(np.arange(p.size), min(levels, p.size)):
         nz = nonzero[chunk]
         if nz.any():
-            q[chunk[nz]] = p[chunk].sum() / nz.sum()
+            q[chunk[nz]] = sliced[chunk].sum() / nz.sum()
     p_sum, q_sum = p.sum(), q.sum()
     if p_sum == 0 or q_sum == 0:
         return float("inf")
     p, q = p / p_sum, q / q_sum
-    m = nonzero & (q > 0)
+    q = np.where(nonzero & (q == 0), 1e-4 / p.size, q)  # smoothing: P's mass where Q has none
+    m = nonzero
     return float(np.sum(p[m] * np.log(p[m] / q[m])))
 
 

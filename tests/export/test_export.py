@@ -1,0 +1,100 @@
+import os
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import slimkit as sk
+from slimkit.data import batches
+from slimkit.export import measure_latency
+from slimkit.export.runtime import session
+
+
+@pytest.fixture(scope="module")
+def q_resnet(trained_resnet, digits):
+    return sk.quantize(trained_resnet, "int8", calib_data=batches(digits.train_x[:128], None, 64))
+
+
+def test_int8_export_is_integer_and_matches_pytorch(q_resnet, digits, tmp_path):
+    r = sk.export_onnx(q_resnet, tmp_path / "q.onnx", digits.test_x[:32])
+    assert r.parity.ok and r.parity.top1_agreement == 1.0
+    assert r.lint.ok, r.lint.issues
+    assert r.lint.integer_ops.get("QLinearConv") == 20
+    assert r.lint.integer_ops.get("QLinearAdd") == 8
+    assert r.lint.float_ops == {}
+    # weights are stored as int8, biases as int32: the file really is small
+    m = onnx.load(r.path)
+    dtypes = {i.data_type for i in m.graph.initializer if len(i.dims) == 4}
+    assert dtypes == {onnx.TensorProto.INT8}
+
+
+def test_dynamic_batch_axis(q_resnet, digits, tmp_path):
+    r = sk.export_onnx(q_resnet, tmp_path / "q.onnx", digits.test_x[:4])
+    sess = session(r.path)
+    for n in (1, 7):
+        out = sess.run(None, {"input": digits.test_x[:n].numpy()})[0]
+        assert out.shape == (n, 10)
+
+
+def test_float_model_exports_as_plain_fp32(trained_mlp, digits, tmp_path):
+    r = sk.export_onnx(trained_mlp, tmp_path / "f.onnx", digits.test_x[:8])
+    ops = {n.op_type for n in onnx.load(r.path).graph.node}
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    assert r.parity.rel_l2 < 1e-5
+
+
+def test_dynamic_int8_export_uses_integer_matmuls(trained_mlp, digits, tmp_path):
+    q = sk.quantize(trained_mlp, "int8-dynamic")
+    r = sk.export_onnx(q, tmp_path / "d.onnx", digits.test_x[:8])
+    assert r.parity.ok
+    assert r.lint.integer_ops.get("DynamicQuantizeMatMul") == 3
+
+
+def test_tuple_inputs_and_outputs(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(5, 4)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y), self.a(x)
+
+    m = Two().eval()
+    ex = (torch.randn(2, 3), torch.randn(2, 5))
+    q = sk.quantize(m, "int8", calib_data=[ex])
+    r = sk.export_onnx(q, tmp_path / "two.onnx", ex)
+    assert r.inputs == ["input_0", "input_1"] and len(r.outputs) == 2 and r.parity.ok
+
+
+def test_failed_parity_leaves_no_file(trained_mlp, digits, tmp_path):
+    q = sk.quantize(trained_mlp, "int8", calib_data=[digits.train_x[:64]])
+    with pytest.raises(sk.ParityError):
+        sk.export_onnx(q, tmp_path / "q.onnx", digits.test_x[:8], tolerance=0.0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_refuses_a_model_still_calibrating(tmp_path):
+    from slimkit.quant.calibrators import make_observer
+    from slimkit.quant.modules import ActQuant
+
+    m = nn.Sequential(ActQuant(observer=make_observer("minmax")), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="still calibrating"):
+        sk.export_onnx(m, tmp_path / "m.onnx", torch.randn(1, 2))
+
+
+def test_latency_measurement(trained_mlp, digits, tmp_path):
+    r = sk.export_onnx(trained_mlp, tmp_path / "f.onnx", digits.test_x[:1])
+    lat = measure_latency(r.path, digits.test_x[:1], runs=5, warmup=2)
+    assert 0 < lat["min_ms"] <= lat["median_ms"] and lat["runs"] == 5 and lat["threads"] == 2
+
+
+def test_lint_flags_float_ops_between_qdq(tmp_path):
+    from slimkit.export import lint
+
+    # a model quantized except its last layer: the lint names the Gemm left in float
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    q = sk.quantize(m, {"exclude": ["2"]}, calib_data=[torch.randn(16, 4)])
+    r = sk.export_onnx(q, tmp_path / "q.onnx", torch.randn(3, 4))
+    rep = lint(r.path)
+    assert not rep.ok and any("float" in i for i in rep.issues)

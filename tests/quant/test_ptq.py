@@ -1,0 +1,137 @@
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import slimkit as sk
+from slimkit.data import batches
+from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
+from slimkit.train import accuracy
+
+
+def _calib(d, n=256):
+    return batches(d.train_x[:n], None, 64)
+
+
+def test_int8_keeps_accuracy_and_leaves_caller_model_untouched(trained_resnet, digits):
+    before = {k: v.clone() for k, v in trained_resnet.state_dict().items()}
+    q = sk.quantize(trained_resnet, "int8", calib_data=_calib(digits))
+    after = trained_resnet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fp = accuracy(trained_resnet, digits.test_x, digits.test_y)
+    assert accuracy(q, digits.test_x, digits.test_y) >= fp - 1.0
+    plan = q.slimkit_plan
+    assert plan.folded_bn and len(plan.quantized_layers) == 21
+    assert all(0 < s for s, _ in plan.qparams_.values())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+
+
+def test_weights_are_7bit_with_reduce_range_and_8bit_without(trained_mlp, digits):
+    q7 = sk.quantize(trained_mlp, "int8", calib_data=_calib(digits))
+    q8 = sk.quantize(trained_mlp, {"reduce_range": False}, calib_data=_calib(digits))
+    w7 = [m.weight_q for m in q7.modules() if isinstance(m, QuantLinear)]
+    w8 = [m.weight_q for m in q8.modules() if isinstance(m, QuantLinear)]
+    assert max(int(w.abs().max()) for w in w7) == 63
+    assert max(int(w.abs().max()) for w in w8) == 127
+
+
+def test_bn_folding_is_exact():
+    from slimkit.core.graph import fold_batchnorm, trace
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    m[1].running_mean.uniform_(-1, 1)
+    m[1].running_var.uniform_(0.5, 2)
+    m[1].weight.data.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)  # before folding: the traced module shares (and folding rewrites) m's conv
+    gm = trace(m)
+    assert len(fold_batchnorm(gm)) == 1
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in gm.modules())
+    torch.testing.assert_close(gm(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_quantizers_sit_where_the_runtime_needs_them(trained_resnet, digits):
+    q = sk.quantize(trained_resnet, "int8", calib_data=_calib(digits, 64))
+    placed = q.slimkit_plan.placement
+    assert "x" in placed.quantize  # the model input feeds a conv
+    # both inputs of each residual addition are quantized (the conv branch and the shortcut)...
+    assert sum("conv2" in n for n in placed.quantize) == 8
+    # ...and its output is quantized after the ReLU that follows it, never between the two
+    assert not any(n.startswith("add") for n in placed.quantize)
+    assert sum("relu2" in n for n in placed.quantize) == 8
+    assert "flatten" in placed.share  # flatten keeps the pooled tensor's scale
+
+
+def test_dynamic_needs_no_calibration(trained_mlp, digits):
+    q = sk.quantize(trained_mlp, "int8-dynamic")
+    assert all(m.dynamic for m in q.modules() if isinstance(m, QuantLinear))
+    assert not any(isinstance(m, ActQuant) for m in q.modules())
+    assert accuracy(q, digits.test_x, digits.test_y) >= accuracy(trained_mlp, digits.test_x, digits.test_y) - 1
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "moving_average", "percentile", "entropy", "mse"])
+def test_every_calibrator_quantizes_a_trained_model(trained_mlp, digits, calibrator):
+    q = sk.quantize(trained_mlp, {"calibrator": calibrator}, calib_data=_calib(digits))
+    fp = accuracy(trained_mlp, digits.test_x, digits.test_y)
+    assert accuracy(q, digits.test_x, digits.test_y) >= fp - 1.5
+
+
+def test_exclude_keeps_named_layers_in_float(trained_mlp, digits):
+    q = sk.quantize(trained_mlp, {"exclude": ["3"]}, calib_data=_calib(digits))
+    assert "3" in q.slimkit_plan.skipped
+    assert isinstance(dict(q.named_modules())["3"], nn.Linear)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = x * 2
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_untraceable_model_falls_back_with_a_warning(caplog):
+    m = _Untraceable().eval()
+    with caplog.at_level(logging.WARNING):
+        q = sk.quantize(m, "int8", calib_data=[torch.randn(16, 4)])
+    assert "falling back to module-level" in caplog.text
+    assert q.slimkit_plan.mode == "module"
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 2
+    x = torch.randn(5, 4)
+    assert (q(x) - m(x)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("data,match", [
+    ([torch.tensor([[float("nan")] * 4])], "batch 0 holds NaN"),
+    ([torch.randn(2, 4), torch.tensor([[1.0, float("inf"), 0, 0]])], "batch 1 holds NaN or inf"),
+    ([], "empty"),
+    (None, "required"),
+])
+def test_bad_calibration_data(data, match):
+    with pytest.raises(ValueError, match=match):
+        sk.quantize(nn.Sequential(nn.Linear(4, 2)), "int8", calib_data=data)
+
+
+def test_model_with_nothing_to_quantize_names_it():
+    with pytest.raises(ValueError, match="no layer of Sequential could be quantized"):
+        sk.quantize(nn.Sequential(nn.ReLU()), "int8", calib_data=[torch.randn(2, 3)])
+
+
+def test_unsupported_layers_are_kept_in_float_and_reported():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten(), nn.Linear(2 * 16, 2)).eval()
+    q = sk.quantize(m, "int8", calib_data=[torch.randn(2, 1, 4, 4)])
+    assert "0" in q.slimkit_plan.skipped and "padding" in q.slimkit_plan.skipped["0"]
+    assert isinstance(dict(q.named_modules())["2"], QuantLinear)
+
+
+def test_conv1d_and_per_tensor_weights():
+    m = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)).eval()
+    x = torch.randn(8, 2, 8)
+    q = sk.quantize(m, {"per_channel": False}, calib_data=[x])
+    conv = [mod for mod in q.modules() if isinstance(mod, QuantConv)][0]
+    assert torch.unique(conv.weight_scale).numel() == 1
+    assert (q(x) - m(x)).abs().max() < 0.2

@@ -1,0 +1,19 @@
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "the README should hold a Python example"
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+    assert (tmp_path / "out/readme/resnet18_int8.onnx").exists()
+
+
+def test_readme_opens_with_the_two_commands():
+    text = README.read_text()
+    first_block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "make demo" in first_block and "make test" in first_block

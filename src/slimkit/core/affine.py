@@ -14,7 +14,7 @@ per-tensor (0-d scale), per-channel (1-d scale along ``axis``) and per-group (se
 >>> float(s), int(z)
 (0.01568627543747425, 64)
 >>> fake_quantize(torch.tensor([0.5, 9.0]), s, z, 0, 255).tolist()
-[0.5019608139991760, 2.9803922176361084]
+[0.501960813999176, 2.9960784912109375]
 """
 
 from __future__ import annotations

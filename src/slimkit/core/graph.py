@@ -5,7 +5,7 @@
 >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
 >>> gm = trace(m)
 >>> fold_batchnorm(gm)
-['1']
+['_1']
 >>> [n.op for n in gm.graph.nodes]
 ['placeholder', 'call_module', 'output']
 """

@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/slimkit demo --out $(OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
 test: lint

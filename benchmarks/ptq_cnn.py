@@ -69,8 +69,8 @@ def quality(name, d, tmp):
     q = sk.quantize(model, "int8", calib_data=calib)
     qtime = time.time() - t
     rows["slimkit int8"] = sk.export_onnx(q, f"{tmp}/{name}_sk.onnx", d.test_x[:32]).path
-    qe = sk.quantize(model, "int8-entropy", calib_data=calib)
-    rows["slimkit int8-entropy"] = sk.export_onnx(qe, f"{tmp}/{name}_ske.onnx", d.test_x[:32]).path
+    qe = sk.quantize(model, {"calibrator": "entropy"}, calib_data=calib)
+    rows["slimkit int8, entropy calibrator"] = sk.export_onnx(qe, f"{tmp}/{name}_ske.onnx", d.test_x[:32]).path
     for method in ("minmax", "entropy"):
         rows[f"ORT quantize_static ({method})"] = ort_quantize_static(fp32, f"{tmp}/{name}_ort_{method}.onnx", calib, method)
     rows["ORT quantize_static (minmax, reduce_range)"] = ort_quantize_static(

@@ -28,3 +28,8 @@ def trained_resnet():
     from slimkit.zoo import trained
 
     return trained("resnet18")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -3,7 +3,7 @@
 Speed: the ResNet-18-shaped net at 224x224 (random weights; speed does not depend on them), batch 1
 and 8, 2 threads. Quality: the digits-trained ResNet- and MobileNetV2-shaped nets, accuracy and
 top-1 agreement with FP32, every model run in ONNX Runtime. Peers in the same run: ONNX Runtime's
-``quantize_static`` (per-channel QDQ; min-max and entropy) and torch.ao's eager-free FX PTQ where it
+``quantize_static`` (per-channel QDQ; min-max and entropy) and torch.ao's FX PTQ where it
 runs. Writes benchmarks/results/ptq_cnn.json and .md.
 
     python benchmarks/ptq_cnn.py [--quick]

@@ -95,3 +95,21 @@ def test_no_data_is_a_clear_error():
         make_observer("mse").qparams()
     with pytest.raises(ValueError, match="unknown calibrator"):
         make_observer("kl")
+
+
+def test_entropy_does_not_collapse_on_post_relu_activations():
+    # ReLU outputs: a point mass at exactly zero plus a one-sided tail. Zero is exact on any grid,
+    # so it must not pull the KL search towards a tiny range that clips the tail.
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(200_000, generator=g) * 2 - 1)
+    o = _observe("entropy", x)
+    lo, hi = o.compute_range()
+    assert hi >= float(torch.quantile(x[x > 0][:100_000], 0.99))
+    assert _error(x, o) < 3 * _error(x, _observe("minmax", x))
+
+
+def test_entropy_of_all_zero_activations_is_a_zero_range():
+    o = _observe("entropy", torch.zeros(1000))
+    assert o.compute_range() == (0.0, 0.0)
+    s, z = o.qparams()
+    assert torch.isfinite(s).all() and float(s) > 0

@@ -69,4 +69,5 @@ PRESETS: dict[str, QuantConfig] = {
     "int8": QuantConfig(),
     "int8-dynamic": QuantConfig(activations="dynamic"),
     "int8-percentile": QuantConfig(calibrator="percentile"),
+    "int8-entropy": QuantConfig(calibrator="entropy"),
 }

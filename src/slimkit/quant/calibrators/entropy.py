@@ -7,7 +7,9 @@ folded into the edge bins; Q merges the *unfolded* slice into ``2**bits`` levels
 level's mass evenly over the bins that were non-empty in P. The folded mass is what Q lacks, so
 clipping is paid for and over-clipping loses. TensorRT searches thresholds on ``|x|`` with 128
 levels; here the search runs on the two-sided histogram with ``2**bits`` levels, which is the same
-for symmetric data and also serves one-sided (post-ReLU) activations.
+for symmetric data and also serves one-sided (post-ReLU) activations. Exact zeros are left out of
+the histogram (see ``_update``): with them, a post-ReLU layer's range collapsed and a digits CNN lost
+13 to 75 points of accuracy; without them it matches min-max and percentile.
 """
 
 from __future__ import annotations
@@ -58,10 +60,15 @@ class EntropyObserver(Observer):
         self.candidates = candidates
 
     def _update(self, v: Tensor) -> None:
-        self.hist.update(v)
+        # Exact zeros (ReLU outputs, padding) are representable whatever the range, since the
+        # zero-point is an integer; in the histogram they are a point mass that Q spreads over a
+        # level's bins, which would make every range but a tiny one look lossy. Leave them out.
+        self.hist.update(v[v != 0])
 
     def compute_range(self) -> tuple[float, float]:
         h = self.hist
+        if h.total == 0:  # every value seen was exactly zero
+            return 0.0, 0.0
         levels = self.qmax - self.qmin + 1
         edges = h.edges
         width = (h.hi - h.lo) / h.bins

@@ -15,7 +15,7 @@ def test_save_load_round_trip_without_pickle(trained_resnet, digits, tmp_path):
     q2 = sk.load(tmp_path / "out", digits_model("resnet18"))  # a fresh, untrained base
     x = digits.test_x[:16]
     assert torch.equal(q(x), q2(x))
-    plan = json.loads((tmp_path / "out" / "plan.json").read_text())["plan"]
+    [plan] = json.loads((tmp_path / "out" / "plan.json").read_text())["plans"]
     assert plan["config"]["calibrator"] == "minmax" and plan["qparams"]
 
 

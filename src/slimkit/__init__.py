@@ -9,21 +9,23 @@ torch.Size([2, 2])
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
 from slimkit.core.batch import Batch, inputs_only
 from slimkit.core.config import handler_for, resolve
+from slimkit.distill import KDLoss
 from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
+from slimkit.lowrank import FactorizeConfig
 from slimkit.quant import PRESETS as _QUANT_PRESETS
 from slimkit.quant import QuantConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
+__all__ = ["quantize", "factorize", "FactorizeConfig", "KDLoss", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
            "ParityError", "inputs_only", "__version__"]
 
 
@@ -41,3 +43,22 @@ def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "
     """
     cfg = resolve(config, QuantConfig, _QUANT_PRESETS)
     return handler_for(cfg)(model, cfg, calib_data=calib_data, inplace=inplace)
+
+
+def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any], data: Iterable[Batch] | None = None,
+              metric: Callable[[nn.Module], float] | None = None, inplace: bool = False) -> nn.Module:
+    """Low-rank decomposition: ``{"method": "svd" | "spatial-svd" | "tucker" | "cp", ...}`` with
+    one of ``rank``, ``energy`` or ``ratio`` (see ``FactorizeConfig``).
+
+    Linear layers become ``nn.Sequential`` of two ``nn.Linear``; convs become sequences of
+    ``nn.Conv2d``. With ``allocation="global"``, ``data`` batches (or a ``metric``, higher is
+    better) measure each layer's sensitivity. The plan is ``result.slimkit_plan``.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> f = factorize(m, {"method": "svd", "ratio": 0.5})
+    >>> f.slimkit_plan.ranks_
+    {'0': [16], '2': [4]}
+    """
+    cfg = resolve(config, FactorizeConfig, {})
+    return handler_for(cfg)(model, cfg, data=data, metric=metric, inplace=inplace)

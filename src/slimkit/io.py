@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimkit.core.plans import plans_of
+
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -27,8 +29,7 @@ _PLAN, _WEIGHTS = "plan.json", "model.safetensors"
 def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write ``model`` (compressed by slimkit, or plain) to ``directory``, atomically."""
     directory = Path(directory)
-    plan = getattr(model, "slimkit_plan", None)
-    meta: dict[str, Any] = {"format": FORMAT_VERSION, "plan": plan.to_dict() if plan is not None else None}
+    meta: dict[str, Any] = {"format": FORMAT_VERSION, "plans": [p.to_dict() for p in plans_of(model)]}
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
@@ -67,11 +68,17 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
         raise ValueError(f"{weights_path} is corrupt: {e}") from e
     import copy
 
-    plan = meta.get("plan")
-    if plan is None:
-        model = copy.deepcopy(base_model)
-    else:
-        model = _apply(plan, base_model)
+    plans = meta.get("plans")
+    if plans is None:  # written before plans were chained: one plan or none
+        plans = [meta["plan"]] if meta.get("plan") else []
+    if not isinstance(plans, list):
+        raise ValueError(f"{plan_path} is corrupt: 'plans' is not a list")
+    model = copy.deepcopy(base_model)
+    for i, plan in enumerate(plans):
+        try:
+            model = _apply(plan, model)
+        except ValueError as e:
+            raise ValueError(f"{plan_path}, plan {i + 1} of {len(plans)} ({plan.get('kind')!r}): {e}") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -91,4 +98,13 @@ def _apply(plan: dict[str, Any], base: nn.Module) -> nn.Module:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"the saved quantization plan is invalid: {e}") from e
         return apply_plan(base, parsed)
+    if kind == "lowrank":
+        from slimkit.lowrank.plan import FactorPlan
+        from slimkit.lowrank.plan import apply_plan as apply_factor_plan
+
+        try:
+            fplan = FactorPlan.from_dict(plan)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"the saved factorization plan is invalid: {e}") from e
+        return apply_factor_plan(base, fplan, inplace=True)
     raise ValueError(f"unknown plan kind {kind!r} in the save folder")

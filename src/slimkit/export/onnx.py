@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from slimkit.core.batch import Batch, tensors_of
+from slimkit.core.plans import has_plan
 from slimkit.export.lint import LintReport, lint
 from slimkit.export.runtime import Parity, check_parity
 
@@ -47,7 +48,7 @@ class ExportReport:
 
 
 def _is_quantized(model: nn.Module) -> bool:
-    return hasattr(model, "slimkit_plan")
+    return has_plan(model, "quant")
 
 
 def _output_names(model: nn.Module, example: Batch) -> list[str]:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from slimkit.core.batch import Batch, call, check_batches
 from slimkit.core.config import register
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
+from slimkit.core.plans import attach
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
@@ -35,6 +36,8 @@ _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 @dataclass
 class QuantPlan:
     """What PTQ decided. ``qparams_`` are fitted from data (scikit-learn's trailing underscore)."""
+
+    kind = "quant"
 
     config: QuantConfig
     mode: str = "graph"  # "graph" (fx) or "module" (fallback for models fx cannot trace)
@@ -190,7 +193,7 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
         if calib_data is not None:
             log.info("%s quantization needs no calibration data; ignoring calib_data", cfg.activations)
         out = _prepare(target, plan, None, None)
-        out.slimkit_plan = plan  # type: ignore[assignment]
+        attach(out, model, plan)
         return out
     batches = check_batches(calib_data)
     if cfg.calib_batches is not None:
@@ -212,7 +215,7 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
             raise ValueError(f"activation quantizer {name!r}: {e}") from e
         plan.qparams_[name] = (float(q.scale), int(q.zero_point))
     _quantize_biases(out)
-    out.slimkit_plan = plan  # type: ignore[assignment]
+    attach(out, model, plan)
     log.info("quantized %d layers, %d activation quantizers, %d kept in float",
              len(plan.quantized_layers), len(quantizers), len(plan.skipped))
     return out
@@ -238,7 +241,7 @@ def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
     for name, (s, z) in plan.qparams_.items():
         quantizers[name].set_qparams(torch.tensor(s), torch.tensor(z))
     _quantize_biases(out)
-    out.slimkit_plan = plan  # type: ignore[assignment]
+    attach(out, base, plan)
     return out
 
 

@@ -18,16 +18,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimkit.distill.losses import KDLoss
+
 __all__ = ["fit", "accuracy"]
 
 log = logging.getLogger(__name__)
 
 
 def fit(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], epochs: int = 5, lr: float = 0.05,
-        momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0) -> nn.Module:
-    """Train ``model`` in place on ``(inputs, labels)`` batches with cross-entropy; returns it."""
+        momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, teacher: nn.Module | None = None,
+        temperature: float = 4.0, alpha: float = 0.5) -> nn.Module:
+    """Train ``model`` in place on ``(inputs, labels)`` batches with cross-entropy; returns it.
+
+    With a ``teacher`` (fine-tuning after compression, the original model teaching), the loss is
+    ``KDLoss(temperature, alpha)``; the teacher runs in eval mode under no_grad, once per batch.
+    """
     if not data:
         raise ValueError("fit: the training data is empty")
+    kd = KDLoss(temperature, alpha) if teacher is not None else None
+    if teacher is not None:
+        teacher.eval()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -40,7 +50,13 @@ def fit(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], epochs: int = 5
         total = 0.0
         for i in order:
             x, y = data[i]
-            loss = F.cross_entropy(model(x), y)
+            out = model(x)
+            if kd is not None and teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)
+                loss = kd(out, t_out, y)
+            else:
+                loss = F.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -1,0 +1,43 @@
+"""The chain of plans a compressed model carries, so ``sk.save`` / ``sk.load`` can replay it.
+
+Every verb attaches its plan to the model it returns, after the plans of the model it was given:
+factorize then quantize gives ``[FactorPlan, QuantPlan]``, and loading applies them in that order
+to a fresh base model. A plan is any object with ``kind`` and ``to_dict()``.
+
+>>> from torch import nn
+>>> class P:
+...     kind = "demo"
+...     def to_dict(self): return {"kind": self.kind}
+>>> a, b = nn.Linear(1, 1), nn.Linear(1, 1)
+>>> attach(a, nn.Linear(1, 1), P())
+>>> attach(b, a, P())
+>>> [p.kind for p in plans_of(b)]
+['demo', 'demo']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["plans_of", "attach", "has_plan"]
+
+
+def plans_of(model: nn.Module) -> list[Any]:
+    plans = getattr(model, "slimkit_plans", None)
+    if plans is not None:
+        return list(plans)
+    single = getattr(model, "slimkit_plan", None)
+    return [single] if single is not None else []
+
+
+def attach(out: nn.Module, source: nn.Module, plan: Any) -> None:
+    """Record ``plan`` on ``out`` after the plans ``source`` already carries."""
+    chain = plans_of(source)
+    object.__setattr__(out, "slimkit_plans", [*chain, plan])
+    object.__setattr__(out, "slimkit_plan", plan)
+
+
+def has_plan(model: nn.Module, kind: str) -> bool:
+    return any(getattr(p, "kind", None) == kind for p in plans_of(model))

@@ -1,0 +1,266 @@
+"""Search, then apply: the factorization plan (ranks per layer) and the global rank allocation.
+
+``search`` decides the ranks: per layer from the config (uniform), or, with ``allocation="global"``,
+by measuring each layer's sensitivity at a grid of ranks and spending a parameter budget greedily
+where it buys the most (largest error reduction per parameter, the classic greedy for a
+separable knapsack). ``apply_plan`` rebuilds the factorized model from a base and a plan,
+deterministically and without data, which is how ``sk.load`` replays it.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimkit.core.batch import Batch, call, check_batches, tensors_of
+from slimkit.core.config import register
+from slimkit.core.plans import attach
+
+from .config import FactorizeConfig
+from .layers import (
+    approx_weight,
+    factorized,
+    param_count,
+    ranks_for_energy,
+    ranks_for_rank,
+    ranks_for_ratio,
+    weight_count,
+    why_not,
+)
+
+__all__ = ["FactorPlan", "search", "apply_plan", "factorize_model", "GRID"]
+
+log = logging.getLogger(__name__)
+
+GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # parameter fractions tried
+
+
+@dataclass
+class FactorPlan:
+    """Ranks per layer (``ranks_``), layers left alone and why (``skipped``), weights before and
+    after (``params_``), and the measured sensitivity curves of a global allocation."""
+
+    config: FactorizeConfig
+    ranks_: dict[str, list[int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    params_: dict[str, list[int]] = field(default_factory=dict)
+    sensitivity_: dict[str, list[list[float]]] = field(default_factory=dict)
+    kind = "lowrank"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "config": self.config.to_dict(), "ranks": self.ranks_,
+                "skipped": self.skipped, "params": self.params_, "sensitivity": self.sensitivity_}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FactorPlan:
+        return cls(config=FactorizeConfig.from_dict(d["config"]),
+                   ranks_={str(k): [int(r) for r in v] for k, v in d["ranks"].items()},
+                   skipped=dict(d.get("skipped", {})), params_=dict(d.get("params", {})),
+                   sensitivity_=dict(d.get("sensitivity", {})))
+
+    def summary(self) -> str:
+        """A markdown table: layer, ranks, weights before and after."""
+        rows = ["| layer | ranks | weights | kept |", "|---|---|---|---|"]
+        for name, ranks in self.ranks_.items():
+            before, after = self.params_[name]
+            rows.append(f"| {name} | {'x'.join(map(str, ranks))} | {before} -> {after} | {after / before:.0%} |")
+        rows += [f"| {name} | skipped: {why} | | |" for name, why in self.skipped.items()]
+        return "\n".join(rows)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _candidates(model: nn.Module, cfg: FactorizeConfig) -> tuple[list[str], dict[str, str]]:
+    modules = dict(model.named_modules())
+    skipped: dict[str, str] = {}
+    if cfg.layers:
+        for name in cfg.layers:
+            if name not in modules:
+                close = difflib.get_close_matches(name, list(modules), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"layers: no module named {name!r} in {type(model).__name__}{hint}")
+            reason = why_not(cfg.method, modules[name])
+            if reason is not None:
+                raise ValueError(f"layer {name!r} cannot take {cfg.method}: {reason}")
+        return list(cfg.layers), skipped
+    names = []
+    kinds = (nn.Linear,) if cfg.method == "svd" else (nn.Conv2d,)
+    for name, m in modules.items():
+        if isinstance(m, kinds):
+            reason = why_not(cfg.method, m)
+            if reason is None:
+                names.append(name)
+            else:
+                skipped[name] = reason
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no layer that {cfg.method} can factorize"
+                         + (f" (skipped: {skipped})" if skipped else ""))
+    return names, skipped
+
+
+def _uniform_ranks(cfg: FactorizeConfig, name: str, m: nn.Module) -> list[int]:
+    try:
+        if cfg.rank is not None:
+            return ranks_for_rank(cfg.method, m, cfg.rank)
+        if cfg.energy is not None:
+            return ranks_for_energy(cfg.method, m, cfg.energy)
+        assert cfg.ratio is not None
+        return ranks_for_ratio(cfg.method, m, cfg.ratio)
+    except ValueError as e:
+        raise ValueError(f"layer {name!r}: {e}") from e
+
+
+class _Sensitivity:
+    """Error of the model (or the layer) when one layer alone is factorized at given ranks."""
+
+    def __init__(self, model: nn.Module, cfg: FactorizeConfig, data: list[Batch] | None,
+                 metric: Callable[[nn.Module], float] | None) -> None:
+        self.cfg, self.data, self.metric = cfg, data, metric
+        self.work = copy.deepcopy(model).eval()
+        self.modules = dict(self.work.named_modules())
+        with torch.no_grad():
+            self.ref = [tensors_of(call(self.work, b)) for b in data] if data else None
+        self.base = metric(self.work) if metric is not None else None
+
+    @torch.no_grad()
+    def __call__(self, name: str, ranks: list[int]) -> float:
+        m = self.modules[name]
+        if self.metric is None and self.ref is None:
+            w = m.weight.detach().double()  # type: ignore[union-attr, operator]
+            err = approx_weight(self.cfg.method, m, ranks, self.cfg.iterations).double() - w
+            return float(err.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+        _set_module(self.work, name, factorized(self.cfg.method, m, ranks, self.cfg.iterations))
+        try:
+            if self.metric is not None:
+                assert self.base is not None
+                return float(self.base - self.metric(self.work))
+            assert self.data is not None and self.ref is not None
+            num = den = 0.0
+            for b, ref in zip(self.data, self.ref, strict=True):
+                for got, r in zip(tensors_of(call(self.work, b)), ref, strict=True):
+                    num += float((got.float() - r.float()).pow(2).sum())
+                    den += float(r.float().pow(2).sum())
+            return num / max(den, 1e-30)
+        finally:
+            _set_module(self.work, name, m)
+
+
+def _allocate(options: dict[str, list[tuple[int, float, list[int] | None]]], budget: float) -> dict[str, int]:
+    """Greedy knapsack: from the cheapest option of every layer, repeatedly take the upgrade with
+    the largest error reduction per parameter that still fits the budget."""
+    choice = dict.fromkeys(options, 0)
+    spent = sum(opts[0][0] for opts in options.values())
+    if spent > budget:
+        raise ValueError(f"the budget ({budget:.0f} weights) is below what the smallest ranks need ({spent}); raise ratio")
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, opts in options.items():
+            cost, err, _ = opts[choice[name]]
+            for j in range(choice[name] + 1, len(opts)):
+                dc, de = opts[j][0] - cost, err - opts[j][1]
+                if dc > 0 and de > 0 and spent + dc <= budget and (best is None or de / dc > best[0]):
+                    best = (de / dc, name, j)
+        if best is None:
+            return choice
+        _, name, j = best
+        spent += options[name][j][0] - options[name][choice[name]][0]
+        choice[name] = j
+
+
+def search(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None = None,
+           metric: Callable[[nn.Module], float] | None = None, sensitivity_batches: int = 2) -> FactorPlan:
+    """Choose the ranks for every layer ``cfg`` selects. Data or a metric are only used by the
+    global allocation (data: relative output error; metric: higher is better, its drop is the error)."""
+    names, skipped = _candidates(model, cfg)
+    plan = FactorPlan(config=cfg, skipped=skipped)
+    modules = dict(model.named_modules())
+    chosen: dict[str, list[int]] = {}
+    if cfg.allocation == "uniform":
+        for name in names:
+            try:
+                chosen[name] = _uniform_ranks(cfg, name, modules[name])
+            except ValueError as e:
+                if cfg.layers:  # the user named this layer: say why it cannot be done
+                    raise
+                plan.skipped[name] = str(e).split(": ", 1)[1]
+    else:
+        assert cfg.ratio is not None
+        batches = check_batches(data, "data")[:sensitivity_batches] if data is not None else None
+        sens = _Sensitivity(model, cfg, batches, metric)
+        options: dict[str, list[tuple[int, float, list[int] | None]]] = {}
+        for name in tqdm(names, desc="rank sensitivity", leave=False, disable=None):
+            m, full = modules[name], weight_count(modules[name])
+            seen: set[tuple[int, ...]] = set()
+            opts: list[tuple[int, float, list[int] | None]] = []
+            for frac in GRID:
+                ranks = ranks_for_ratio(cfg.method, m, frac)
+                cost = param_count(cfg.method, m, ranks)
+                if tuple(ranks) in seen or cost >= full:
+                    continue
+                seen.add(tuple(ranks))
+                opts.append((cost, sens(name, ranks), ranks))
+            opts.append((full, 0.0, None))  # keep the layer whole
+            options[name] = opts
+            plan.sensitivity_[name] = [[c / full, e] for c, e, _ in opts]
+        budget = cfg.ratio * sum(weight_count(modules[n]) for n in names)
+        for name, j in _allocate(options, budget).items():
+            picked = options[name][j][2]
+            if picked is None:
+                plan.skipped[name] = "kept whole by the global allocation"
+            else:
+                chosen[name] = picked
+    for name, ranks in chosen.items():
+        m = modules[name]
+        before, after = weight_count(m), param_count(cfg.method, m, ranks)
+        if after >= before:
+            plan.skipped[name] = f"ranks {ranks} would not save weights ({after} >= {before})"
+            continue
+        plan.ranks_[name] = ranks
+        plan.params_[name] = [before, after]
+    if not plan.ranks_:
+        raise ValueError(f"no layer would get smaller with {cfg.to_dict()}: {plan.skipped}")
+    return plan
+
+
+def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False) -> nn.Module:
+    """Replace every planned layer of ``base`` (a copy unless ``inplace``) by its factorization."""
+    model = base if inplace else copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    for name, ranks in tqdm(plan.ranks_.items(), desc=f"factorizing ({plan.config.method})", leave=False,
+                            disable=None):
+        m = modules.get(name)
+        if m is None:
+            raise ValueError(f"the plan does not match this model: no layer named {name!r}")
+        reason = why_not(plan.config.method, m)
+        if reason is not None:
+            raise ValueError(f"the plan does not match this model: layer {name!r}: {reason}")
+        expected = plan.params_.get(name)
+        if expected is not None and weight_count(m) != expected[0]:
+            raise ValueError(f"the plan does not match this model: layer {name!r} has {weight_count(m)} "
+                             f"weights, the plan was made for {expected[0]}")
+        _set_module(model, name, factorized(plan.config.method, m, ranks, plan.config.iterations))
+    attach(model, base, plan)
+    return model
+
+
+@register(FactorizeConfig)
+def factorize_model(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None = None,
+                    metric: Callable[[nn.Module], float] | None = None, inplace: bool = False) -> nn.Module:
+    plan = search(model, cfg, data, metric)
+    out = apply_plan(model, plan, inplace=inplace)
+    before = sum(v[0] for v in plan.params_.values())
+    after = sum(v[1] for v in plan.params_.values())
+    log.info("%s: factorized %d layers, their weights %d -> %d (%.0f%%); skipped %d",
+             cfg.method, len(plan.ranks_), before, after, 100 * after / before, len(plan.skipped))
+    return out

@@ -75,6 +75,8 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
         raise ValueError(f"{plan_path} is corrupt: 'plans' is not a list")
     model = copy.deepcopy(base_model)
     for i, plan in enumerate(plans):
+        if not isinstance(plan, dict):
+            raise ValueError(f"{plan_path} is corrupt: plan {i + 1} is not an object")
         try:
             model = _apply(plan, model)
         except ValueError as e:

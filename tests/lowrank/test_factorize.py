@@ -151,3 +151,30 @@ def test_bad_layers():
         sk.factorize(lin, {"method": "svd", "rank": 7, "layers": ["0"]})
     with pytest.raises(ValueError, match="has no layer that svd can factorize"):
         sk.factorize(nn.Sequential(nn.Conv2d(1, 1, 3)), {"method": "svd", "rank": 1})
+
+
+def test_bad_data_and_weights(trained_mlp):
+    cfg = {"method": "svd", "ratio": 0.5, "allocation": "global"}
+    with pytest.raises(ValueError, match="empty"):
+        sk.factorize(trained_mlp, cfg, data=[])
+    bad = torch.randn(4, 1, 32, 32)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 0"):
+        sk.factorize(trained_mlp, cfg, data=[bad])
+    broken = sk.factorize(trained_mlp, {"method": "svd", "ratio": 0.9})  # a copy to break
+    with torch.no_grad():
+        broken[3][0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layer '3\.0' has NaN or infinite weights"):
+        sk.factorize(broken, {"method": "svd", "ratio": 0.5})
+    assert torch.isfinite(trained_mlp[3].weight).all()  # the caller's model is untouched
+
+
+def test_corrupt_plan_list_is_a_clear_error(trained_mlp, tmp_path):
+    import json
+
+    sk.save(sk.factorize(trained_mlp, {"method": "svd", "ratio": 0.5}), tmp_path / "f")
+    meta = json.loads((tmp_path / "f" / "plan.json").read_text())
+    meta["plans"] = ["oops"]
+    (tmp_path / "f" / "plan.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="plan 1 is not an object"):
+        sk.load(tmp_path / "f", digits_model("mlp"))

@@ -185,6 +185,9 @@ def search(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None 
     names, skipped = _candidates(model, cfg)
     plan = FactorPlan(config=cfg, skipped=skipped)
     modules = dict(model.named_modules())
+    for name in names:
+        if not torch.isfinite(modules[name].weight).all():  # type: ignore[arg-type]
+            raise ValueError(f"layer {name!r} has NaN or infinite weights; nothing can be factorized from them")
     chosen: dict[str, list[int]] = {}
     if cfg.allocation == "uniform":
         for name in names:

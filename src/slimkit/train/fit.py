@@ -51,7 +51,8 @@ def fit(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], epochs: int = 5
         for i in order:
             x, y = data[i]
             out = model(x)
-            if kd is not None and teacher is not None:
+            if teacher is not None:
+                assert kd is not None
                 with torch.no_grad():
                     t_out = teacher(x)
                 loss = kd(out, t_out, y)

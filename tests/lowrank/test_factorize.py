@@ -66,6 +66,40 @@ def test_conv_methods_on_the_trained_resnet(trained_resnet, digits, method):
     assert acc > 50, f"{method}: {acc}"  # unfine-tuned, but still a working classifier
 
 
+def test_svd_takes_pointwise_convs_with_stride_and_padding():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(48, 40, 1, stride=2, padding=1), nn.ReLU(), nn.Conv2d(40, 8, 3))
+    x = torch.randn(2, 48, 9, 9)
+    from slimkit.lowrank.layers import factorized
+
+    full = nn.Sequential(factorized("svd", m[0], [40]), m[1], m[2])  # full rank: the same function
+    assert _rel_err(full, m, x) < 1e-10
+    low = sk.factorize(m, {"method": "svd", "rank": 8})
+    assert list(low.slimkit_plan.ranks_) == ["0"] and low.slimkit_plan.skipped["2"].startswith("Conv2d is not")
+    first, second = low[0]
+    assert (first.stride, first.padding, tuple(first.weight.shape)) == ((2, 2), (1, 1), (8, 48, 1, 1))
+    assert tuple(second.weight.shape) == (40, 8, 1, 1) and second.bias is not None
+    # the layer's own output error is the Eckart-Young optimum of its weight matrix
+    w = m[0].weight.detach().reshape(40, 48).double()
+    s = torch.linalg.svdvals(w)
+    got = (second.weight.reshape(40, 8).double() @ first.weight.reshape(8, 48).double() - w).pow(2).sum()
+    assert torch.isclose(got, s[8:].pow(2).sum(), rtol=1e-4)
+
+
+def test_svd_on_the_trained_mobilenet_pointwise_convs(digits):
+    from slimkit.zoo import trained
+
+    mnv2 = trained("mobilenet_v2")
+    f = sk.factorize(mnv2, {"method": "svd", "ratio": 0.5})
+    plan = f.slimkit_plan
+    assert plan.skipped["features.1.block.0.0"].startswith("Conv2d is not")  # depthwise 3x3
+    assert len(plan.ranks_) > 20 and all(a <= 0.5 * b for b, a in plan.params_.values())
+    assert all(tuple(c.kernel_size) == (1, 1) for name in plan.ranks_ if name != "classifier" for c in f.get_submodule(name))
+    # an already-compact net: its pointwise weights spread their energy, so no svd rank keeping 99% saves weights
+    with pytest.raises(ValueError, match=r"no layer would get smaller .* and \d+ more"):
+        sk.factorize(mnv2, {"method": "svd", "energy": 0.99})
+
+
 def test_global_allocation_beats_uniform_at_the_same_budget(trained_resnet, digits):
     calib = batches(digits.train_x[:128], None, 64)
     x = digits.test_x[:128]

@@ -21,8 +21,8 @@ METHODS = ("svd", "spatial-svd", "tucker", "cp")
 
 @dataclass(frozen=True, kw_only=True)
 class FactorizeConfig(Config):
-    """Low-rank decomposition of Linear layers (``svd``) or convolutions (``spatial-svd``,
-    ``tucker``, ``cp``).
+    """Low-rank decomposition of Linear layers and 1x1 convolutions (``svd``) or k x k
+    convolutions (``spatial-svd``, ``tucker``, ``cp``).
 
     - exactly one of ``rank`` (an explicit rank; for Tucker, the rank of both channel modes, capped
       at each mode's size), ``energy`` (keep this fraction of the squared singular values, per

@@ -32,7 +32,10 @@ __all__ = ["why_not", "rank_limit", "ranks_for_rank", "ranks_for_ratio", "ranks_
 def why_not(method: str, m: nn.Module) -> str | None:
     """``None`` when ``method`` can factorize ``m``, else the reason it cannot."""
     if method == "svd":
-        return None if isinstance(m, nn.Linear) else f"{type(m).__name__} is not nn.Linear (svd takes Linear layers)"
+        if isinstance(m, nn.Linear):
+            return None
+        if not (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)):
+            return f"{type(m).__name__} is not nn.Linear or a 1x1 conv (svd takes matrix-shaped layers)"
     if not isinstance(m, nn.Conv2d):
         return f"{type(m).__name__} is not nn.Conv2d ({method} takes 2-D convolutions)"
     if m.groups != 1:
@@ -41,8 +44,10 @@ def why_not(method: str, m: nn.Module) -> str | None:
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         return f"padding {m.padding!r}/{m.padding_mode!r}: only numeric zero padding is supported"
     kh, kw = m.kernel_size
+    if method == "svd":
+        return None
     if kh * kw == 1:
-        return "1x1 conv: nothing spatial to decompose (use svd on a Linear layer)"
+        return "1x1 conv: nothing spatial to decompose (use method svd)"
     if method == "spatial-svd" and (kh == 1 or kw == 1):
         return f"kernel {kh}x{kw} is already separable"
     return None
@@ -116,7 +121,7 @@ def ranks_for_ratio(method: str, m: nn.Module, ratio: float) -> list[int]:
 def ranks_for_energy(method: str, m: nn.Module, energy: float) -> list[int]:
     w = m.weight.detach()  # type: ignore[union-attr, operator]
     if method == "svd":
-        return [rank_for_energy(singular_values(w), energy)]
+        return [rank_for_energy(singular_values(w.reshape(w.shape[0], -1)), energy)]
     if method == "spatial-svd":
         return [rank_for_energy(singular_values(spatial_matrix(w)), energy)]
     if method == "tucker":
@@ -144,6 +149,12 @@ def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25
     w = m.weight.detach()  # type: ignore[union-attr, operator]
     bias = m.bias.detach() if m.bias is not None else None  # type: ignore[union-attr, operator]
     dev, dt = w.device, w.dtype
+    if method == "svd" and isinstance(m, nn.Conv2d):  # a 1x1 conv is a matrix applied at every pixel
+        b, a = truncated_svd(w.reshape(w.shape[0], -1), ranks[0])
+        return nn.Sequential(
+            _conv(m.in_channels, ranks[0], (1, 1), a, None, m.stride, m.padding, m.dilation),  # type: ignore[arg-type]
+            _conv(ranks[0], m.out_channels, (1, 1), b, bias),
+        ).to(dev, dt)
     if method == "svd":
         assert isinstance(m, nn.Linear)
         b, a = truncated_svd(w, ranks[0])
@@ -193,8 +204,8 @@ def approx_weight(method: str, m: nn.Module, ranks: list[int], iterations: int =
 
     w = m.weight.detach()  # type: ignore[union-attr, operator]
     if method == "svd":
-        b, a = truncated_svd(w, ranks[0])
-        return b @ a
+        b, a = truncated_svd(w.reshape(w.shape[0], -1), ranks[0])
+        return (b @ a).reshape(w.shape)
     if method == "spatial-svd":
         return spatial_reconstruct(*spatial_svd(w, ranks[0]))
     if method == "tucker":

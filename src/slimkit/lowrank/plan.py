@@ -95,7 +95,7 @@ def _candidates(model: nn.Module, cfg: FactorizeConfig) -> tuple[list[str], dict
                 raise ValueError(f"layer {name!r} cannot take {cfg.method}: {reason}")
         return list(cfg.layers), skipped
     names = []
-    kinds = (nn.Linear,) if cfg.method == "svd" else (nn.Conv2d,)
+    kinds = (nn.Linear, nn.Conv2d) if cfg.method == "svd" else (nn.Conv2d,)
     for name, m in modules.items():
         if isinstance(m, kinds):
             reason = why_not(cfg.method, m)
@@ -232,7 +232,9 @@ def search(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None 
         plan.ranks_[name] = ranks
         plan.params_[name] = [before, after]
     if not plan.ranks_:
-        raise ValueError(f"no layer would get smaller with {cfg.to_dict()}: {plan.skipped}")
+        shown = dict(list(plan.skipped.items())[-5:])
+        more = f" and {len(plan.skipped) - len(shown)} more" if len(plan.skipped) > len(shown) else ""
+        raise ValueError(f"no layer would get smaller with {cfg.to_dict()}: {shown}{more}")
     return plan
 
 

@@ -11,13 +11,15 @@ True
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimkit.core.batch import call
 from slimkit.distill.losses import KDLoss
 
 __all__ = ["fit", "accuracy"]
@@ -25,22 +27,33 @@ __all__ = ["fit", "accuracy"]
 log = logging.getLogger(__name__)
 
 
-def fit(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], epochs: int = 5, lr: float = 0.05,
+def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05,
         momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, teacher: nn.Module | None = None,
-        temperature: float = 4.0, alpha: float = 0.5) -> nn.Module:
+        temperature: float = 4.0, alpha: float = 0.5, optimizer: str = "sgd",
+        loss: Callable[[Any, Any], Tensor] | None = None) -> nn.Module:
     """Train ``model`` in place on ``(inputs, labels)`` batches with cross-entropy; returns it.
 
     With a ``teacher`` (fine-tuning after compression, the original model teaching), the loss is
     ``KDLoss(temperature, alpha)``; the teacher runs in eval mode under no_grad, once per batch.
+    With a custom ``loss(student_out, teacher_out)`` (``teacher_out`` is None without a teacher),
+    the batches are the model's inputs alone (a tensor, tuple or dict) and no labels are needed:
+    feature distillation of an encoder, for example. ``optimizer`` is ``"sgd"`` (with momentum)
+    or ``"adamw"``; the learning rate follows a cosine decay to zero either way.
     """
     if not data:
         raise ValueError("fit: the training data is empty")
-    kd = KDLoss(temperature, alpha) if teacher is not None else None
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"fit: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    kd = KDLoss(temperature, alpha) if teacher is not None and loss is None else None
     if teacher is not None:
         teacher.eval()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt: torch.optim.Optimizer
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(data)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
@@ -49,20 +62,29 @@ def fit(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], epochs: int = 5
         order = torch.randperm(len(data), generator=g).tolist()
         total = 0.0
         for i in order:
-            x, y = data[i]
-            out = model(x)
-            if teacher is not None:
-                assert kd is not None
+            if loss is not None:
+                out = call(model, data[i])
                 with torch.no_grad():
-                    t_out = teacher(x)
-                loss = kd(out, t_out, y)
+                    t_out = call(teacher, data[i]) if teacher is not None else None
+                value = loss(out, t_out)
             else:
-                loss = F.cross_entropy(out, y)
+                x, y = data[i]
+                out = model(x)
+                if kd is not None:
+                    assert teacher is not None
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    value = kd(out, t_out, y)
+                else:
+                    value = F.cross_entropy(out, y)
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"fit: the loss became {value.item()} in epoch {epoch + 1}; "
+                                         f"lower the learning rate (lr={lr})")
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
             sched.step()
-            total += loss.item()
+            total += value.item()
             bar.update()
         log.info("epoch %d: loss %.4f", epoch + 1, total / len(data))
     bar.close()

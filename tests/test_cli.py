@@ -1,6 +1,8 @@
 import json
+import re
 
 from slimkit.cli import main
+from slimkit.zoo import digits_model
 
 
 def test_presets(capsys):
@@ -33,3 +35,29 @@ def test_demo_writes_its_table(tmp_path, capsys):
     assert [r["model"] for r in res["rows"]] == ["FP32", "slimkit int8", "ORT quantize_static"]
     assert res["rows"][1]["size_x"] < 0.3 and res["lint"]["issues"] == []
     assert "| slimkit int8 |" in capsys.readouterr().out
+
+
+def test_factorize_command_with_finetune(tmp_path, trained_mlp, capsys):
+    import slimkit as sk
+
+    out = tmp_path / "f"
+    rc = main(["factorize", "slimkit.zoo:trained", "--factory-arg", "mlp", "--ratio", "0.5",
+               "--finetune", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and (out / "model.onnx").exists(), text
+    assert "| 1 |" in text and "after 1 epochs of fine-tuning with distillation" in text
+    line = next(t for t in text.splitlines() if t.startswith("accuracy on digits"))
+    acc = [float(v) for v in re.findall(r"(\d+\.\d+)%", line)]
+    assert len(acc) == 3 and acc[2] > 90  # original, factorized, fine-tuned
+    loaded = sk.load(out, digits_model("mlp"))
+    assert loaded.slimkit_plan.ranks_ == {"1": [102], "3": [42], "5": [4]}
+
+
+def test_factorize_command_bad_input(tmp_path, capsys):
+    args = ["factorize", "slimkit.zoo:trained", "--factory-arg", "mlp", "--out", str(tmp_path / "f")]
+    assert main(args + ["--energy", "1.5"]) == 2
+    assert "energy" in capsys.readouterr().err
+    assert main(args + ["--ratio", "0.5", "--layers", "1,9"]) == 2
+    assert "no module named '9'" in capsys.readouterr().err
+    assert main(args + ["--ratio", "0.5", "--data", "imagenet"]) == 2
+    assert "--data supports 'digits'" in capsys.readouterr().err

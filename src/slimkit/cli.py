@@ -1,4 +1,4 @@
-"""The command line: ``slimkit demo``, ``slimkit quantize``, ``slimkit presets``.
+"""The command line: ``slimkit demo``, ``slimkit quantize``, ``slimkit factorize``, ``slimkit presets``.
 
 Exit codes: 0 success, 1 failure in the work, 2 bad usage or bad input.
 """
@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -19,10 +20,12 @@ EXAMPLES = """examples:
   slimkit presets
   slimkit quantize slimkit.zoo:digits_model --factory-arg resnet18 --checkpoint w.safetensors \\
       --preset int8 --calib digits --out out/q
+  slimkit factorize slimkit.zoo:trained --factory-arg resnet18 --method tucker --ratio 0.5 \
+      --finetune 3 --out out/f
 """
 
 
-def _load_factory(spec: str) -> object:
+def _load_factory(spec: str) -> Any:
     if ":" not in spec:
         raise ValueError(f"model must be given as package.module:factory, got {spec!r}")
     mod, _, attr = spec.partition(":")
@@ -48,25 +51,65 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace) -> Any:
     from safetensors.torch import load_file
 
-    import slimkit as sk
-
     factory = _load_factory(args.model)
-    model = factory(*args.factory_arg)  # type: ignore[operator]
+    model = factory(*args.factory_arg)
     if args.checkpoint:
         model.load_state_dict(load_file(args.checkpoint))
-    model.eval()
-    if args.calib != "digits":
-        raise ValueError(f"--calib supports 'digits' (the bundled data), got {args.calib!r}")
-    from slimkit.data import batches, load_digits32
+    return model.eval()
 
-    d = load_digits32()
+
+def _digits(name: str, flag: str) -> Any:
+    if name != "digits":
+        raise ValueError(f"{flag} supports 'digits' (the bundled data), got {name!r}")
+    from slimkit.data import load_digits32
+
+    return load_digits32()
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import slimkit as sk
+    from slimkit.data import batches
+
+    model = _load_model(args)
+    d = _digits(args.calib, "--calib")
     q = sk.quantize(model, args.preset, calib_data=batches(d.train_x[:256], None, 32))
     sk.save(q, args.out)
     report = sk.export_onnx(q, f"{args.out}/model.onnx", d.test_x[:8])
     sys.stdout.write(f"saved {args.out}; ONNX parity: {report.parity}\n")
+    return 0
+
+
+def _cmd_factorize(args: argparse.Namespace) -> int:
+    import slimkit as sk
+    from slimkit.data import batches
+    from slimkit.train import accuracy, fit
+
+    cfg: dict[str, object] = {"method": args.method, "allocation": args.allocation, "iterations": args.iterations}
+    for key in ("rank", "energy", "ratio"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.layers:
+        cfg["layers"] = [n.strip() for n in args.layers.split(",") if n.strip()]
+    config = sk.FactorizeConfig.from_dict(cfg)  # validated before any work
+    if args.finetune < 0:
+        raise ValueError(f"--finetune is a number of epochs, at least 0, got {args.finetune}")
+    model = _load_model(args)
+    d = _digits(args.data, "--data")
+    x, y = d.train_x, d.train_y
+    f = sk.factorize(model, config, data=batches(x[:256], None, 64) if args.allocation == "global" else None)
+    plan: Any = f.slimkit_plan
+    sys.stdout.write(plan.summary() + "\n")
+    tx, ty = d.test_x, d.test_y
+    line = f"accuracy on digits: original {accuracy(model, tx, ty):.2f}%, factorized {accuracy(f, tx, ty):.2f}%"
+    if args.finetune:
+        fit(f, batches(x, y, 32), epochs=args.finetune, lr=args.lr, teacher=model)
+        line += f", after {args.finetune} epochs of fine-tuning with distillation {accuracy(f, tx, ty):.2f}%"
+    sk.save(f, args.out)
+    report = sk.export_onnx(f, f"{args.out}/model.onnx", tx[:8])
+    sys.stdout.write(f"{line}\nsaved {args.out}; ONNX parity: {report.parity}\n")
     return 0
 
 
@@ -89,6 +132,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calib", default="digits")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_cmd_quantize)
+    p = sub.add_parser("factorize", help="low-rank decomposition of a model given as package.module:factory")
+    p.add_argument("model")
+    p.add_argument("--factory-arg", action="append", default=[])
+    p.add_argument("--checkpoint", help="a .safetensors state dict")
+    p.add_argument("--method", default="svd", choices=["svd", "spatial-svd", "tucker", "cp"])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int)
+    g.add_argument("--energy", type=float, help="fraction of the squared singular values kept")
+    g.add_argument("--ratio", type=float, help="fraction of the weights kept")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--layers", help="comma-separated module names (default: every layer the method takes)")
+    p.add_argument("--iterations", type=int, default=25, help="HOOI or ALS sweeps")
+    p.add_argument("--data", default="digits", help="data for sensitivity and fine-tuning")
+    p.add_argument("--finetune", type=int, default=0, help="epochs of fine-tuning with distillation from the original")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_cmd_factorize)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

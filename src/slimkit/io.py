@@ -108,5 +108,5 @@ def _apply(plan: dict[str, Any], base: nn.Module) -> nn.Module:
             fplan = FactorPlan.from_dict(plan)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"the saved factorization plan is invalid: {e}") from e
-        return apply_factor_plan(base, fplan, inplace=True)
+        return apply_factor_plan(base, fplan, inplace=True, structure_only=True)  # the weights follow
     raise ValueError(f"unknown plan kind {kind!r} in the save folder")

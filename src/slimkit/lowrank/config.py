@@ -33,6 +33,9 @@ class FactorizeConfig(Config):
     - ``layers``: module names to factorize (default: every layer the method applies to). A
       named layer the method cannot take is an error; an unnamed one is skipped and reported.
     - ``iterations``: HOOI sweeps (Tucker) or ALS sweeps (CP).
+    - ``whiten`` (svd only; needs ``data``): data-whitened SVD, optimal for each layer's outputs on
+      the data rather than for its weights (see ``slimkit.lowrank.whitened_svd``); ``energy`` then
+      counts output energy. Much better on transformers, whose inputs are far from isotropic.
     """
 
     method: str = "svd"
@@ -42,6 +45,7 @@ class FactorizeConfig(Config):
     allocation: str = "uniform"
     layers: tuple[str, ...] = ()
     iterations: int = 25
+    whiten: bool = False
 
     def validate(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -61,5 +65,9 @@ class FactorizeConfig(Config):
         if self.allocation == "global" and self.ratio is None:
             raise ValueError("allocation='global' needs ratio (the parameter budget over all chosen layers)")
         check_range("iterations", self.iterations, 0, 10_000)
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"whiten must be true or false, got {self.whiten!r}")
+        if self.whiten and self.method != "svd":
+            raise ValueError(f"whiten applies to method 'svd', not {self.method!r}")
         if not all(isinstance(n, str) for n in self.layers):
             raise ValueError(f"layers must be module names, got {self.layers!r}")

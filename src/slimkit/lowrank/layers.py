@@ -24,6 +24,7 @@ from .cp import cp_als
 from .spatial_svd import spatial_matrix, spatial_svd
 from .svd import rank_for_energy, singular_values, truncated_svd
 from .tucker import tucker2, unfold
+from .whitened_svd import whitened_singular_values, whitened_svd
 
 __all__ = ["why_not", "rank_limit", "ranks_for_rank", "ranks_for_ratio", "ranks_for_energy",
            "param_count", "factorized", "weight_count", "approx_weight"]
@@ -118,10 +119,12 @@ def ranks_for_ratio(method: str, m: nn.Module, ratio: float) -> list[int]:
     return [min(rank, rank_limit(method, m)[0])]
 
 
-def ranks_for_energy(method: str, m: nn.Module, energy: float) -> list[int]:
+def ranks_for_energy(method: str, m: nn.Module, energy: float, factor: Tensor | None = None) -> list[int]:
     w = m.weight.detach()  # type: ignore[union-attr, operator]
     if method == "svd":
-        return [rank_for_energy(singular_values(w.reshape(w.shape[0], -1)), energy)]
+        w2 = w.reshape(w.shape[0], -1)
+        s = singular_values(w2) if factor is None else whitened_singular_values(w2, factor)
+        return [rank_for_energy(s, energy)]
     if method == "spatial-svd":
         return [rank_for_energy(singular_values(spatial_matrix(w)), energy)]
     if method == "tucker":
@@ -143,21 +146,28 @@ def _conv(cin: int, cout: int, kernel: tuple[int, int], weight: Tensor, bias: Te
     return c
 
 
+def _svd(w: Tensor, rank: int, factor: Tensor | None) -> tuple[Tensor, Tensor]:
+    w2 = w.reshape(w.shape[0], -1)
+    return truncated_svd(w2, rank) if factor is None else whitened_svd(w2, factor, rank)
+
+
 @torch.no_grad()
-def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25) -> nn.Sequential:
-    """The replacement for ``m``: a sequence of standard layers applying the factorized weights."""
+def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25,
+               factor: Tensor | None = None) -> nn.Sequential:
+    """The replacement for ``m``: a sequence of standard layers applying the factorized weights.
+    ``factor`` (svd only): the input whitening factor of a data-whitened SVD."""
     w = m.weight.detach()  # type: ignore[union-attr, operator]
     bias = m.bias.detach() if m.bias is not None else None  # type: ignore[union-attr, operator]
     dev, dt = w.device, w.dtype
     if method == "svd" and isinstance(m, nn.Conv2d):  # a 1x1 conv is a matrix applied at every pixel
-        b, a = truncated_svd(w.reshape(w.shape[0], -1), ranks[0])
+        b, a = _svd(w, ranks[0], factor)
         return nn.Sequential(
             _conv(m.in_channels, ranks[0], (1, 1), a, None, m.stride, m.padding, m.dilation),  # type: ignore[arg-type]
             _conv(ranks[0], m.out_channels, (1, 1), b, bias),
         ).to(dev, dt)
     if method == "svd":
         assert isinstance(m, nn.Linear)
-        b, a = truncated_svd(w, ranks[0])
+        b, a = _svd(w, ranks[0], factor)
         first, second = nn.Linear(m.in_features, ranks[0], bias=False), nn.Linear(ranks[0], m.out_features,
                                                                                  bias=bias is not None)
         first.weight.copy_(a)
@@ -196,7 +206,8 @@ def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25
 
 
 @torch.no_grad()
-def approx_weight(method: str, m: nn.Module, ranks: list[int], iterations: int = 25) -> Tensor:
+def approx_weight(method: str, m: nn.Module, ranks: list[int], iterations: int = 25,
+                  factor: Tensor | None = None) -> Tensor:
     """The dense weight the factorized layer applies (for weight-error sensitivity)."""
     from .cp import cp_reconstruct
     from .spatial_svd import spatial_reconstruct
@@ -204,7 +215,7 @@ def approx_weight(method: str, m: nn.Module, ranks: list[int], iterations: int =
 
     w = m.weight.detach()  # type: ignore[union-attr, operator]
     if method == "svd":
-        b, a = truncated_svd(w.reshape(w.shape[0], -1), ranks[0])
+        b, a = _svd(w, ranks[0], factor)
         return (b @ a).reshape(w.shape)
     if method == "spatial-svd":
         return spatial_reconstruct(*spatial_svd(w, ranks[0]))

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, call, check_batches, tensors_of
@@ -35,8 +36,9 @@ from .layers import (
     weight_count,
     why_not,
 )
+from .whitened_svd import covariance_update, whitening_factor
 
-__all__ = ["FactorPlan", "search", "apply_plan", "factorize_model", "GRID"]
+__all__ = ["FactorPlan", "search", "apply_plan", "factorize_model", "input_covariances", "GRID"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class FactorPlan:
     skipped: dict[str, str] = field(default_factory=dict)
     params_: dict[str, list[int]] = field(default_factory=dict)
     sensitivity_: dict[str, list[list[float]]] = field(default_factory=dict)
+    # data-whitened SVD: each layer's input whitening factor (float32; in memory, not in to_dict:
+    # sk.save keeps the factorized weights themselves, so a reload needs only the ranks)
+    whitening_: dict[str, Tensor] = field(default_factory=dict, repr=False)
     kind = "lowrank"
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,12 +114,57 @@ def _candidates(model: nn.Module, cfg: FactorizeConfig) -> tuple[list[str], dict
     return names, skipped
 
 
-def _uniform_ranks(cfg: FactorizeConfig, name: str, m: nn.Module) -> list[int]:
+@torch.no_grad()
+def input_covariances(model: nn.Module, names: list[str], data: list[Batch]) -> dict[str, Tensor]:
+    """``sum x^T x`` of the inputs each named Linear / 1x1 conv sees on ``data`` (float64; for a
+    conv, the pixels it reads after padding and stride). The model runs in eval mode; the
+    caller's train/eval flags are restored."""
+    modules = dict(model.named_modules())
+    covs: dict[str, Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def record(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0]
+            if isinstance(mod, nn.Conv2d):
+                ph, pw = int(mod.padding[0]), int(mod.padding[1])
+                x = F.pad(x, (pw, pw, ph, ph))[..., :: mod.stride[0], :: mod.stride[1]].movedim(1, -1)
+            covs[name] = covariance_update(covs.get(name), x)
+        return record
+
+    flags = {m: m.training for m in model.modules()}
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        model.eval()
+        for b in tqdm(data, desc="input statistics", leave=False, disable=None):
+            call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags.items():
+            m.training = t
+    never = [n for n in names if n not in covs]
+    if never:
+        raise ValueError(f"layer {never[0]!r} never ran on the data, so it has no input statistics"
+                         + (f" (and {len(never) - 1} more)" if len(never) > 1 else ""))
+    return covs
+
+
+def _whitening(model: nn.Module, names: list[str], data: list[Batch]) -> dict[str, Tensor]:
+    out = {}
+    for name, cov in input_covariances(model, names, data).items():
+        try:
+            out[name] = whitening_factor(cov).float()
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from e
+    return out
+
+
+def _uniform_ranks(cfg: FactorizeConfig, name: str, m: nn.Module, factor: Tensor | None = None) -> list[int]:
     try:
         if cfg.rank is not None:
             return ranks_for_rank(cfg.method, m, cfg.rank)
         if cfg.energy is not None:
-            return ranks_for_energy(cfg.method, m, cfg.energy)
+            return ranks_for_energy(cfg.method, m, cfg.energy, None if factor is None else factor.double())
         assert cfg.ratio is not None
         return ranks_for_ratio(cfg.method, m, cfg.ratio)
     except ValueError as e:
@@ -125,8 +175,8 @@ class _Sensitivity:
     """Error of the model (or the layer) when one layer alone is factorized at given ranks."""
 
     def __init__(self, model: nn.Module, cfg: FactorizeConfig, data: list[Batch] | None,
-                 metric: Callable[[nn.Module], float] | None) -> None:
-        self.cfg, self.data, self.metric = cfg, data, metric
+                 metric: Callable[[nn.Module], float] | None, factors: dict[str, Tensor] | None = None) -> None:
+        self.cfg, self.data, self.metric, self.factors = cfg, data, metric, factors or {}
         self.work = copy.deepcopy(model).eval()
         self.modules = dict(self.work.named_modules())
         with torch.no_grad():
@@ -136,11 +186,12 @@ class _Sensitivity:
     @torch.no_grad()
     def __call__(self, name: str, ranks: list[int]) -> float:
         m = self.modules[name]
+        factor = self.factors[name].double() if name in self.factors else None
         if self.metric is None and self.ref is None:
             w = m.weight.detach().double()  # type: ignore[union-attr, operator]
-            err = approx_weight(self.cfg.method, m, ranks, self.cfg.iterations).double() - w
+            err = approx_weight(self.cfg.method, m, ranks, self.cfg.iterations, factor).double() - w
             return float(err.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
-        _set_module(self.work, name, factorized(self.cfg.method, m, ranks, self.cfg.iterations))
+        _set_module(self.work, name, factorized(self.cfg.method, m, ranks, self.cfg.iterations, factor))
         try:
             if self.metric is not None:
                 assert self.base is not None
@@ -188,19 +239,24 @@ def search(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None 
     for name in names:
         if not torch.isfinite(modules[name].weight).all():  # type: ignore[arg-type]
             raise ValueError(f"layer {name!r} has NaN or infinite weights; nothing can be factorized from them")
+    listed = check_batches(data, "data") if data is not None else None  # once: data may be an iterator
+    if cfg.whiten:
+        if listed is None:
+            raise ValueError("whiten=True needs data: the whitening comes from each layer's inputs on it")
+        plan.whitening_ = _whitening(model, names, listed)
     chosen: dict[str, list[int]] = {}
     if cfg.allocation == "uniform":
         for name in names:
             try:
-                chosen[name] = _uniform_ranks(cfg, name, modules[name])
+                chosen[name] = _uniform_ranks(cfg, name, modules[name], plan.whitening_.get(name))
             except ValueError as e:
                 if cfg.layers:  # the user named this layer: say why it cannot be done
                     raise
                 plan.skipped[name] = str(e).split(": ", 1)[1]
     else:
         assert cfg.ratio is not None
-        batches = check_batches(data, "data")[:sensitivity_batches] if data is not None else None
-        sens = _Sensitivity(model, cfg, batches, metric)
+        batches = listed[:sensitivity_batches] if listed is not None else None
+        sens = _Sensitivity(model, cfg, batches, metric, plan.whitening_)
         options: dict[str, list[tuple[int, float, list[int] | None]]] = {}
         for name in tqdm(names, desc="rank sensitivity", leave=False, disable=None):
             m, full = modules[name], weight_count(modules[name])
@@ -238,8 +294,17 @@ def search(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None 
     return plan
 
 
-def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False) -> nn.Module:
-    """Replace every planned layer of ``base`` (a copy unless ``inplace``) by its factorization."""
+def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False, structure_only: bool = False) -> nn.Module:
+    """Replace every planned layer of ``base`` (a copy unless ``inplace``) by its factorization.
+
+    A whitened plan needs its whitening factors (held by the plan that ``search`` made, not saved
+    in its dict); ``structure_only`` builds the right shapes without them, for a caller that loads
+    the factorized weights next, as ``sk.load`` does."""
+    if plan.config.whiten and not structure_only:
+        lost = [n for n in plan.ranks_ if n not in plan.whitening_]
+        if lost:
+            raise ValueError(f"this whitened plan has no whitening factor for layer {lost[0]!r} (factors are not "
+                             "saved, only ranks): load the saved model with sk.load, or factorize again with data")
     model = base if inplace else copy.deepcopy(base)
     modules = dict(model.named_modules())
     for name, ranks in tqdm(plan.ranks_.items(), desc=f"factorizing ({plan.config.method})", leave=False,
@@ -254,7 +319,9 @@ def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False) -> nn.M
         if expected is not None and weight_count(m) != expected[0]:
             raise ValueError(f"the plan does not match this model: layer {name!r} has {weight_count(m)} "
                              f"weights, the plan was made for {expected[0]}")
-        _set_module(model, name, factorized(plan.config.method, m, ranks, plan.config.iterations))
+        factor = plan.whitening_.get(name)
+        _set_module(model, name, factorized(plan.config.method, m, ranks, plan.config.iterations,
+                                            None if factor is None else factor.double()))
     attach(model, base, plan)
     return model
 

@@ -13,8 +13,8 @@ Three questions, answered in one run:
    and 25% of the weights, ONNX Runtime latency against the dense layer. Fewer weights is not
    less time: this table says where it is.
 3. **all-MiniLM-L6-v2** (real pretrained weights, from the ``transformers`` extra; skipped with a
-   note when not installed): SVD of the 12 FFN Linear layers, uniform at 75/50/25% and a global
-   sensitivity allocation at 50%; cosine of the sentence embeddings with FP32 and agreement of
+   note when not installed): SVD of the 12 FFN Linear layers, plain and data-whitened, uniform at
+   75/50/25% and a whitened global sensitivity allocation at 50%; cosine of the sentence embeddings with FP32 and agreement of
    nearest-neighbour retrieval on held-out sentences (standard-library docstrings), before and
    after a short feature-distillation fine-tune (1 - cosine to the FP32 embeddings, AdamW), and the
    ONNX Runtime latency of the whole encoder.
@@ -53,19 +53,25 @@ log = logging.getLogger("lowrank")
 
 DIGITS_RUNS: list[tuple[str, dict[str, Any]]] = (
     [("mlp", {"method": "svd", "ratio": r}) for r in (0.75, 0.5, 0.25)]
-    + [("mlp", {"method": "svd", "ratio": 0.5, "allocation": "global"})]
+    + [("mlp", {"method": "svd", "ratio": 0.5, "allocation": "global"}),
+       ("mlp", {"method": "svd", "ratio": 0.25, "whiten": True})]
     + [("resnet18", {"method": "tucker", "ratio": r}) for r in (0.75, 0.5, 0.25)]
     + [("resnet18", {"method": "tucker", "ratio": 0.5, "allocation": "global"}),
        ("resnet18", {"method": "spatial-svd", "ratio": 0.5}),
        ("resnet18", {"method": "cp", "ratio": 0.5}),
        ("mobilenet_v2", {"method": "svd", "ratio": 0.75}),
-       ("mobilenet_v2", {"method": "svd", "ratio": 0.5})]
+       ("mobilenet_v2", {"method": "svd", "ratio": 0.5}),
+       ("mobilenet_v2", {"method": "svd", "ratio": 0.5, "whiten": True})]
 )
 
 
 def label(cfg: dict[str, Any]) -> str:
-    s = f"{cfg['method']} {int(100 * cfg['ratio'])}%"
+    s = f"{cfg['method']}{' whitened' if cfg.get('whiten') else ''} {int(100 * cfg['ratio'])}%"
     return s + (" global" if cfg.get("allocation") == "global" else "")
+
+
+def needs_data(cfg: dict[str, Any]) -> bool:
+    return cfg.get("allocation") == "global" or bool(cfg.get("whiten"))
 
 
 def ort_outputs(path: str, data: list[Any]) -> np.ndarray:
@@ -105,7 +111,7 @@ def digits(tmp: str, quick: bool) -> list[dict[str, Any]]:
                         "params_x": 1.0, **{k: base[net][k] for k in ("batch1_ms", "batch32_ms")},
                         "batch1_x": 1.0, "batch32_x": 1.0})
         t = time.time()
-        f = sk.factorize(model, cfg, data=calib if cfg.get("allocation") == "global" else None)
+        f = sk.factorize(model, cfg, data=calib if needs_data(cfg) else None)
         seconds = time.time() - t
         before_w, after_w = factorized_weights(f.slimkit_plan, model)
         p0 = sk.export_onnx(f, f"{tmp}/{net}_f.onnx", d.test_x[:8]).path
@@ -175,7 +181,7 @@ def minilm_bench(tmp: str, quick: bool) -> dict[str, Any]:
     train_s, test_s = sents[:n_train], sents[len(sents) - n_test:]
     train = [tokenize(tok, train_s[i:i + 16], seq) for i in range(0, n_train, 16)]
     test = [tokenize(tok, test_s[i:i + 64], seq) for i in range(0, n_test, 64)]
-    calib = [tokenize(tok, sents[n_train:n_train + 32], seq)]
+    calib = [tokenize(tok, sents[n_train + i:n_train + i + 32], seq) for i in range(0, 128, 32)]
     ffn = [f"encoder.encoder.layer.{i}.{part}.dense" for i in range(6) for part in ("intermediate", "output")]
     ex1 = tokenize(tok, test_s[:1], seq)
     ex8 = tokenize(tok, test_s[:8], seq)
@@ -198,12 +204,14 @@ def minilm_bench(tmp: str, quick: bool) -> dict[str, Any]:
     ffn_w = sum(model.get_submodule(n).weight.numel() for n in ffn)
     rows: list[dict[str, Any]] = [{"config": "FP32", "ffn_weights_x": 1.0, "params": total, "params_x": 1.0,
                                    **fidelity(ref), **base_lat, "batch1_x": 1.0, "batch8_x": 1.0}]
-    configs = [{"method": "svd", "ratio": r, "layers": ffn} for r in ((0.5,) if quick else (0.75, 0.5, 0.25))]
-    configs.append({"method": "svd", "ratio": 0.5, "layers": ffn, "allocation": "global"})
-    finetune = {(0.5, "uniform"), (0.5, "global")}
+    ratios = (0.5,) if quick else (0.75, 0.5, 0.25)
+    configs: list[dict[str, Any]] = [{"method": "svd", "ratio": r, "layers": ffn} for r in ratios]
+    configs += [{"method": "svd", "ratio": r, "layers": ffn, "whiten": True} for r in ratios]
+    configs.append({"method": "svd", "ratio": 0.5, "layers": ffn, "whiten": True, "allocation": "global"})
+    finetune = {"svd 50%", "svd whitened 50%", "svd whitened 50% global"}
     for cfg in configs:
         t = time.time()
-        f = sk.factorize(model, cfg, data=calib if cfg.get("allocation") == "global" else None)
+        f = sk.factorize(model, cfg, data=calib if needs_data(cfg) else None)
         seconds = time.time() - t
         b, a = factorized_weights(f.slimkit_plan, model)
         path = sk.export_onnx(f, f"{tmp}/minilm_f.onnx", ex8).path
@@ -212,7 +220,7 @@ def minilm_bench(tmp: str, quick: bool) -> dict[str, Any]:
                                **fidelity(ort_outputs(path, test))}
         lat = measure(path)
         row.update(lat, batch1_x=lat["batch1_ms"] / base_lat["batch1_ms"], batch8_x=lat["batch8_ms"] / base_lat["batch8_ms"])
-        if (cfg["ratio"], cfg.get("allocation", "uniform")) in finetune:
+        if label(cfg) in finetune:
             t = time.time()
             fit(f, train, epochs=1 if quick else 2, lr=1e-4, optimizer="adamw", weight_decay=0.0, teacher=model,
                 loss=lambda s, t_: (1 - torch.nn.functional.cosine_similarity(s, t_, dim=-1)).mean())

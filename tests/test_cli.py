@@ -59,5 +59,7 @@ def test_factorize_command_bad_input(tmp_path, capsys):
     assert "energy" in capsys.readouterr().err
     assert main(args + ["--ratio", "0.5", "--layers", "1,9"]) == 2
     assert "no module named '9'" in capsys.readouterr().err
+    assert main(args + ["--ratio", "0.5", "--method", "tucker", "--whiten"]) == 2
+    assert "whiten applies to method 'svd'" in capsys.readouterr().err
     assert main(args + ["--ratio", "0.5", "--data", "imagenet"]) == 2
     assert "--data supports 'digits'" in capsys.readouterr().err

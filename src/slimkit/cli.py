@@ -87,7 +87,8 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     from slimkit.data import batches
     from slimkit.train import accuracy, fit
 
-    cfg: dict[str, object] = {"method": args.method, "allocation": args.allocation, "iterations": args.iterations}
+    cfg: dict[str, object] = {"method": args.method, "allocation": args.allocation, "iterations": args.iterations,
+                              "whiten": args.whiten}
     for key in ("rank", "energy", "ratio"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -99,7 +100,7 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     model = _load_model(args)
     d = _digits(args.data, "--data")
     x, y = d.train_x, d.train_y
-    f = sk.factorize(model, config, data=batches(x[:256], None, 64) if args.allocation == "global" else None)
+    f = sk.factorize(model, config, data=batches(x[:256], None, 64) if args.allocation == "global" or args.whiten else None)
     plan: Any = f.slimkit_plan
     sys.stdout.write(plan.summary() + "\n")
     tx, ty = d.test_x, d.test_y
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
     p.add_argument("--layers", help="comma-separated module names (default: every layer the method takes)")
     p.add_argument("--iterations", type=int, default=25, help="HOOI or ALS sweeps")
+    p.add_argument("--whiten", action="store_true", help="data-whitened SVD (svd only; uses --data)")
     p.add_argument("--data", default="digits", help="data for sensitivity and fine-tuning")
     p.add_argument("--finetune", type=int, default=0, help="epochs of fine-tuning with distillation from the original")
     p.add_argument("--lr", type=float, default=0.01)

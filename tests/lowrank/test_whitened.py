@@ -32,8 +32,11 @@ def test_output_error_is_the_optimum_and_beats_plain_svd(rank):
     assert err == pytest.approx(optimum, rel=1e-6)
     pb, pa = truncated_svd(w, rank)
     assert err < float(((w - pb @ pa) @ x).norm())
-    # B holds U_r sqrt(sigma_r) of W S, so its column norms are the square roots of those singular values
-    assert torch.allclose(b.norm(dim=0), torch.linalg.svdvals(w @ s)[:rank].sqrt()) and a.shape == (rank, 16)
+    # balanced factors: B's columns and A's rows have equal norms, whatever the data's scale
+    b2, a2 = whitened_svd(w, whitening_factor(1e6 * (x @ x.T), damp=0.0), rank)
+    for bb, aa in ((b, a), (b2, a2)):
+        assert torch.allclose(bb.norm(dim=0), aa.norm(dim=1)) and aa.shape == (rank, 16)
+    assert torch.allclose(b2 @ a2, b @ a, atol=1e-8)
 
 
 def test_full_rank_and_rank_deficient_inputs():
@@ -137,3 +140,14 @@ def test_whiten_bad_input(trained_mlp):
     skip.forward = lambda x: skip[0](x)  # the second layer never runs
     with pytest.raises(ValueError, match="layer '1' never ran on the data"):
         sk.factorize(skip, {"method": "svd", "rank": 1, "whiten": True}, data=[torch.randn(3, 4)])
+
+
+def test_whitened_factors_fine_tune_stably(trained_mlp, digits):
+    # regression: unbalanced factors (|B| ~ 50x |A|) made SGD at lr 0.01 diverge to NaN here
+    from slimkit.train import fit
+
+    f = sk.factorize(trained_mlp, {"method": "svd", "ratio": 0.25, "whiten": True},
+                     data=batches(digits.train_x[:256], None, 64))
+    before = accuracy(f, digits.test_x, digits.test_y)
+    fit(f, batches(digits.train_x, digits.train_y, 32), epochs=1, lr=0.01, teacher=trained_mlp)
+    assert accuracy(f, digits.test_x, digits.test_y) > max(before, 85)

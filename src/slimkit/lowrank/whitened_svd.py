@@ -62,7 +62,8 @@ def whitened_singular_values(w: Tensor, factor: Tensor) -> Tensor:
 
 
 def whitened_svd(w: Tensor, factor: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``(B [out, r], A [r, in])`` minimising ``||(W - B A) S||_F``, singular values split evenly."""
+    """``(B [out, r], A [r, in])`` minimising ``||(W - B A) S||_F``; each rank-one term is split so that
+    B's column and A's row have equal norms."""
     if w.dim() != 2 or factor.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"whitened_svd needs W [out, in] and S [in, in], got {tuple(w.shape)} and {tuple(factor.shape)}")
     if not 1 <= rank <= min(w.shape):
@@ -72,4 +73,8 @@ def whitened_svd(w: Tensor, factor: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     b = u[:, :rank] * root
     # A = root * Vh_r S^-1, i.e. solve A S = root * Vh_r (S lower-triangular: S^T A^T = (root * Vh_r)^T)
     a = torch.linalg.solve_triangular(factor.T, (root[:, None] * vh[:rank]).T, upper=True).T
-    return b.to(w.dtype), a.to(w.dtype)
+    # S carries the data's scale (and S^-1 its inverse), so the split above leaves B and A far apart
+    # in size; an unbalanced pair trains badly (the effective learning rate of A scales with |B|^2).
+    # Rescale each rank-one term so that B's column and A's row have the same norm: B A is unchanged.
+    c = (a.norm(dim=1) / b.norm(dim=0).clamp_min(1e-300)).sqrt()
+    return (b * c).to(w.dtype), (a / c[:, None]).to(w.dtype)

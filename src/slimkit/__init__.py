@@ -20,12 +20,13 @@ from slimkit.distill import KDLoss
 from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
 from slimkit.lowrank import FactorizeConfig
+from slimkit.prune import PruneConfig
 from slimkit.quant import PRESETS as _QUANT_PRESETS
 from slimkit.quant import QuantConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "factorize", "FactorizeConfig", "KDLoss", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
+__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
            "ParityError", "inputs_only", "__version__"]
 
 
@@ -62,3 +63,20 @@ def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any], dat
     """
     cfg = resolve(config, FactorizeConfig, {})
     return handler_for(cfg)(model, cfg, data=data, metric=metric, inplace=inplace)
+
+
+def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any], example_inputs: Batch | None = None,
+          data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
+    """Pruning: ``{"method": "structured" | "unstructured" | "nm", "sparsity": ..., ...}`` (see
+    ``PruneConfig``). Structured pruning traces the model with ``example_inputs`` and returns a
+    physically smaller model; unstructured and N:M zero weights in place of the copy. ``data``
+    (``(inputs, labels)`` batches) feeds the ``taylor`` importance. The plan is ``result.slimkit_plan``.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> p = prune(m, {"method": "structured", "sparsity": 0.5}, example_inputs=torch.randn(2, 16))
+    >>> p[0].weight.shape, p[2].weight.shape
+    (torch.Size([16, 16]), torch.Size([4, 16]))
+    """
+    cfg = resolve(config, PruneConfig, {})
+    return handler_for(cfg)(model, cfg, example_inputs=example_inputs, data=data, inplace=inplace)

@@ -109,4 +109,13 @@ def _apply(plan: dict[str, Any], base: nn.Module) -> nn.Module:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"the saved factorization plan is invalid: {e}") from e
         return apply_factor_plan(base, fplan, inplace=True, structure_only=True)  # the weights follow
+    if kind == "prune":
+        from slimkit.prune.plan import PrunePlan
+        from slimkit.prune.plan import apply_plan as apply_prune_plan
+
+        try:
+            pplan = PrunePlan.from_dict(plan)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"the saved pruning plan is invalid: {e}") from e
+        return apply_prune_plan(base, pplan, inplace=True, structure_only=True)  # the weights follow
     raise ValueError(f"unknown plan kind {kind!r} in the save folder")

@@ -1,0 +1,372 @@
+"""Search, then apply: the pruning plan (channels kept per layer, or weights kept per layer).
+
+``search`` scores channels or weights and decides what stays; ``apply_plan`` cuts a base model to
+the plan deterministically and without data, which is how ``sk.load`` replays a structured plan
+before loading the pruned weights.
+
+Structured: each coupled group of channels (``dependency.dependency_groups``) keeps the same
+``1 - sparsity`` fraction, rounded up to a multiple of ``round_to`` and never below one channel;
+a channel's score sums, over every layer of the group, that layer's score for the channel divided
+by the layer's mean score (so that a wide conv does not drown a BatchNorm-sized layer). Frozen
+groups (model inputs and outputs, excluded modules, ops the tracer does not follow) are kept
+whole, and the plan says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimkit.core.batch import Batch, call, check_batches
+from slimkit.core.config import register
+from slimkit.core.plans import attach
+
+from .config import PruneConfig
+from .dependency import Member, dependency_groups
+from .importance import weight_scores
+from .masks import fraction_mask, global_masks, nm_mask
+
+__all__ = ["PrunePlan", "search", "apply_plan", "prune_model", "gradients"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrunePlan:
+    """``keep_``: for structured pruning, per module the kept indices of its output (``out``) and
+    input (``in``) dimensions, with the original sizes in ``sizes_``. ``groups_``: one line per
+    coupled group (channels before and after, members, or why it was kept whole). ``sparsity_``:
+    for unstructured and N:M pruning, the fraction of zeros per layer."""
+
+    config: PruneConfig
+    keep_: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    sizes_: dict[str, list[int]] = field(default_factory=dict)
+    groups_: list[dict[str, Any]] = field(default_factory=list)
+    sparsity_: dict[str, float] = field(default_factory=dict)
+    kind = "prune"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "config": self.config.to_dict(), "keep": self.keep_, "sizes": self.sizes_,
+                "groups": self.groups_, "sparsity": self.sparsity_}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
+        return cls(config=PruneConfig.from_dict(d["config"]),
+                   keep_={str(k): {str(r): [int(i) for i in v] for r, v in roles.items()} for k, roles in d["keep"].items()},
+                   sizes_={str(k): [int(x) for x in v] for k, v in d.get("sizes", {}).items()},
+                   groups_=list(d.get("groups", [])), sparsity_={str(k): float(v) for k, v in d.get("sparsity", {}).items()})
+
+    def summary(self) -> str:
+        if self.config.method != "structured":
+            rows = ["| layer | zeros |", "|---|---|"]
+            return "\n".join(rows + [f"| {n} | {s:.1%} |" for n, s in self.sparsity_.items()])
+        rows = ["| group | channels | members | note |", "|---|---|---|---|"]
+        for i, g in enumerate(self.groups_):
+            rows.append(f"| {i} | {g['channels']} -> {g['kept']} | {', '.join(g['members'][:4])}"
+                        f"{' ...' if len(g['members']) > 4 else ''} | {g.get('frozen') or ''} |")
+        return "\n".join(rows)
+
+
+def _prunable(model: nn.Module, cfg: PruneConfig) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    for name in cfg.layers + cfg.exclude:
+        if name not in modules:
+            raise ValueError(f"no module named {name!r} in {type(model).__name__}")
+    out: dict[str, nn.Module] = {}
+    for name, m in modules.items():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if cfg.layers and name not in cfg.layers:
+            continue
+        if any(name == e or name.startswith(e + ".") for e in cfg.exclude):
+            continue
+        if not torch.isfinite(m.weight).all():
+            raise ValueError(f"layer {name!r} has NaN or infinite weights")
+        out[name] = m
+    for name in cfg.layers:
+        if name not in out:
+            raise ValueError(f"layer {name!r} is a {type(modules[name]).__name__}; pruning takes Linear and Conv2d")
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to prune")
+    return out
+
+
+def gradients(model: nn.Module, data: Iterable[Batch]) -> dict[str, Tensor]:
+    """Per parameter, the sum over ``data`` batches of ``|w * dL/dw|`` for cross-entropy on
+    ``(inputs, labels)`` batches (first-order Taylor importance, accumulated per batch)."""
+    batches = check_batches(data, "data")
+    work = copy.deepcopy(model).eval()
+    acc: dict[str, Tensor] = {}
+    for i, b in enumerate(batches):
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[1], Tensor) and not b[1].is_floating_point()):
+            raise ValueError(f"data batch {i}: taylor importance needs (inputs, integer labels) pairs")
+        work.zero_grad()
+        out = call(work, b[0])
+        F.cross_entropy(out, b[1]).backward()
+        for n, p in work.named_parameters():
+            if p.grad is not None:
+                s = (p.detach() * p.grad).abs()
+                acc[n] = acc[n] + s if n in acc else s
+    return acc
+
+
+def _scores(m: nn.Module, name: str, cfg: PruneConfig, grads: dict[str, Tensor] | None) -> Tensor | None:
+    """Per-weight scores of a layer: |w| or w^2, or the accumulated |w * grad| (None: no gradient)."""
+    if cfg.importance == "taylor":
+        assert grads is not None
+        return grads.get(f"{name}.weight")
+    return weight_scores(m.weight, cfg.importance)  # type: ignore[arg-type]
+
+
+def _member_scores(modules: dict[str, nn.Module], mb: Member, size: int, cfg: PruneConfig,
+                   grads: dict[str, Tensor] | None) -> Tensor | None:
+    if mb.role == "bn":
+        return None  # BatchNorm scales are not comparable with weights; its conv speaks for it
+    s = _scores(modules[mb.module], mb.module, cfg, grads)
+    if s is None:
+        return None
+    if mb.role in ("out", "dw"):
+        per = s.reshape(s.shape[0], -1).double().sum(1)[mb.offset:mb.offset + size]
+    else:  # "in": input features offset + c * repeat ... + repeat
+        cols = s.transpose(0, 1).reshape(s.shape[1], -1).double().sum(1)
+        per = cols[mb.offset:mb.offset + size * mb.repeat].reshape(size, mb.repeat).sum(1)
+    if cfg.importance == "l2":
+        per = per.sqrt()
+    mean = float(per.mean())
+    return per / mean if mean > 0 else per
+
+
+def _keep_count(size: int, sparsity: float, round_to: int) -> int:
+    keep = size - math.floor(sparsity * size + 1e-9)
+    if round_to > 1:
+        keep = min(size, math.ceil(keep / round_to) * round_to)
+    return max(1, keep)
+
+
+def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads: dict[str, Tensor] | None) -> PrunePlan:
+    plan = PrunePlan(config=cfg)
+    modules = dict(model.named_modules())
+    chosen = _prunable(model, cfg)
+    groups = dependency_groups(model, example, cfg.exclude)
+    masks: dict[tuple[str, str], Tensor] = {}
+    for g in groups:
+        names = sorted({mb.module for mb in g.members})
+        entry: dict[str, Any] = {"channels": g.size, "kept": g.size, "members": names}
+        frozen = g.frozen
+        if frozen is None and not any(mb.role == "out" for mb in g.members):
+            frozen = "no layer produces these channels"
+        if frozen is None and cfg.layers and not any(mb.module in chosen for mb in g.members if mb.role == "out"):
+            frozen = "not in layers"
+        if frozen is None and g.size < 2:
+            frozen = "a single channel"
+        if frozen is not None:
+            entry["frozen"] = frozen
+            plan.groups_.append(entry)
+            continue
+        scores = [s for mb in g.members if (s := _member_scores(modules, mb, g.size, cfg, grads)) is not None]
+        if not scores:
+            entry["frozen"] = "no scores (no gradient reached these layers)"
+            plan.groups_.append(entry)
+            continue
+        total = torch.stack(scores).sum(0)
+        k = _keep_count(g.size, cfg.sparsity, cfg.round_to)
+        kept = torch.sort(torch.topk(total, k, sorted=False).indices).values if k < g.size else torch.arange(g.size)
+        entry["kept"] = int(kept.numel())
+        plan.groups_.append(entry)
+        if k == g.size:
+            continue
+        keep = torch.zeros(g.size, dtype=torch.bool)
+        keep[kept] = True
+        for mb in g.members:
+            m = modules[mb.module]
+            role = "in" if mb.role == "in" else "out"
+            dim = _dim_size(m, role)
+            mask = masks.setdefault((mb.module, role), torch.ones(dim, dtype=torch.bool))
+            seg = keep.repeat_interleave(mb.repeat)
+            mask[mb.offset:mb.offset + seg.numel()] &= seg
+    for (name, role), mask in sorted(masks.items()):
+        m = modules[name]
+        plan.keep_.setdefault(name, {})[role] = mask.nonzero().flatten().tolist()
+        plan.sizes_[name] = [_dim_size(m, "out"), _dim_size(m, "in")]
+    if not plan.keep_:
+        reasons = sorted({g.get("frozen", "") for g in plan.groups_} - {""})
+        raise ValueError(f"nothing to prune in {type(model).__name__} at sparsity {cfg.sparsity}: every channel "
+                         f"group is kept whole ({'; '.join(reasons[:4]) or 'too small'})")
+    return plan
+
+
+def _dim_size(m: nn.Module, role: str) -> int:
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels if role == "out" else m.in_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features if role == "out" else m.in_features
+    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        return m.num_features
+    raise ValueError(f"cannot prune a {type(m).__name__}")
+
+
+def _nm_view(w: Tensor) -> Tensor:
+    """The weight with input channels innermost: [out, (kh, kw,) in]."""
+    return w.permute(0, 2, 3, 1) if w.dim() == 4 else w
+
+
+def _search_sparse(model: nn.Module, cfg: PruneConfig, grads: dict[str, Tensor] | None) -> tuple[PrunePlan, dict[str, Tensor]]:
+    plan = PrunePlan(config=cfg)
+    chosen = _prunable(model, cfg)
+    scores: dict[str, Tensor] = {}
+    for n, m in chosen.items():
+        sc = _scores(m, n, cfg, grads)
+        if sc is None:
+            raise ValueError(f"layer {n!r} got no gradient from the data; exclude it or use l1/l2 importance")
+        scores[n] = sc
+    masks: dict[str, Tensor] = {}
+    if cfg.method == "nm":
+        for n, s in scores.items():
+            if _nm_view(s).shape[-1] % cfg.m:
+                if cfg.layers:
+                    raise ValueError(f"layer {n!r}: {_nm_view(s).shape[-1]} input channels are not a multiple of m={cfg.m}")
+                log.info("n:m: skipping %s (%d input channels)", n, _nm_view(s).shape[-1])
+                continue
+            v = nm_mask(_nm_view(s), cfg.n, cfg.m)
+            masks[n] = v.permute(0, 3, 1, 2) if s.dim() == 4 else v
+        if not masks:
+            raise ValueError(f"no layer has a multiple of m={cfg.m} input channels for {cfg.n}:{cfg.m} sparsity")
+    elif cfg.scope == "layer":
+        masks = {n: fraction_mask(s, cfg.sparsity) for n, s in scores.items()}
+    else:
+        masks = dict(zip(scores, global_masks(list(scores.values()), cfg.sparsity), strict=True))
+        for n, mk in masks.items():
+            if not mk.any():  # never leave a layer with nothing: keep its strongest weight
+                mk.view(-1)[int(scores[n].argmax())] = True
+    for n, mk in masks.items():
+        plan.sparsity_[n] = 1.0 - float(mk.float().mean())
+    return plan, masks
+
+
+def search(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None = None,
+           data: Iterable[Batch] | None = None) -> tuple[PrunePlan, dict[str, Tensor]]:
+    """Decide what stays. Returns the plan and, for unstructured / N:M pruning, the weight masks."""
+    grads = None
+    if cfg.importance == "taylor":
+        if data is None:
+            raise ValueError("importance 'taylor' needs data: (inputs, labels) batches for the gradients")
+        grads = gradients(model, data)
+    if cfg.method == "structured":
+        if example_inputs is None:
+            raise ValueError("structured pruning needs example_inputs (a batch the model is called with) to trace it")
+        return _search_structured(model, cfg, example_inputs, grads), {}
+    return _search_sparse(model, cfg, grads)
+
+
+def _set(m: nn.Module, name: str, value: Tensor) -> None:
+    old = getattr(m, name)
+    if isinstance(old, nn.Parameter):
+        setattr(m, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+    else:
+        setattr(m, name, value.clone())
+
+
+@torch.no_grad()
+def _cut(name: str, m: nn.Module, roles: dict[str, list[int]]) -> None:
+    out = torch.tensor(roles["out"], dtype=torch.long) if "out" in roles else None
+    inn = torch.tensor(roles["in"], dtype=torch.long) if "in" in roles else None
+    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        assert out is not None
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(m, attr, None) is not None:
+                _set(m, attr, getattr(m, attr)[out])
+        m.num_features = len(out)
+        return
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):
+        raise ValueError(f"the plan does not match this model: {name!r} is a {type(m).__name__}")
+    w = m.weight
+    depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
+    if depthwise:
+        assert isinstance(m, nn.Conv2d)
+        if m.groups != m.in_channels or inn is not None:
+            raise ValueError(f"the plan does not match this model: {name!r} is a grouped conv")
+        if out is not None:
+            w = w[out]
+            m.groups = m.in_channels = m.out_channels = len(out)
+    else:
+        if out is not None:
+            w = w[out]
+        if inn is not None:
+            w = w[:, inn]
+        if isinstance(m, nn.Conv2d):
+            m.out_channels, m.in_channels = w.shape[0], w.shape[1]
+        else:
+            m.out_features, m.in_features = w.shape[0], w.shape[1]
+    _set(m, "weight", w)
+    if m.bias is not None and out is not None:
+        _set(m, "bias", m.bias[out])
+
+
+def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: dict[str, Tensor] | None = None,
+               structure_only: bool = False) -> nn.Module:
+    """Cut ``base`` (a copy unless ``inplace``) to the plan. Structured: slice every planned module.
+    Unstructured / N:M: zero the masked weights; without ``masks``, magnitude plans recompute them
+    from the recorded sparsities (``structure_only`` skips this: the caller loads the weights)."""
+    model = base if inplace else copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    cfg = plan.config
+    if cfg.method == "structured":
+        for name, roles in plan.keep_.items():
+            m = modules.get(name)
+            if m is None:
+                raise ValueError(f"the plan does not match this model: no layer named {name!r}")
+            sizes = plan.sizes_.get(name)
+            if sizes is not None and [_dim_size(m, "out"), _dim_size(m, "in")] != sizes:
+                raise ValueError(f"the plan does not match this model: layer {name!r} has (out, in) = "
+                                 f"{[_dim_size(m, 'out'), _dim_size(m, 'in')]}, the plan was made for {sizes}")
+            _cut(name, m, roles)
+    elif not structure_only:
+        if masks is None:
+            if cfg.importance == "taylor":
+                raise ValueError("a taylor plan's masks come from data and are not saved: load the saved model "
+                                 "with sk.load, or prune again with data")
+            masks = {}
+            for name, sparsity in plan.sparsity_.items():
+                m = modules.get(name)
+                if m is None:
+                    raise ValueError(f"the plan does not match this model: no layer named {name!r}")
+                s = weight_scores(m.weight, cfg.importance)  # type: ignore[arg-type]
+                masks[name] = (nm_mask(_nm_view(s), cfg.n, cfg.m).permute(0, 3, 1, 2) if s.dim() == 4 else
+                               nm_mask(s, cfg.n, cfg.m)) if cfg.method == "nm" else fraction_mask(s, sparsity)
+        with torch.no_grad():
+            for name, mk in masks.items():
+                modules[name].weight.mul_(mk.to(modules[name].weight.dtype))  # type: ignore[operator, union-attr]
+    attach(model, base, plan)
+    return model
+
+
+@register(PruneConfig)
+def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None = None,
+                data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
+    listed = check_batches(data, "data") if data is not None else None
+    if example_inputs is None and listed and cfg.method == "structured":
+        first = listed[0]
+        example_inputs = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 and cfg.importance == "taylor" else first
+    plan, masks = search(model, cfg, example_inputs, listed)
+    out = apply_plan(model, plan, inplace=inplace, masks=masks)
+    if cfg.method == "structured":
+        assert example_inputs is not None
+        before = sum(p.numel() for p in model.parameters()) if not inplace else None
+        with torch.no_grad():
+            was = out.training
+            y = call(out.eval(), example_inputs)
+            out.train(was)
+        if not torch.isfinite(torch.as_tensor(y) if not isinstance(y, Tensor) else y).all():
+            raise RuntimeError("the pruned model gives non-finite outputs on the example inputs")
+        after = sum(p.numel() for p in out.parameters())
+        log.info("structured pruning: %s parameters -> %d; %d groups cut", before, after,
+                 sum(1 for g in plan.groups_ if g["kept"] < g["channels"]))
+    return out

@@ -1,0 +1,206 @@
+"""Structured pruning: the dependency graph, exactness when the removed channels are dead, the
+zoo nets shrinking and exporting, save/load, and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimkit as sk
+from slimkit.core.graph import TraceError
+from slimkit.data import batches
+from slimkit.prune import PrunePlan, apply_plan, dependency_groups
+from slimkit.train import accuracy, fit
+from slimkit.zoo import digits_model, resnet18
+
+
+class Branchy(nn.Module):
+    """conv stem -> (residual add of two convs) -> concat with a depthwise branch -> 1x1 -> flatten -> linear"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(16)
+        self.mix = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12 * 4 * 4, 5)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        r = F.relu(self.a(s)) + self.b(s)  # the add couples a's and b's outputs
+        y = torch.cat([r, self.dw(s)], dim=1)  # r at offset 0, the depthwise output at 8
+        y = F.relu(self.mix(F.relu(self.bn(y))))
+        y = F.adaptive_avg_pool2d(y, 4)
+        return self.fc(torch.flatten(y, 1))  # each of mix's channels is 16 features of fc
+
+
+def _kill(model, name, channels):
+    """Make output channels of ``name`` exactly zero after its ReLU (weights 0, bias negative)."""
+    m = model.get_submodule(name)
+    with torch.no_grad():
+        m.weight[channels] = 0
+        m.bias[channels] = -1.0
+
+
+def test_groups_of_a_branchy_net():
+    groups = dependency_groups(Branchy(), torch.randn(2, 3, 8, 8))
+    by = {frozenset((m.module, m.role, m.offset, m.repeat) for m in g.members): g for g in groups}
+    stem = next(g for k, g in by.items() if ("stem", "out", 0, 1) in k)
+    assert {("dw", "dw", 0, 1), ("a", "in", 0, 1), ("b", "in", 0, 1), ("bn", "bn", 8, 1)} <= {
+        (m.module, m.role, m.offset, m.repeat) for m in stem.members}
+    add = next(g for k, g in by.items() if ("a", "out", 0, 1) in k)
+    assert {("b", "out", 0, 1), ("bn", "bn", 0, 1), ("mix", "in", 0, 1)} <= {
+        (m.module, m.role, m.offset, m.repeat) for m in add.members}
+    mix = next(g for k, g in by.items() if ("mix", "out", 0, 1) in k)
+    assert ("fc", "in", 0, 16) in {(m.module, m.role, m.offset, m.repeat) for m in mix.members}
+    assert mix.frozen is None and stem.frozen is None
+    fc = next(g for k, g in by.items() if ("fc", "out", 0, 1) in k)
+    assert fc.frozen == "model output"
+
+
+def test_pruning_dead_channels_is_exact():
+    torch.manual_seed(0)
+    net = Branchy().eval()
+    with torch.no_grad():  # make the BatchNorm non-trivial
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    _kill(net, "mix", list(range(0, 12, 2)))  # half of mix's channels never reach fc
+    x = torch.randn(4, 3, 8, 8)
+    p = sk.prune(net, {"method": "structured", "sparsity": 0.5, "layers": ["mix"]}, example_inputs=x)
+    assert p.mix.out_channels == 6 and p.fc.in_features == 6 * 16
+    assert p.slimkit_plan.keep_["mix"]["out"] == list(range(1, 12, 2))  # the dead ones went
+    with torch.no_grad():
+        assert torch.allclose(p(x), net(x), atol=1e-5)
+    assert net.mix.out_channels == 12  # the caller's model is untouched
+
+
+def test_whole_branchy_net_shrinks_and_runs():
+    net = Branchy().eval()
+    x = torch.randn(2, 3, 8, 8)
+    p = sk.prune(net, {"method": "structured", "sparsity": 0.5}, example_inputs=x)
+    assert (p.stem.out_channels, p.a.out_channels, p.b.out_channels, p.dw.groups, p.bn.num_features) == (4, 4, 4, 4, 8)
+    assert p.mix.in_channels == 8 and p.mix.out_channels == 6 and p.fc.in_features == 96 and p.fc.out_features == 5
+    assert p(x).shape == (2, 5)
+
+
+def test_round_to_and_never_zero_channels():
+    net = nn.Sequential(nn.Conv2d(3, 20, 3), nn.ReLU(), nn.Conv2d(20, 3, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert sk.prune(net, {"sparsity": 0.5, "round_to": 8}, example_inputs=x)[0].out_channels == 16
+    assert sk.prune(net, {"sparsity": 0.99}, example_inputs=x)[0].out_channels == 1
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_zoo_nets_shrink_and_export(name, digits, tmp_path):
+    from slimkit.zoo import trained
+
+    model = trained(name)
+    p = sk.prune(model, {"method": "structured", "sparsity": 0.5, "round_to": 4}, example_inputs=digits.test_x[:2])
+    n0 = sum(t.numel() for t in model.parameters())
+    n1 = sum(t.numel() for t in p.parameters())
+    assert n1 < 0.35 * n0, (n0, n1)
+    report = sk.export_onnx(p, tmp_path / f"{name}.onnx", digits.test_x[:4])
+    assert report.parity.rel_l2 < 1e-4
+    sk.save(p, tmp_path / name)
+    loaded = sk.load(tmp_path / name, digits_model(name))
+    with torch.no_grad():
+        assert torch.equal(loaded(digits.test_x[:8]), p(digits.test_x[:8]))
+
+
+def test_resnet_recovers_with_fine_tuning(trained_resnet, digits):
+    p = sk.prune(trained_resnet, {"method": "structured", "sparsity": 0.5}, example_inputs=digits.test_x[:2])
+    fit(p, batches(digits.train_x, digits.train_y, 32), epochs=2, lr=0.02, teacher=trained_resnet)
+    assert accuracy(p, digits.test_x, digits.test_y) > 95
+
+
+def test_taylor_importance_prefers_channels_that_matter(digits):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(1024, 32), nn.ReLU(), nn.Linear(32, 10))
+    fit(net, batches(digits.train_x, digits.train_y, 64), epochs=3, lr=0.05)
+    with torch.no_grad():  # large but useless: big weights on 8 units whose outputs nothing reads
+        net[1].weight[:8] *= 5
+        net[3].weight[:, :8] = 0
+    data = batches(digits.train_x[:256], digits.train_y[:256], 64)
+    taylor = sk.prune(net, {"sparsity": 0.25, "importance": "taylor"}, example_inputs=digits.test_x[:2], data=data)
+    l1 = sk.prune(net, {"sparsity": 0.25, "importance": "l1"}, example_inputs=digits.test_x[:2])
+    # taylor removes only units that change nothing (the 8 made useless, or ReLU units dead on the
+    # data): the pruned net computes the same function; l1 is fooled by the large useless weights
+    assert taylor[1].out_features == 24
+    seen = digits.train_x[:256]  # the data the scores came from
+    with torch.no_grad():
+        assert torch.allclose(taylor(seen), net(seen), atol=1e-5)
+    assert set(range(8)) <= set(l1.slimkit_plan.keep_["1"]["out"])
+    with torch.no_grad():
+        assert not torch.allclose(l1(seen), net(seen), atol=1e-2)
+
+
+def test_plan_round_trip_and_mismatch(digits):
+    net = digits_model("resnet18")
+    p = sk.prune(net, {"sparsity": 0.5}, example_inputs=digits.test_x[:2])
+    plan = PrunePlan.from_dict(p.slimkit_plan.to_dict())
+    again = apply_plan(net, plan)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(digits.test_x[:4]), p.eval()(digits.test_x[:4]))
+    with pytest.raises(ValueError, match="the plan does not match this model: layer 'stem.0' has"):
+        apply_plan(resnet18(width=8, in_channels=1, small_input=True), PrunePlan.from_dict({**plan.to_dict(), "keep": {"stem.0": plan.keep_["stem.0"]}}))
+    with pytest.raises(ValueError, match="no layer named 'features.0.0'"):
+        apply_plan(net, PrunePlan.from_dict({**plan.to_dict(), "keep": {"features.0.0": {"out": [0]}}, "sizes": {}}))
+
+
+def test_structured_bad_input():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(2, 4)
+    for bad, match in [({"sparsity": 1.0}, r"sparsity must be in \[0.0, 1.0\)"), ({"sparsity": -0.1}, "sparsity"),
+                       ({"round_to": 0}, "round_to"), ({"importance": "random"}, "importance"),
+                       ({"sparsity": 0.5, "method": "nm", "n": 4, "m": 4}, "n < m"), ({"sparsiti": 0.5}, "did you mean")]:
+        with pytest.raises(ValueError, match=match):
+            sk.prune(net, bad, example_inputs=x)
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        sk.prune(net, {"sparsity": 0.5})
+    with pytest.raises(ValueError, match="taylor' needs data"):
+        sk.prune(net, {"sparsity": 0.5, "importance": "taylor"}, example_inputs=x)
+    with pytest.raises(ValueError, match="no module named 'fc'"):
+        sk.prune(net, {"sparsity": 0.5, "exclude": ["fc"]}, example_inputs=x)
+    with pytest.raises(ValueError, match="every channel group is kept whole"):
+        sk.prune(net, {"sparsity": 0.5, "exclude": ["0"]}, example_inputs=x)  # 0's outputs feed 2: both kept
+    bad_w = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        bad_w[2].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="layer '2' has NaN or infinite weights"):
+        sk.prune(bad_w, {"sparsity": 0.5}, example_inputs=x)
+    with pytest.raises(ValueError, match="batch 0"):
+        sk.prune(net, {"sparsity": 0.5, "importance": "taylor"}, example_inputs=x,
+                 data=[(torch.full((2, 4), float("nan")), torch.tensor([0, 1]))])
+
+
+class Dynamic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = x * 2
+        return self.b(self.a(x))
+
+
+class Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.roll(h, 1, dims=1)  # an op the pruner does not know: a's channels are frozen
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_untraceable_and_unknown_ops():
+    with pytest.raises(TraceError, match="could not trace Dynamic"):
+        sk.prune(Dynamic(), {"sparsity": 0.5}, example_inputs=torch.randn(2, 4))
+    p = sk.prune(Opaque(), {"sparsity": 0.5}, example_inputs=torch.randn(2, 4))
+    assert p.a.out_features == 8 and p.b.out_features == 4
+    frozen = [g for g in p.slimkit_plan.groups_ if "a" in g["members"] and g["channels"] == 8]
+    assert frozen and "roll" in frozen[0]["frozen"]

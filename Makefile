@@ -26,7 +26,10 @@ test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench,transformers]'
 	$(BIN)/python benchmarks/ptq_cnn.py
+	$(BIN)/python benchmarks/lowrank.py
+	$(BIN)/python benchmarks/pruning.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

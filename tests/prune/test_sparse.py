@@ -82,3 +82,39 @@ def test_sparse_bad_input(trained_mlp):
         sk.prune(trained_mlp, {"method": "unstructured", "layers": ["0"]})
     with pytest.raises(ValueError, match="no Linear or Conv2d"):
         sk.prune(nn.Sequential(nn.ReLU()), {"method": "unstructured"})
+
+
+def test_hold_zeros_keeps_the_pattern_through_fine_tuning(trained_mlp, digits):
+    from slimkit.prune.masks import hold_zeros
+
+    p = sk.prune(trained_mlp, {"method": "unstructured", "sparsity": 0.9})
+    before = accuracy(p, digits.test_x, digits.test_y)
+    zero = {n: m.weight == 0 for n, m in p.named_modules() if isinstance(m, nn.Linear)}
+    with hold_zeros(p):
+        fit(p, batches(digits.train_x, digits.train_y, 64), epochs=2, lr=0.01, teacher=trained_mlp)
+    assert all(bool((m.weight[zero[n]] == 0).all()) for n, m in p.named_modules() if isinstance(m, nn.Linear))
+    after = accuracy(p, digits.test_x, digits.test_y)
+    assert after > before and after > accuracy(trained_mlp, digits.test_x, digits.test_y) - 2
+    # without the hook, the same fine-tuning regrows the pruned weights
+    q = sk.prune(trained_mlp, {"method": "unstructured", "sparsity": 0.9})
+    fit(q, batches(digits.train_x, digits.train_y, 64), epochs=1, lr=0.01)
+    assert float((q[1].weight == 0).float().mean()) < 0.5
+
+
+def test_gradual_pruning_during_training(digits):
+    from slimkit.prune.gradual import GradualPruning, polynomial_sparsity
+
+    s = [polynomial_sparsity(t, 1000, 0.9, begin=0.1, end=0.6) for t in range(1000)]
+    assert s[0] == 0.0 and s[100] == 0.0 and s[600] == pytest.approx(0.9) and all(a <= b for a, b in zip(s, s[1:], strict=False))
+    torch.manual_seed(0)
+    model = digits_model("mlp")
+    sched = GradualPruning(model, 0.9, end=0.6, every=5)
+    fit(model, batches(digits.train_x, digits.train_y, 64), epochs=6, lr=0.05, after_step=sched)
+    zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Linear))
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert zeros / total == pytest.approx(0.9, abs=0.005)
+    assert accuracy(model, digits.test_x, digits.test_y) > 93  # trained sparse from scratch
+    for bad, match in [(dict(final=1.0), "final < 1"), (dict(final=0.5, begin=0.6, end=0.5), "begin < end"),
+                       (dict(final=0.5, every=0), "every"), (dict(final=0.5, layers=("0",)), "not a Linear")]:
+        with pytest.raises(ValueError, match=match):
+            GradualPruning(model, **bad)

@@ -1,8 +1,11 @@
-"""Pruning: structured (channels, with a traced dependency graph), unstructured and N:M."""
+"""Pruning: structured (channels, with a traced dependency graph), unstructured and N:M; during
+training with the gradual polynomial schedule; fine-tuning that keeps the zeros (``hold_zeros``)."""
 
 from .config import IMPORTANCE, METHODS, PruneConfig
 from .dependency import Group, Member, dependency_groups
+from .gradual import GradualPruning, polynomial_sparsity
+from .masks import hold_zeros
 from .plan import PrunePlan, apply_plan, prune_model, search
 
 __all__ = ["IMPORTANCE", "METHODS", "PruneConfig", "PrunePlan", "apply_plan", "prune_model", "search",
-           "dependency_groups", "Group", "Member"]
+           "dependency_groups", "Group", "Member", "GradualPruning", "polynomial_sparsity", "hold_zeros"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fraction_mask", "global_masks", "nm_mask"]
+__all__ = ["fraction_mask", "global_masks", "nm_mask", "hold_zeros"]
 
 
 def _keep_top(scores: Tensor, k: int) -> Tensor:
@@ -52,3 +52,36 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     top = torch.topk(groups, n, dim=1, sorted=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
     return mask.reshape(scores.shape)
+
+
+class hold_zeros:  # noqa: N801 -- a context manager, named like one
+    """While active, the zero weights of every Linear / Conv2d of ``model`` get zero gradients, so
+    fine-tuning (SGD or AdamW, with weight decay) keeps an unstructured or N:M pattern exactly.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(4, 4)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight[:, :2].zero_()
+    >>> opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    >>> with hold_zeros(lin):
+    ...     for _ in range(3):
+    ...         opt.zero_grad(); lin(torch.randn(8, 4)).pow(2).sum().backward(); opt.step()
+    >>> bool((lin.weight[:, :2] == 0).all())
+    True
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> hold_zeros:
+        for m in self.model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                keep = (m.weight != 0).to(m.weight.dtype).detach()
+                self.handles.append(m.weight.register_hook(lambda g, k=keep: g * k))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()

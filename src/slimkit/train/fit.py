@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05,
         momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, teacher: nn.Module | None = None,
         temperature: float = 4.0, alpha: float = 0.5, optimizer: str = "sgd",
-        loss: Callable[[Any, Any], Tensor] | None = None) -> nn.Module:
+        loss: Callable[[Any, Any], Tensor] | None = None,
+        after_step: Callable[[int, int], None] | None = None) -> nn.Module:
     """Train ``model`` in place on ``(inputs, labels)`` batches with cross-entropy; returns it.
 
     With a ``teacher`` (fine-tuning after compression, the original model teaching), the loss is
@@ -39,6 +40,7 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
     the batches are the model's inputs alone (a tensor, tuple or dict) and no labels are needed:
     feature distillation of an encoder, for example. ``optimizer`` is ``"sgd"`` (with momentum)
     or ``"adamw"``; the learning rate follows a cosine decay to zero either way.
+    ``after_step(step, total_steps)`` runs after every optimizer step (a pruning schedule, say).
     """
     if not data:
         raise ValueError("fit: the training data is empty")
@@ -58,6 +60,7 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
     bar = tqdm(total=steps, desc="training", leave=False, disable=None)
+    step = 0
     for epoch in range(epochs):
         order = torch.randperm(len(data), generator=g).tolist()
         total = 0.0
@@ -84,6 +87,9 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
             value.backward()
             opt.step()
             sched.step()
+            if after_step is not None:
+                after_step(step, steps)
+            step += 1
             total += value.item()
             bar.update()
         log.info("epoch %d: loss %.4f", epoch + 1, total / len(data))

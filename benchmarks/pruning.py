@@ -110,12 +110,13 @@ def accuracy_rows(tmp: str, quick: bool) -> list[dict[str, Any]]:
             before = ort_accuracy(sk.export_onnx(p, f"{tmp}/{net}_p0.onnx", d.test_x[:4]).path, d.test_x, d.test_y)
             with hold_zeros(p):  # unstructured / 2:4: the zeros stay zeros while fine-tuning
                 fit(p, train, epochs=epochs, lr=0.01, teacher=model)
+            params_x = n_params(p) / n_params(model)
             if q:
                 p = sk.quantize(p, "int8", calib_data=calib)
             acc = ort_accuracy(sk.export_onnx(p, f"{tmp}/{net}_p.onnx", d.test_x[:4]).path, d.test_x, d.test_y)
             zeros = sum(int((m.weight == 0).sum()) for m in p.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                         and not q)
-            row = {"net": net, "config": label, "params_x": n_params(p) / n_params(model),
+            row = {"net": net, "config": label, "params_x": params_x,
                    "accuracy_before_finetune": before, "accuracy": acc, "drop": base - acc, "prune_seconds": seconds,
                    "zero_weights": zeros}
             log.info("%s %s: %s", net, label, row)
@@ -130,8 +131,8 @@ def markdown(res: dict[str, Any]) -> str:
          "## Speed and parameters at 3x224x224 (random weights)", "",
          "| net | config | params x | ms | vs FP32 | file MB |", "|---|---|---|---|---|---|"]
     for r in res["speed"]:
-        m.append(f"| {r['net']} | {r['config']} | {r['params_x']:.3f} | {r['ms']:.2f} | {r['ms_x']:.2f}x | "
-                 f"{r.get('size_mb', float('nan')):.1f} |")
+        size = f"{r['size_mb']:.1f}" if "size_mb" in r else "-"
+        m.append(f"| {r['net']} | {r['config']} | {r['params_x']:.3f} | {r['ms']:.2f} | {r['ms_x']:.2f}x | {size} |")
     m += ["", "## Accuracy on digits (360 test images, ONNX Runtime)", "",
           f"Fine-tune: {res['finetune_epochs']} epochs, SGD lr 0.01, distillation from the unpruned model (T=4, "
           "alpha=0.5). Unstructured and 2:4 zeros are held during fine-tuning (`hold_zeros`).", "",

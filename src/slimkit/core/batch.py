@@ -90,3 +90,11 @@ def check_batches(batches: Iterable[Batch] | None, what: str = "calib_data") -> 
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"{what}: batch {i} holds NaN or inf values")
     return out
+
+
+def model_inputs(batch: Any) -> Batch:
+    """The model's inputs of a batch: ``x`` of an ``(x, integer labels)`` pair, else the batch itself."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor) \
+            and not batch[1].is_floating_point():
+        return batch[0]  # type: ignore[no-any-return]
+    return batch  # type: ignore[no-any-return]

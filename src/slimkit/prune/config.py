@@ -27,6 +27,9 @@ class PruneConfig(Config):
       channels (2:4 by default), the pattern sparse tensor cores run.
     - ``sparsity`` is the fraction removed, in [0, 1). ``importance``: ``l1`` or ``l2`` magnitude,
       or ``taylor`` (|weight x gradient|, from ``data`` batches of (inputs, labels)).
+    - ``recalibrate_bn``: when ``data`` is given, re-estimate every BatchNorm's statistics on it
+      after pruning (the cut changes what they normalise; without this, accuracy before
+      fine-tuning can fall to chance).
     - ``layers`` limits pruning to these module names; ``exclude`` leaves these alone (for
       structured pruning, their channels are kept, and so are the channels coupled to them).
     """
@@ -40,6 +43,7 @@ class PruneConfig(Config):
     m: int = 4
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    recalibrate_bn: bool = True
 
     def validate(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -57,6 +61,8 @@ class PruneConfig(Config):
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
         if self.n >= self.m:
             raise ValueError(f"n:m sparsity keeps n of every m weights and needs n < m, got {self.n}:{self.m}")
+        if not isinstance(self.recalibrate_bn, bool):
+            raise ValueError(f"recalibrate_bn must be true or false, got {self.recalibrate_bn!r}")
         for k in ("layers", "exclude"):
             if not all(isinstance(x, str) for x in getattr(self, k)):
                 raise ValueError(f"{k} must be module names, got {getattr(self, k)!r}")

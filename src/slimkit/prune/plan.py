@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimkit.core.batch import Batch, call, check_batches
+from slimkit.core.batch import Batch, call, check_batches, model_inputs
+from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
 from slimkit.core.plans import attach
 
@@ -353,10 +354,13 @@ def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None
                 data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
     listed = check_batches(data, "data") if data is not None else None
     if example_inputs is None and listed and cfg.method == "structured":
-        first = listed[0]
-        example_inputs = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 and cfg.importance == "taylor" else first
+        example_inputs = model_inputs(listed[0])
     plan, masks = search(model, cfg, example_inputs, listed)
     out = apply_plan(model, plan, inplace=inplace, masks=masks)
+    if listed and cfg.recalibrate_bn:
+        n = recalibrate_batchnorm(out, listed)
+        if n:
+            log.info("re-estimated the statistics of %d BatchNorm layers on %d batches", n, len(listed))
     if cfg.method == "structured":
         assert example_inputs is not None
         before = sum(p.numel() for p in model.parameters()) if not inplace else None

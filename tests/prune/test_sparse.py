@@ -118,3 +118,19 @@ def test_gradual_pruning_during_training(digits):
                        (dict(final=0.5, every=0), "every"), (dict(final=0.5, layers=("0",)), "not a Linear")]:
         with pytest.raises(ValueError, match=match):
             GradualPruning(model, **bad)
+
+
+def test_prune_at_initialization_then_train_sparse(digits):
+    """Before training: connection sensitivity |w * dL/dw| of an untrained net on one batch (SNIP,
+    Lee et al. 2019) picks the 90% to remove; the sparse net then trains with its zeros held."""
+    from slimkit.prune.masks import hold_zeros
+
+    torch.manual_seed(0)
+    untrained = digits_model("mlp")
+    one = batches(digits.train_x[:128], digits.train_y[:128], 128)
+    sparse = sk.prune(untrained, {"method": "unstructured", "sparsity": 0.9, "importance": "taylor"}, data=one)
+    zero = {n: m.weight == 0 for n, m in sparse.named_modules() if isinstance(m, nn.Linear)}
+    with hold_zeros(sparse):
+        fit(sparse, batches(digits.train_x, digits.train_y, 64), epochs=6, lr=0.05)
+    assert all(bool((m.weight[zero[n]] == 0).all()) for n, m in sparse.named_modules() if isinstance(m, nn.Linear))
+    assert accuracy(sparse, digits.test_x, digits.test_y) > 93

@@ -217,3 +217,25 @@ def test_batchnorm_recalibration_rescues_accuracy_before_fine_tuning(trained_res
     off = sk.prune(trained_resnet, {**cfg, "recalibrate_bn": False}, data=data)
     assert accuracy(off, digits.test_x, digits.test_y) == a_plain
     assert not trained_resnet.training  # the caller's model and its flags are untouched
+
+
+def test_sensitivity_scan_ranks_the_fragile_groups(digits):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    fit(net, batches(digits.train_x, digits.train_y, 64), epochs=3, lr=0.05)
+    with torch.no_grad():  # make the second hidden layer mostly redundant: 48 of its units contribute nothing
+        net[5].weight[:, 16:] = 0
+    from slimkit.prune import sensitivity_scan
+
+    scan = sensitivity_scan(net, digits.test_x[:2], batches(digits.train_x[:256], digits.train_y[:256], 128),
+                            ratios=(0.25, 0.5, 0.75))
+    assert set(scan) == {"1", "3"}
+    assert all(len(c) == 3 and c[0][1] <= c[1][1] <= c[2][1] for c in scan.values())  # cost grows with the cut
+    assert scan["3"][1][1] < scan["1"][1][1]  # the redundant layer is the cheap one to prune
+    metric_scan = sensitivity_scan(net, digits.test_x[:2], [digits.test_x[:64]], ratios=(0.5,),
+                                   metric=lambda m: accuracy(m, digits.test_x, digits.test_y))
+    assert set(metric_scan) == {"1", "3"}
+    with pytest.raises(ValueError, match="ratios must be fractions"):
+        sensitivity_scan(net, digits.test_x[:2], [digits.test_x[:8]], ratios=(1.0,))
+    with pytest.raises(ValueError, match="importance must be 'l1' or 'l2'"):
+        sensitivity_scan(net, digits.test_x[:2], [digits.test_x[:8]], importance="taylor")

@@ -6,6 +6,8 @@ from .dependency import Group, Member, dependency_groups
 from .gradual import GradualPruning, polynomial_sparsity
 from .masks import hold_zeros
 from .plan import PrunePlan, apply_plan, prune_model, search
+from .sensitivity import sensitivity_scan
 
 __all__ = ["IMPORTANCE", "METHODS", "PruneConfig", "PrunePlan", "apply_plan", "prune_model", "search",
-           "dependency_groups", "Group", "Member", "GradualPruning", "polynomial_sparsity", "hold_zeros"]
+           "dependency_groups", "Group", "Member", "GradualPruning", "polynomial_sparsity", "hold_zeros",
+           "sensitivity_scan"]

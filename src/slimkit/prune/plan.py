@@ -160,7 +160,8 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
     masks: dict[tuple[str, str], Tensor] = {}
     for g in groups:
         names = sorted({mb.module for mb in g.members})
-        entry: dict[str, Any] = {"channels": g.size, "kept": g.size, "members": names}
+        entry: dict[str, Any] = {"channels": g.size, "kept": g.size, "members": names,
+                                 "producers": sorted({mb.module for mb in g.members if mb.role == "out"})}
         frozen = g.frozen
         if frozen is None and not any(mb.role == "out" for mb in g.members):
             frozen = "no layer produces these channels"

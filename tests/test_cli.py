@@ -63,3 +63,21 @@ def test_factorize_command_bad_input(tmp_path, capsys):
     assert "whiten applies to method 'svd'" in capsys.readouterr().err
     assert main(args + ["--ratio", "0.5", "--data", "imagenet"]) == 2
     assert "--data supports 'digits'" in capsys.readouterr().err
+
+
+def test_prune_command(tmp_path, trained_resnet, capsys):
+    import slimkit as sk
+
+    out = tmp_path / "p"
+    rc = main(["prune", "slimkit.zoo:trained", "--factory-arg", "resnet18", "--sparsity", "0.5", "--round-to", "4",
+               "--finetune", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and (out / "model.onnx").exists(), text
+    line = next(t for t in text.splitlines() if t.startswith("parameters"))
+    acc = [float(v) for v in re.findall(r"(\d+\.\d+)%", line)]
+    assert len(acc) == 4 and acc[3] > 90, line  # kept fraction, original, pruned, fine-tuned
+    loaded = sk.load(out, digits_model("resnet18"))
+    assert loaded.stem[0].out_channels == 8
+    assert main(["prune", "slimkit.zoo:trained", "--factory-arg", "mlp", "--method", "unstructured",
+                 "--sparsity", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "sparsity must be in" in capsys.readouterr().err

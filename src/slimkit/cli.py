@@ -1,4 +1,5 @@
-"""The command line: ``slimkit demo``, ``slimkit quantize``, ``slimkit factorize``, ``slimkit presets``.
+"""The command line: ``slimkit demo``, ``slimkit quantize``, ``slimkit factorize``, ``slimkit prune``,
+``slimkit presets``.
 
 Exit codes: 0 success, 1 failure in the work, 2 bad usage or bad input.
 """
@@ -22,6 +23,7 @@ EXAMPLES = """examples:
       --preset int8 --calib digits --out out/q
   slimkit factorize slimkit.zoo:trained --factory-arg resnet18 --method tucker --ratio 0.5 \
       --finetune 3 --out out/f
+  slimkit prune slimkit.zoo:trained --factory-arg resnet18 --sparsity 0.5 --round-to 8 --finetune 3 --out out/p
 """
 
 
@@ -114,6 +116,44 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import slimkit as sk
+    from slimkit.data import batches
+    from slimkit.prune.masks import hold_zeros
+    from slimkit.train import accuracy, fit
+
+    cfg: dict[str, object] = {"method": args.method, "sparsity": args.sparsity, "importance": args.importance,
+                              "scope": args.scope, "round_to": args.round_to}
+    if args.exclude:
+        cfg["exclude"] = [n.strip() for n in args.exclude.split(",") if n.strip()]
+    config = sk.PruneConfig.from_dict(cfg)  # validated before any work
+    if args.finetune < 0:
+        raise ValueError(f"--finetune is a number of epochs, at least 0, got {args.finetune}")
+    model = _load_model(args)
+    d = _digits(args.data, "--data")
+    x, y, tx, ty = d.train_x, d.train_y, d.test_x, d.test_y
+    p = sk.prune(model, config, example_inputs=tx[:2], data=batches(x[:512], y[:512], 64))
+    plan: Any = p.slimkit_plan
+    sys.stdout.write(plan.summary() + "\n")
+    n0, n1 = (sum(t.numel() for t in m.parameters()) for m in (model, p))
+    line = (f"parameters {n0} -> {n1} ({n1 / n0:.1%}); accuracy on digits: original {accuracy(model, tx, ty):.2f}%, "
+            f"pruned {accuracy(p, tx, ty):.2f}%")
+    if args.finetune:
+        with hold_zeros(p) if config.method != "structured" else _nothing():
+            fit(p, batches(x, y, 32), epochs=args.finetune, lr=args.lr, teacher=model)
+        line += f", after {args.finetune} epochs of fine-tuning with distillation {accuracy(p, tx, ty):.2f}%"
+    sk.save(p, args.out)
+    report = sk.export_onnx(p, f"{args.out}/model.onnx", tx[:8])
+    sys.stdout.write(f"{line}\nsaved {args.out}; ONNX parity: {report.parity}\n")
+    return 0
+
+
+def _nothing() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimkit", description="Make trained PyTorch models smaller and faster.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +191,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_cmd_factorize)
+    p = sub.add_parser("prune", help="prune a model given as package.module:factory (digits data for scores and fine-tuning)")
+    p.add_argument("model")
+    p.add_argument("--factory-arg", action="append", default=[])
+    p.add_argument("--checkpoint", help="a .safetensors state dict")
+    p.add_argument("--method", default="structured", choices=["structured", "unstructured", "nm"])
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction removed")
+    p.add_argument("--importance", default="l1", choices=["l1", "l2", "taylor"])
+    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--exclude", help="comma-separated module names to leave whole")
+    p.add_argument("--data", default="digits", help="data for scores, BatchNorm statistics and fine-tuning")
+    p.add_argument("--finetune", type=int, default=0, help="epochs of fine-tuning with distillation from the original")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_cmd_prune)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

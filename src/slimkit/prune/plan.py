@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimkit.core.batch import Batch, call, check_batches, model_inputs
+from slimkit.core.batch import Batch, call, check_batches, model_inputs, tensors_of
 from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
 from slimkit.core.plans import attach
@@ -34,6 +34,7 @@ from .config import PruneConfig
 from .dependency import Member, dependency_groups
 from .importance import weight_scores
 from .masks import fraction_mask, global_masks, nm_mask
+from .transformer import HEAD_ATTRS, transformer_blocks, transformer_groups
 
 __all__ = ["PrunePlan", "search", "apply_plan", "prune_model", "gradients"]
 
@@ -52,18 +53,20 @@ class PrunePlan:
     sizes_: dict[str, list[int]] = field(default_factory=dict)
     groups_: list[dict[str, Any]] = field(default_factory=list)
     sparsity_: dict[str, float] = field(default_factory=dict)
+    attrs_: dict[str, dict[str, int]] = field(default_factory=dict)  # attention heads left per module
     kind = "prune"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": self.config.to_dict(), "keep": self.keep_, "sizes": self.sizes_,
-                "groups": self.groups_, "sparsity": self.sparsity_}
+                "groups": self.groups_, "sparsity": self.sparsity_, "attrs": self.attrs_}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
         return cls(config=PruneConfig.from_dict(d["config"]),
                    keep_={str(k): {str(r): [int(i) for i in v] for r, v in roles.items()} for k, roles in d["keep"].items()},
                    sizes_={str(k): [int(x) for x in v] for k, v in d.get("sizes", {}).items()},
-                   groups_=list(d.get("groups", [])), sparsity_={str(k): float(v) for k, v in d.get("sparsity", {}).items()})
+                   groups_=list(d.get("groups", [])), sparsity_={str(k): float(v) for k, v in d.get("sparsity", {}).items()},
+                   attrs_={str(k): {str(a): int(v) for a, v in attrs.items()} for k, attrs in d.get("attrs", {}).items()})
 
     def summary(self) -> str:
         if self.config.method != "structured":
@@ -135,7 +138,8 @@ def _member_scores(modules: dict[str, nn.Module], mb: Member, size: int, cfg: Pr
     if s is None:
         return None
     if mb.role in ("out", "dw"):
-        per = s.reshape(s.shape[0], -1).double().sum(1)[mb.offset:mb.offset + size]
+        rows = s.reshape(s.shape[0], -1).double().sum(1)
+        per = rows[mb.offset:mb.offset + size * mb.repeat].reshape(size, mb.repeat).sum(1)
     else:  # "in": input features offset + c * repeat ... + repeat
         cols = s.transpose(0, 1).reshape(s.shape[1], -1).double().sum(1)
         per = cols[mb.offset:mb.offset + size * mb.repeat].reshape(size, mb.repeat).sum(1)
@@ -156,7 +160,8 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
     plan = PrunePlan(config=cfg)
     modules = dict(model.named_modules())
     chosen = _prunable(model, cfg)
-    groups = dependency_groups(model, example, cfg.exclude)
+    blocks = transformer_blocks(model)
+    groups = transformer_groups(model, cfg.exclude) if blocks else dependency_groups(model, example, cfg.exclude)
     masks: dict[tuple[str, str], Tensor] = {}
     for g in groups:
         names = sorted({mb.module for mb in g.members})
@@ -179,7 +184,8 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
             plan.groups_.append(entry)
             continue
         total = torch.stack(scores).sum(0)
-        k = _keep_count(g.size, cfg.sparsity, cfg.round_to)
+        whole_units = any(mb.repeat > 1 and mb.role == "out" for mb in g.members)  # heads: round_to is in features
+        k = _keep_count(g.size, cfg.sparsity, 1 if whole_units else cfg.round_to)
         kept = torch.sort(torch.topk(total, k, sorted=False).indices).values if k < g.size else torch.arange(g.size)
         entry["kept"] = int(kept.numel())
         plan.groups_.append(entry)
@@ -198,6 +204,13 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
         m = modules[name]
         plan.keep_.setdefault(name, {})[role] = mask.nonzero().flatten().tolist()
         plan.sizes_[name] = [_dim_size(m, "out"), _dim_size(m, "in")]
+    for b in blocks:
+        pre = f"{b}." if b else ""
+        q = f"{pre}attention.self.query"
+        if q in plan.keep_ and "out" in plan.keep_[q]:
+            d = int(modules[f"{pre}attention.self"].attention_head_size)  # type: ignore[arg-type]
+            n = len(plan.keep_[q]["out"]) // d
+            plan.attrs_[f"{pre}attention.self"] = {"num_attention_heads": n, "all_head_size": n * d}
     if not plan.keep_:
         reasons = sorted({g.get("frozen", "") for g in plan.groups_} - {""})
         raise ValueError(f"nothing to prune in {type(model).__name__} at sparsity {cfg.sparsity}: every channel "
@@ -330,6 +343,12 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
                 raise ValueError(f"the plan does not match this model: layer {name!r} has (out, in) = "
                                  f"{[_dim_size(m, 'out'), _dim_size(m, 'in')]}, the plan was made for {sizes}")
             _cut(name, m, roles)
+        for name, attrs in plan.attrs_.items():
+            m = modules.get(name)
+            if m is None or not all(hasattr(m, a) for a in attrs) or set(attrs) - set(HEAD_ATTRS):
+                raise ValueError(f"the plan does not match this model: {name!r} is not an attention module with {sorted(attrs)}")
+            for a, v in attrs.items():
+                setattr(m, a, v)
     elif not structure_only:
         if masks is None:
             if cfg.importance == "taylor":
@@ -369,7 +388,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None
             was = out.training
             y = call(out.eval(), example_inputs)
             out.train(was)
-        if not torch.isfinite(torch.as_tensor(y) if not isinstance(y, Tensor) else y).all():
+        if not all(torch.isfinite(t).all() for t in tensors_of(y)):
             raise RuntimeError("the pruned model gives non-finite outputs on the example inputs")
         after = sum(p.numel() for p in out.parameters())
         log.info("structured pruning: %s parameters -> %d; %d groups cut", before, after,

@@ -1,0 +1,108 @@
+"""Heads and FFN neurons of BERT-style blocks (structure found by duck typing, no transformers needed)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimkit as sk
+from slimkit.prune import PrunePlan, apply_plan
+
+
+class SelfAttn(nn.Module):
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, hidden // heads
+        self.all_head_size = hidden
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, self.attention_head_size).transpose(1, 2) for f in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return a.transpose(1, 2).reshape(b, t, -1)
+
+
+class Block(nn.Module):
+    """The Hugging Face BERT layout: attention.self / attention.output.dense / intermediate.dense / output.dense."""
+
+    def __init__(self, hidden=32, heads=4, ffn=64):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.self = SelfAttn(hidden, heads)
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(hidden, hidden)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(hidden, ffn)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(ffn, hidden)
+        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+
+    def forward(self, x):
+        x = self.ln1(x + self.attention.output.dense(self.attention.self(x)))
+        return self.ln2(x + self.output.dense(F.gelu(self.intermediate.dense(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        for blk in self.layer:
+            x = blk(x)
+        return x
+
+
+def test_dead_heads_and_neurons_go_exactly():
+    torch.manual_seed(0)
+    enc = Encoder().eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        for blk in enc.layer:  # heads 1 and 3 and half of the FFN neurons contribute nothing
+            for h in (1, 3):
+                blk.attention.output.dense.weight[:, h * 8:(h + 1) * 8] = 0
+            blk.output.dense.weight[:, 32:] = 0
+    p = sk.prune(enc, {"method": "structured", "sparsity": 0.5}, example_inputs=x)
+    blk = p.layer[0]
+    assert blk.attention.self.query.out_features == 16 and blk.attention.self.num_attention_heads == 2
+    assert blk.attention.self.all_head_size == 16 and blk.attention.output.dense.in_features == 16
+    assert p.slimkit_plan.keep_["layer.0.attention.self.query"]["out"] == list(range(0, 8)) + list(range(16, 24))
+    assert blk.intermediate.dense.out_features == 32 and blk.output.dense.in_features == 32
+    assert blk.attention.output.dense.out_features == 32  # the residual stream is left whole
+    with torch.no_grad():
+        assert torch.allclose(p(x), enc(x), atol=1e-5)
+    again = apply_plan(enc, PrunePlan.from_dict(p.slimkit_plan.to_dict()))
+    with torch.no_grad():
+        assert torch.equal(again(x), p(x))
+    assert enc.layer[0].attention.self.num_attention_heads == 4  # the caller's model is untouched
+
+
+def test_only_ffn_and_excluded_blocks():
+    enc = Encoder().eval()
+    x = torch.randn(1, 3, 32)
+    p = sk.prune(enc, {"sparsity": 0.25, "layers": ["layer.0.intermediate.dense", "layer.1.intermediate.dense"]},
+                 example_inputs=x)
+    assert p.layer[0].attention.self.num_attention_heads == 4 and p.layer[1].intermediate.dense.out_features == 48
+    q = sk.prune(enc, {"sparsity": 0.5, "exclude": ["layer.1"]}, example_inputs=x)
+    assert q.layer[1].intermediate.dense.out_features == 64 and q.layer[0].intermediate.dense.out_features == 32
+    assert q.layer[0].attention.self.num_attention_heads == 2 and q.layer[1].attention.self.num_attention_heads == 4
+    assert sk.prune(enc, {"sparsity": 0.9}, example_inputs=x).layer[0].attention.self.num_attention_heads == 1
+    bad = p.slimkit_plan.to_dict()
+    bad["attrs"] = {"layer.0.intermediate": {"num_attention_heads": 1}}
+    with pytest.raises(ValueError, match="is not an attention module"):
+        apply_plan(enc, PrunePlan.from_dict(bad))
+
+
+def test_hugging_face_bert_when_installed(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+    bert = transformers.BertModel(cfg).eval()
+    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    p = sk.prune(bert, {"sparsity": 0.5}, example_inputs=batch)
+    assert p.encoder.layer[0].attention.self.query.out_features == 16
+    assert p.encoder.layer[1].intermediate.dense.out_features == 32
+    with torch.no_grad():
+        assert p(**batch).last_hidden_state.shape == (2, 8, 32)

@@ -27,10 +27,7 @@ Writes benchmarks/results/lowrank.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from _common import machine, write_results
 from torch import nn
 
 import slimkit as sk
@@ -48,7 +46,6 @@ from slimkit.export.runtime import feeds, session
 from slimkit.train import fit
 from slimkit.zoo import trained
 
-RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("lowrank")
 
 DIGITS_RUNS: list[tuple[str, dict[str, Any]]] = (
@@ -329,23 +326,15 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, " + (
-        "VNNI" if "vnni" in flags else "AVX2 without VNNI" if "avx2" in flags else "no AVX2")
     t = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        res: dict[str, Any] = {"machine": machine, "onnxruntime": ort.__version__, "torch": torch.__version__,
+        res: dict[str, Any] = {"machine": machine(), "onnxruntime": ort.__version__, "torch": torch.__version__,
                                "quick": args.quick}
         res["layers"] = per_layer(tmp, args.quick)
         res["digits"] = digits(tmp, args.quick)
         res["minilm"] = minilm_bench(tmp, args.quick)
     res["seconds"] = time.time() - t
-    out = RESULTS if not args.quick else Path(tempfile.gettempdir()) / "slimkit-bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lowrank.json").write_text(json.dumps(res, indent=1))
-    plot(res, out / "lowrank.png")
-    (out / "lowrank.md").write_text(markdown(res))
-    print(markdown(res))  # noqa: T201 -- a script's report
+    write_results("lowrank", res, markdown, plot, args.quick)
 
 
 if __name__ == "__main__":

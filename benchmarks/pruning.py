@@ -22,10 +22,8 @@ Writes benchmarks/results/pruning.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from _common import machine, write_results
 from torch import nn
 
 import slimkit as sk
@@ -45,7 +44,6 @@ from slimkit.prune.masks import hold_zeros
 from slimkit.train import fit
 from slimkit.zoo import mobilenet_v2, resnet18, trained
 
-RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("pruning")
 
 
@@ -257,12 +255,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, " + (
-        "VNNI" if "vnni" in flags else "AVX2 without VNNI" if "avx2" in flags else "no AVX2")
     t = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        res: dict[str, Any] = {"machine": machine, "onnxruntime": ort.__version__, "torch": torch.__version__,
+        res: dict[str, Any] = {"machine": machine(), "onnxruntime": ort.__version__, "torch": torch.__version__,
                                "quick": args.quick, "finetune_epochs": 1 if args.quick else 4}
         res["speed"] = speed(tmp, args.quick)
         res["accuracy"] = accuracy_rows(tmp, args.quick)
@@ -271,12 +266,7 @@ def main() -> None:
         res["sensitivity"] = sensitivity_scan(trained("resnet18"), d.test_x[:2], batches(d.train_x[:256], None, 128),
                                               ratios=(0.25, 0.5, 0.75) if not args.quick else (0.5,))
     res["seconds"] = time.time() - t
-    out = RESULTS if not args.quick else Path(tempfile.gettempdir()) / "slimkit-bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pruning.json").write_text(json.dumps(res, indent=1))
-    plot(res, out / "pruning.png")
-    (out / "pruning.md").write_text(markdown(res))
-    print(markdown(res))  # noqa: T201 -- a script's report
+    write_results("pruning", res, markdown, plot, args.quick)
 
 
 if __name__ == "__main__":

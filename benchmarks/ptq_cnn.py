@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _common import machine
 
 import slimkit as sk
 from slimkit.data import batches, load_digits32
@@ -139,10 +139,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     d = load_digits32()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, " + ("VNNI" if "vnni" in flags else "AVX2 without VNNI" if "avx2" in flags else "no AVX2")
     with tempfile.TemporaryDirectory() as tmp:
-        res = {"machine": machine, "onnxruntime": ort.__version__, "torch": torch.__version__,
+        res = {"machine": machine(), "onnxruntime": ort.__version__, "torch": torch.__version__,
                "speed": speed(tmp, args.quick), "quality": [quality(n, d, tmp) for n in ("resnet18", "mobilenet_v2")]}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ptq_cnn.json").write_text(json.dumps(res, indent=1))

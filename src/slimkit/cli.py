@@ -87,7 +87,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_factorize(args: argparse.Namespace) -> int:
     import slimkit as sk
     from slimkit.data import batches
-    from slimkit.train import accuracy, fit
+    from slimkit.train import accuracy
 
     cfg: dict[str, object] = {"method": args.method, "allocation": args.allocation, "iterations": args.iterations,
                               "whiten": args.whiten}
@@ -101,17 +101,31 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
         raise ValueError(f"--finetune is a number of epochs, at least 0, got {args.finetune}")
     model = _load_model(args)
     d = _digits(args.data, "--data")
-    x, y = d.train_x, d.train_y
+    x = d.train_x
     f = sk.factorize(model, config, data=batches(x[:256], None, 64) if args.allocation == "global" or args.whiten else None)
     plan: Any = f.slimkit_plan
     sys.stdout.write(plan.summary() + "\n")
+    line = f"accuracy on digits: original {accuracy(model, d.test_x, d.test_y):.2f}%, factorized "
+    return _finish(args, model, f, d, line)
+
+
+def _finish(args: argparse.Namespace, model: Any, compressed: Any, d: Any, line: str, hold: bool = False) -> int:
+    """Report accuracy, fine-tune with distillation (``--finetune``), save, export and check in ONNX Runtime."""
+    import contextlib
+
+    import slimkit as sk
+    from slimkit.data import batches
+    from slimkit.prune.masks import hold_zeros
+    from slimkit.train import accuracy, fit
+
     tx, ty = d.test_x, d.test_y
-    line = f"accuracy on digits: original {accuracy(model, tx, ty):.2f}%, factorized {accuracy(f, tx, ty):.2f}%"
+    line += f"{accuracy(compressed, tx, ty):.2f}%"
     if args.finetune:
-        fit(f, batches(x, y, 32), epochs=args.finetune, lr=args.lr, teacher=model)
-        line += f", after {args.finetune} epochs of fine-tuning with distillation {accuracy(f, tx, ty):.2f}%"
-    sk.save(f, args.out)
-    report = sk.export_onnx(f, f"{args.out}/model.onnx", tx[:8])
+        with hold_zeros(compressed) if hold else contextlib.nullcontext():
+            fit(compressed, batches(d.train_x, d.train_y, 32), epochs=args.finetune, lr=args.lr, teacher=model)
+        line += f", after {args.finetune} epochs of fine-tuning with distillation {accuracy(compressed, tx, ty):.2f}%"
+    sk.save(compressed, args.out)
+    report = sk.export_onnx(compressed, f"{args.out}/model.onnx", tx[:8])
     sys.stdout.write(f"{line}\nsaved {args.out}; ONNX parity: {report.parity}\n")
     return 0
 
@@ -119,8 +133,7 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     import slimkit as sk
     from slimkit.data import batches
-    from slimkit.prune.masks import hold_zeros
-    from slimkit.train import accuracy, fit
+    from slimkit.train import accuracy
 
     cfg: dict[str, object] = {"method": args.method, "sparsity": args.sparsity, "importance": args.importance,
                               "scope": args.scope, "round_to": args.round_to}
@@ -136,22 +149,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     plan: Any = p.slimkit_plan
     sys.stdout.write(plan.summary() + "\n")
     n0, n1 = (sum(t.numel() for t in m.parameters()) for m in (model, p))
-    line = (f"parameters {n0} -> {n1} ({n1 / n0:.1%}); accuracy on digits: original {accuracy(model, tx, ty):.2f}%, "
-            f"pruned {accuracy(p, tx, ty):.2f}%")
-    if args.finetune:
-        with hold_zeros(p) if config.method != "structured" else _nothing():
-            fit(p, batches(x, y, 32), epochs=args.finetune, lr=args.lr, teacher=model)
-        line += f", after {args.finetune} epochs of fine-tuning with distillation {accuracy(p, tx, ty):.2f}%"
-    sk.save(p, args.out)
-    report = sk.export_onnx(p, f"{args.out}/model.onnx", tx[:8])
-    sys.stdout.write(f"{line}\nsaved {args.out}; ONNX parity: {report.parity}\n")
-    return 0
-
-
-def _nothing() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
+    line = f"parameters {n0} -> {n1} ({n1 / n0:.1%}); accuracy on digits: original {accuracy(model, tx, ty):.2f}%, pruned "
+    return _finish(args, model, p, d, line, hold=config.method != "structured")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

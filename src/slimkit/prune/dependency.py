@@ -168,39 +168,22 @@ def _module(b: _Builder, node: fx.Node, layouts: dict, fresh: Any, unknown: Any)
     if isinstance(m, nn.Conv2d) and m.groups == 1 and len(node.args) == 1:
         if in_shape is None or len(in_shape) != 4:
             return unknown(node, f"conv {name!r} on an untracked input")
-        off = 0
-        for gid, size, rep in inp or []:
-            b.add(gid, Member(name, "in", off, rep))
-            off += size * rep
-        out = m.out_channels
-        layouts[node] = [(b.new(out, f"excluded module {name!r}" if excluded else None), out, 1)]
-        b.add(layouts[node][0][0], Member(name, "out"))
+        _consume(b, inp, name)
+        layouts[node] = _produce(b, name, m.out_channels, excluded)
     elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and inp is not None:
-        off = 0
-        for gid, size, rep in inp:
-            if rep != 1:
-                return unknown(node, f"depthwise conv {name!r} on flattened features")
-            b.add(gid, Member(name, "dw", off))
-            off += size
+        if not _per_channel(b, inp, name, "dw"):
+            return unknown(node, f"depthwise conv {name!r} on flattened features")
         layouts[node] = inp
     elif isinstance(m, nn.Linear) and len(node.args) == 1:
         if in_shape is None or len(in_shape) != 2 or inp is None:
             b.freeze(inp, f"Linear {name!r} on a tensor of shape {in_shape} (only [batch, features] is followed)")
             layouts[node] = fresh(node, f"Linear {name!r} on a tensor of shape {in_shape}")
             return None
-        off = 0
-        for gid, size, rep in inp:
-            b.add(gid, Member(name, "in", off, rep))
-            off += size * rep
-        layouts[node] = [(b.new(m.out_features, f"excluded module {name!r}" if excluded else None), m.out_features, 1)]
-        b.add(layouts[node][0][0], Member(name, "out"))
+        _consume(b, inp, name)
+        layouts[node] = _produce(b, name, m.out_features, excluded)
     elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and inp is not None:
-        off = 0
-        for gid, size, rep in inp:
-            if rep != 1:
-                return unknown(node, f"BatchNorm {name!r} on flattened features")
-            b.add(gid, Member(name, "bn", off))
-            off += size
+        if not _per_channel(b, inp, name, "bn"):
+            return unknown(node, f"BatchNorm {name!r} on flattened features")
         layouts[node] = inp
     elif isinstance(m, _PASS_MODULES) and inp is not None and _same_channels(src, node):
         layouts[node] = inp
@@ -211,6 +194,32 @@ def _module(b: _Builder, node: fx.Node, layouts: dict, fresh: Any, unknown: Any)
     else:
         unknown(node, f"module {name!r} ({type(m).__name__})")
     return None
+
+
+def _consume(b: _Builder, inp: list[Segment] | None, name: str) -> None:
+    """``name`` reads these channels as its input features (each ``repeat`` features wide)."""
+    off = 0
+    for gid, size, rep in inp or []:
+        b.add(gid, Member(name, "in", off, rep))
+        off += size * rep
+
+
+def _produce(b: _Builder, name: str, channels: int, excluded: bool) -> list[Segment]:
+    """A new group: the output channels of ``name``."""
+    gid = b.new(channels, f"excluded module {name!r}" if excluded else None)
+    b.add(gid, Member(name, "out"))
+    return [(gid, channels, 1)]
+
+
+def _per_channel(b: _Builder, inp: list[Segment], name: str, role: str) -> bool:
+    """``name`` acts channel by channel (BatchNorm, depthwise conv); False on flattened features."""
+    if any(rep != 1 for _, _, rep in inp):
+        return False
+    off = 0
+    for gid, size, _ in inp:
+        b.add(gid, Member(name, role, off))
+        off += size
+    return True
 
 
 def _same_channels(a: Any, b: fx.Node) -> bool:

@@ -1,0 +1,34 @@
+"""What every benchmark script shares: the machine line and writing its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    """``x86_64, 2 cores, AVX2 without VNNI``: what decides how fast INT8 can be."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return f"{platform.machine()}, {os.cpu_count()} cores, " + (
+        "VNNI" if "vnni" in flags else "AVX2 without VNNI" if "avx2" in flags else "no AVX2")
+
+
+def write_results(name: str, res: dict[str, Any], markdown: Callable[[dict[str, Any]], str],
+                  plot: Callable[[dict[str, Any], Path], None] | None = None, quick: bool = False) -> Path:
+    """``results/<name>.{json,md,png}`` (a quick run writes to the temp folder instead); prints the markdown."""
+    out = RESULTS if not quick else Path(tempfile.gettempdir()) / "slimkit-bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    if plot is not None:
+        plot(res, out / f"{name}.png")
+    text = markdown(res)
+    (out / f"{name}.md").write_text(text)
+    print(text)  # noqa: T201 -- a script's report
+    return out

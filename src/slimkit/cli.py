@@ -95,18 +95,25 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.layers:
-        cfg["layers"] = [n.strip() for n in args.layers.split(",") if n.strip()]
+        cfg["layers"] = _names(args.layers)
     config = sk.FactorizeConfig.from_dict(cfg)  # validated before any work
-    if args.finetune < 0:
-        raise ValueError(f"--finetune is a number of epochs, at least 0, got {args.finetune}")
-    model = _load_model(args)
-    d = _digits(args.data, "--data")
+    model, d = _model_and_data(args)
     x = d.train_x
     f = sk.factorize(model, config, data=batches(x[:256], None, 64) if args.allocation == "global" or args.whiten else None)
     plan: Any = f.slimkit_plan
     sys.stdout.write(plan.summary() + "\n")
     line = f"accuracy on digits: original {accuracy(model, d.test_x, d.test_y):.2f}%, factorized "
     return _finish(args, model, f, d, line)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    if args.finetune < 0:
+        raise ValueError(f"--finetune is a number of epochs, at least 0, got {args.finetune}")
+    return _load_model(args), _digits(args.data, "--data")
 
 
 def _finish(args: argparse.Namespace, model: Any, compressed: Any, d: Any, line: str, hold: bool = False) -> int:
@@ -138,12 +145,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     cfg: dict[str, object] = {"method": args.method, "sparsity": args.sparsity, "importance": args.importance,
                               "scope": args.scope, "round_to": args.round_to}
     if args.exclude:
-        cfg["exclude"] = [n.strip() for n in args.exclude.split(",") if n.strip()]
+        cfg["exclude"] = _names(args.exclude)
     config = sk.PruneConfig.from_dict(cfg)  # validated before any work
-    if args.finetune < 0:
-        raise ValueError(f"--finetune is a number of epochs, at least 0, got {args.finetune}")
-    model = _load_model(args)
-    d = _digits(args.data, "--data")
+    model, d = _model_and_data(args)
     x, y, tx, ty = d.train_x, d.train_y, d.test_x, d.test_y
     p = sk.prune(model, config, example_inputs=tx[:2], data=batches(x[:512], y[:512], 64))
     plan: Any = p.slimkit_plan

@@ -157,6 +157,19 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return _finish(args, model, p, d, line, hold=config.method != "structured")
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="package.module:factory")
+    p.add_argument("--factory-arg", action="append", default=[])
+    p.add_argument("--checkpoint", help="a .safetensors state dict")
+
+
+def _finish_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--data", default="digits", help=data_help)
+    p.add_argument("--finetune", type=int, default=0, help="epochs of fine-tuning with distillation from the original")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--out", required=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimkit", description="Make trained PyTorch models smaller and faster.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,17 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(fn=_cmd_presets)
     p = sub.add_parser("quantize", help="quantize a model given as package.module:factory")
-    p.add_argument("model")
-    p.add_argument("--factory-arg", action="append", default=[])
-    p.add_argument("--checkpoint", help="a .safetensors state dict")
+    _model_args(p)
     p.add_argument("--preset", default="int8")
     p.add_argument("--calib", default="digits")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_cmd_quantize)
     p = sub.add_parser("factorize", help="low-rank decomposition of a model given as package.module:factory")
-    p.add_argument("model")
-    p.add_argument("--factory-arg", action="append", default=[])
-    p.add_argument("--checkpoint", help="a .safetensors state dict")
+    _model_args(p)
     p.add_argument("--method", default="svd", choices=["svd", "spatial-svd", "tucker", "cp"])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int)
@@ -189,25 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layers", help="comma-separated module names (default: every layer the method takes)")
     p.add_argument("--iterations", type=int, default=25, help="HOOI or ALS sweeps")
     p.add_argument("--whiten", action="store_true", help="data-whitened SVD (svd only; uses --data)")
-    p.add_argument("--data", default="digits", help="data for sensitivity and fine-tuning")
-    p.add_argument("--finetune", type=int, default=0, help="epochs of fine-tuning with distillation from the original")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--out", required=True)
+    _finish_args(p, "data for sensitivity, whitening and fine-tuning")
     p.set_defaults(fn=_cmd_factorize)
     p = sub.add_parser("prune", help="prune a model given as package.module:factory (digits data for scores and fine-tuning)")
-    p.add_argument("model")
-    p.add_argument("--factory-arg", action="append", default=[])
-    p.add_argument("--checkpoint", help="a .safetensors state dict")
+    _model_args(p)
     p.add_argument("--method", default="structured", choices=["structured", "unstructured", "nm"])
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction removed")
     p.add_argument("--importance", default="l1", choices=["l1", "l2", "taylor"])
     p.add_argument("--scope", default="global", choices=["global", "layer"])
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
     p.add_argument("--exclude", help="comma-separated module names to leave whole")
-    p.add_argument("--data", default="digits", help="data for scores, BatchNorm statistics and fine-tuning")
-    p.add_argument("--finetune", type=int, default=0, help="epochs of fine-tuning with distillation from the original")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--out", required=True)
+    _finish_args(p, "data for scores, BatchNorm statistics and fine-tuning")
     p.set_defaults(fn=_cmd_prune)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

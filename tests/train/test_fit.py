@@ -50,3 +50,45 @@ def test_fit_bad_input():
         fit(m, [(torch.randn(2, 3), torch.tensor([0, 1]))], optimizer="lion")
     with pytest.raises(FloatingPointError, match="loss became nan in epoch 1"):
         fit(m, [(torch.full((2, 3), float("nan")), torch.tensor([0, 1]))])
+
+
+class Crash(Exception):
+    pass
+
+
+def _net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def test_an_interrupted_run_resumes_to_exactly_the_same_weights(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)]
+    straight = fit(_net(), data, epochs=3, lr=0.05, checkpoint=tmp_path / "a.pt")
+
+    def crash_in_epoch_2(step, total):
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(_net(), data, epochs=3, lr=0.05, checkpoint=tmp_path / "b.pt", after_step=crash_in_epoch_2)
+    torch.manual_seed(99)  # a fresh process: other weights, other random state
+    resumed = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    fit(resumed, data, epochs=3, lr=0.05, checkpoint=tmp_path / "b.pt")
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    again = fit(_net(), data, epochs=3, lr=0.05, checkpoint=tmp_path / "a.pt")  # finished: nothing left to do
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), again.parameters(), strict=True))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_mismatch_and_corruption(tmp_path):
+    data = [(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))]
+    fit(_net(), data, epochs=1, lr=0.05, checkpoint=tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="made with lr=0.05, this run has lr=0.1"):
+        fit(_net(), data, epochs=1, lr=0.1, checkpoint=tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="does not match this model"):
+        fit(nn.Linear(6, 3), data, epochs=1, lr=0.05, checkpoint=tmp_path / "c.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt is unreadable"):
+        fit(_net(), data, epochs=1, checkpoint=tmp_path / "bad.pt")

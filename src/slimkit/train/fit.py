@@ -1,4 +1,5 @@
-"""A small supervised training loop: SGD with momentum and cosine decay, deterministic under a seed.
+"""The shared training loop: SGD or AdamW with cosine decay, deterministic under a seed, with
+distillation from a teacher, custom losses, a per-step hook and checkpoints that resume exactly.
 
 >>> import torch
 >>> from torch import nn
@@ -11,7 +12,10 @@ True
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +35,8 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
         momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, teacher: nn.Module | None = None,
         temperature: float = 4.0, alpha: float = 0.5, optimizer: str = "sgd",
         loss: Callable[[Any, Any], Tensor] | None = None,
-        after_step: Callable[[int, int], None] | None = None) -> nn.Module:
+        after_step: Callable[[int, int], None] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """Train ``model`` in place on ``(inputs, labels)`` batches with cross-entropy; returns it.
 
     With a ``teacher`` (fine-tuning after compression, the original model teaching), the loss is
@@ -41,6 +46,11 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
     feature distillation of an encoder, for example. ``optimizer`` is ``"sgd"`` (with momentum)
     or ``"adamw"``; the learning rate follows a cosine decay to zero either way.
     ``after_step(step, total_steps)`` runs after every optimizer step (a pruning schedule, say).
+
+    ``checkpoint`` (a file path): the full training state (weights, optimizer, schedule, shuffling
+    and dropout random states) is written there atomically after every epoch, and a run that finds
+    it resumes from it and ends with exactly the weights an uninterrupted run would have. The
+    run's settings must match the checkpoint's; a mismatch is an error naming the setting.
     """
     if not data:
         raise ValueError("fit: the training data is empty")
@@ -58,10 +68,13 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(data)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    settings = {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": seed,
+                "optimizer": optimizer, "batches": len(data), "distillation": teacher is not None}
+    start = _resume(checkpoint, settings, model, opt, sched, g) if checkpoint is not None else 0
     model.train()
-    bar = tqdm(total=steps, desc="training", leave=False, disable=None)
-    step = 0
-    for epoch in range(epochs):
+    bar = tqdm(total=steps, initial=start * len(data), desc="training", leave=False, disable=None)
+    step = start * len(data)
+    for epoch in range(start, epochs):
         order = torch.randperm(len(data), generator=g).tolist()
         total = 0.0
         for i in order:
@@ -93,8 +106,52 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
             total += value.item()
             bar.update()
         log.info("epoch %d: loss %.4f", epoch + 1, total / len(data))
+        if checkpoint is not None:
+            _save(checkpoint, {"settings": settings, "epoch": epoch + 1, "model": model.state_dict(),
+                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "shuffle_rng": g.get_state(), "torch_rng": torch.get_rng_state()})
     bar.close()
     return model.eval()
+
+
+def _save(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _resume(path: str | os.PathLike[str], settings: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+            sched: Any, g: torch.Generator) -> int:
+    """Restore the state saved at ``path`` (if any); returns the number of epochs already done."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    try:
+        state = torch.load(path, weights_only=True)  # plain tensors and numbers: nothing is unpickled
+        saved, epoch = state["settings"], int(state["epoch"])
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable or not a slimkit checkpoint: {e}") from e
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise ValueError(f"checkpoint {path} was made with {key}={saved.get(key)!r}, this run has {key}={value!r}; "
+                             "resume with the same settings or use a new checkpoint path")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} does not match this model: {e}") from e
+    sched.load_state_dict(state["scheduler"])
+    g.set_state(state["shuffle_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resuming from %s after epoch %d", path, epoch)
+    return epoch
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from torch import nn
 
 from slimkit.core.batch import Batch, inputs_only
 from slimkit.core.config import handler_for, resolve
-from slimkit.distill import KDLoss
+from slimkit.distill import FeatureKD, KDLoss
 from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
 from slimkit.lowrank import FactorizeConfig
@@ -26,7 +26,7 @@ from slimkit.quant import QuantConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
+__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
            "ParityError", "inputs_only", "__version__"]
 
 

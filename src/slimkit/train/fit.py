@@ -36,7 +36,8 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
         temperature: float = 4.0, alpha: float = 0.5, optimizer: str = "sgd",
         loss: Callable[[Any, Any], Tensor] | None = None,
         after_step: Callable[[int, int], None] | None = None,
-        checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
+        checkpoint: str | os.PathLike[str] | None = None,
+        extra_loss: Callable[[], Tensor] | None = None) -> nn.Module:
     """Train ``model`` in place on ``(inputs, labels)`` batches with cross-entropy; returns it.
 
     With a ``teacher`` (fine-tuning after compression, the original model teaching), the loss is
@@ -46,6 +47,9 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
     feature distillation of an encoder, for example. ``optimizer`` is ``"sgd"`` (with momentum)
     or ``"adamw"``; the learning rate follows a cosine decay to zero either way.
     ``after_step(step, total_steps)`` runs after every optimizer step (a pruning schedule, say).
+
+    ``extra_loss()`` is added to the loss after both forward passes (``FeatureKD`` is one); when it
+    is an ``nn.Module`` its parameters (adapters) are trained with the model's.
 
     ``checkpoint`` (a file path): the full training state (weights, optimizer, schedule, shuffling
     and dropout random states) is written there atomically after every epoch, and a run that finds
@@ -62,10 +66,11 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt: torch.optim.Optimizer
+    params = list(model.parameters()) + (list(extra_loss.parameters()) if isinstance(extra_loss, nn.Module) else [])
     if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * len(data)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     settings = {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": seed,
@@ -93,6 +98,8 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
                     value = kd(out, t_out, y)
                 else:
                     value = F.cross_entropy(out, y)
+            if extra_loss is not None:
+                value = value + extra_loss()
             if not torch.isfinite(value):
                 raise FloatingPointError(f"fit: the loss became {value.item()} in epoch {epoch + 1}; "
                                          f"lower the learning rate (lr={lr})")

@@ -5,7 +5,8 @@ reproduce chosen teacher layers' outputs, through a learned adapter where the wi
 ``FeatureKD`` hooks both models, so it works inside any training loop: after the student's and
 the teacher's forward passes on the same batch, ``feature_kd()`` returns the summed MSE (or
 1 - cosine) over the pairs. Its adapters are parameters: optimise them with the student (``fit``
-does when it is given as ``extra_loss``). ``close()`` removes the hooks.
+does when it is given as ``extra_loss``). ``close()`` (or leaving a ``with FeatureKD(...) as kd:``
+block) removes the hooks from both models.
 
 >>> import torch
 >>> from torch import nn
@@ -56,6 +57,15 @@ class FeatureKD(nn.Module):
         self._s: dict[str, Tensor] = {}
         self._t: dict[str, Tensor] = {}
         self._handles: list[Any] = []
+        try:
+            self._setup(student, teacher, example_inputs)
+        except BaseException:
+            self.close()  # a failed set-up leaves no hook behind on the caller's models
+            raise
+        self._s.clear()
+        self._t.clear()
+
+    def _setup(self, student: nn.Module, teacher: nn.Module, example_inputs: Batch) -> None:
         for s_name, t_name in self.pairs.items():
             self._handles.append(_module(student, s_name, "student").register_forward_hook(self._keep(self._s, s_name)))
             self._handles.append(_module(teacher, t_name, "teacher").register_forward_hook(self._keep(self._t, t_name)))
@@ -69,6 +79,10 @@ class FeatureKD(nn.Module):
                 m.training = was
         self.adapters = nn.ModuleDict()
         for s_name, t_name in self.pairs.items():
+            for store, name, role in ((self._s, s_name, "student"), (self._t, t_name, "teacher")):
+                if name not in store:
+                    raise ValueError(f"the {role}'s layer {name!r} did not return a tensor on the example inputs; "
+                                     "pick another hint layer")
             s, t = self._s[s_name], self._t[t_name]
             if s.dim() != t.dim() or (s.dim() == 4 and s.shape[2:] != t.shape[2:]) or (s.dim() == 3 and s.shape[1] != t.shape[1]):
                 raise ValueError(f"pair {s_name!r} -> {t_name!r}: student features {tuple(s.shape)} and teacher features "
@@ -82,12 +96,17 @@ class FeatureKD(nn.Module):
         self._s.clear()
         self._t.clear()
 
+    def __enter__(self) -> FeatureKD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @staticmethod
     def _keep(store: dict[str, Tensor], name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not isinstance(output, Tensor):
-                raise TypeError(f"layer {name!r} returns {type(output).__name__}, not a tensor; pick another hint layer")
-            store[name] = output
+            if isinstance(output, Tensor):  # (tracers pass proxies through; those are not features)
+                store[name] = output
         return hook
 
     def forward(self) -> Tensor:

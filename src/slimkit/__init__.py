@@ -16,7 +16,7 @@ from torch import nn
 
 from slimkit.core.batch import Batch, inputs_only
 from slimkit.core.config import handler_for, resolve
-from slimkit.distill import FeatureKD, KDLoss
+from slimkit.distill import DistillConfig, FeatureKD, KDLoss, distill_offline
 from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
 from slimkit.lowrank import FactorizeConfig
@@ -26,7 +26,7 @@ from slimkit.quant import QuantConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
+__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "distill", "DistillConfig", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
            "ParityError", "inputs_only", "__version__"]
 
 
@@ -80,3 +80,21 @@ def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any], example_inp
     """
     cfg = resolve(config, PruneConfig, {})
     return handler_for(cfg)(model, cfg, example_inputs=example_inputs, data=data, inplace=inplace)
+
+
+def distill(student: nn.Module, teacher: nn.Module, train_data: Iterable[Batch],
+            config: DistillConfig | Mapping[str, Any] | None = None, inplace: bool = False,
+            checkpoint: str | None = None) -> nn.Module:
+    """Offline distillation: ``teacher`` (frozen, eval mode, no_grad) trains a copy of ``student`` on
+    ``(inputs, labels)`` batches with ``KDLoss`` and optional hint layers (``DistillConfig``); returns
+    the trained student. ``checkpoint`` makes an interrupted run resumable.
+
+    >>> import torch
+    >>> t = torch.nn.Linear(4, 3)
+    >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    >>> s = distill(torch.nn.Linear(4, 3), t, data, {"epochs": 2, "lr": 0.1})
+    >>> s.weight.shape
+    torch.Size([3, 4])
+    """
+    cfg = resolve(config if config is not None else {}, DistillConfig, {})
+    return distill_offline(student, teacher, list(train_data), cfg, inplace=inplace, checkpoint=checkpoint)

@@ -1,6 +1,8 @@
-"""Knowledge distillation: losses usable in any training loop."""
+"""Knowledge distillation: losses usable in any training loop, and offline distillation."""
 
+from .config import DistillConfig
 from .features import FeatureKD
 from .losses import KDLoss
+from .offline import distill_offline
 
-__all__ = ["KDLoss", "FeatureKD"]
+__all__ = ["KDLoss", "FeatureKD", "DistillConfig", "distill_offline"]

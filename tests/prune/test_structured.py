@@ -239,3 +239,29 @@ def test_sensitivity_scan_ranks_the_fragile_groups(digits):
         sensitivity_scan(net, digits.test_x[:2], [digits.test_x[:8]], ratios=(1.0,))
     with pytest.raises(ValueError, match="importance must be 'l1' or 'l2'"):
         sensitivity_scan(net, digits.test_x[:2], [digits.test_x[:8]], importance="taylor")
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:  # data-dependent: fx cannot trace through this module
+            return x * 2
+        return x
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b, self.c = nn.Linear(4, 8), Gate(), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.gate(self.a(x)))))
+
+
+def test_untraceable_module_is_named_and_can_be_excluded():
+    x = torch.randn(2, 4)
+    with pytest.raises(TraceError, match=r"could not trace Gated in module 'gate'.*exclude=\['gate'\]"):
+        sk.prune(Gated(), {"sparsity": 0.5}, example_inputs=x)
+    p = sk.prune(Gated(), {"sparsity": 0.5, "exclude": ["gate"]}, example_inputs=x)
+    assert p.a.out_features == 8  # feeds the opaque gate: kept whole
+    assert p.b.out_features == 4 and p.c.in_features == 4
+    assert p(x).shape == (2, 2)

@@ -29,11 +29,39 @@ class TraceError(RuntimeError):
     """torch.fx could not follow the model; the message names the cause."""
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+class _Tracer(fx.Tracer):
+    """fx's tracer, with chosen submodules kept opaque (leaves) and a record of the innermost
+    submodule that was being traced when tracing failed."""
+
+    def __init__(self, leaves: tuple[str, ...]) -> None:
+        super().__init__()
+        self.leaves = set(leaves)
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module raises first
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def trace(model: nn.Module, leaves: tuple[str, ...] = ()) -> fx.GraphModule:
+    """``model`` as an fx graph; the modules named in ``leaves`` stay single opaque calls.
+    On failure the ``TraceError`` names the innermost submodule that could not be traced."""
+    tracer = _Tracer(leaves)
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as e:  # fx raises many types for dynamic control flow
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
+        where = f" in module {tracer.failed_in!r}" if tracer.failed_in else " in its own forward"
+        hint = (f"; leave that module out (e.g. exclude={[tracer.failed_in]!r}) and it is treated as an opaque call"
+                if tracer.failed_in else "")
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}{where}: {e}{hint}") from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def fuse_conv_bn_weights(

@@ -114,7 +114,7 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 def dependency_groups(model: nn.Module, example_inputs: Batch, exclude: tuple[str, ...] = ()) -> list[Group]:
     """The coupled channel groups of ``model`` (traced with torch.fx, shapes from ``example_inputs``).
     Groups that cannot be pruned carry the reason in ``frozen``."""
-    gm = trace(model)
+    gm = trace(model, leaves=exclude)  # excluded modules stay opaque: the tracer need not follow them
     was = {m: m.training for m in gm.modules()}
     gm.eval()
     try:

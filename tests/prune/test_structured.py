@@ -227,8 +227,11 @@ def test_sensitivity_scan_ranks_the_fragile_groups(digits):
         net[5].weight[:, 16:] = 0
     from slimkit.prune import sensitivity_scan
 
+    net.train()
     scan = sensitivity_scan(net, digits.test_x[:2], batches(digits.train_x[:256], digits.train_y[:256], 128),
                             ratios=(0.25, 0.5, 0.75))
+    assert net.training  # the caller's flags are untouched
+    net.eval()
     assert set(scan) == {"1", "3"}
     assert all(len(c) == 3 and c[0][1] <= c[1][1] <= c[2][1] for c in scan.values())  # cost grows with the cut
     assert scan["3"][1][1] < scan["1"][1][1]  # the redundant layer is the cheap one to prune

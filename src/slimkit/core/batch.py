@@ -98,3 +98,15 @@ def model_inputs(batch: Any) -> Batch:
             and not batch[1].is_floating_point():
         return batch[0]  # type: ignore[no-any-return]
     return batch  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def output_error(model: nn.Module, data: list[Batch], reference: list[list[Tensor]]) -> float:
+    """Relative squared error ``sum ||f(x) - ref||^2 / sum ||ref||^2`` of ``model``'s outputs on
+    ``data`` against reference outputs (``tensors_of`` of another model's, batch by batch)."""
+    num = den = 0.0
+    for b, ref in zip(data, reference, strict=True):
+        for got, want in zip(tensors_of(call(model, b)), ref, strict=True):
+            num += float((got.float() - want.float()).pow(2).sum())
+            den += float(want.float().pow(2).sum())
+    return num / max(den, 1e-30)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from slimkit.core.batch import Batch, call, check_batches, tensors_of
+from slimkit.core.batch import Batch, call, check_batches, output_error, tensors_of
 from slimkit.core.config import register
 from slimkit.core.plans import attach
 
@@ -197,12 +197,7 @@ class _Sensitivity:
                 assert self.base is not None
                 return float(self.base - self.metric(self.work))
             assert self.data is not None and self.ref is not None
-            num = den = 0.0
-            for b, ref in zip(self.data, self.ref, strict=True):
-                for got, r in zip(tensors_of(call(self.work, b)), ref, strict=True):
-                    num += float((got.float() - r.float()).pow(2).sum())
-                    den += float(r.float().pow(2).sum())
-            return num / max(den, 1e-30)
+            return output_error(self.work, self.data, self.ref)
         finally:
             _set_module(self.work, name, m)
 

@@ -1,23 +1,22 @@
-"""Importance scores: how much a weight or a channel matters.
+"""Importance scores: how much a weight matters.
 
-Magnitude (L1 / L2 norms; Li et al. 2017 for filters) needs only the weights. First-order Taylor
+Magnitude (L1 / L2; Li et al. 2017 for filters) needs only the weights. First-order Taylor
 (Molchanov et al. 2017/2019) estimates the loss change of removing a weight as ``|w * dL/dw|``,
-from the gradients of a few batches; a channel's score sums those of its weights.
+from the gradients of a few batches. A channel's score sums those of its weights (``plan.py``).
 
 >>> import torch
->>> w = torch.tensor([[1.0, -1.0], [0.1, 0.2], [-3.0, 0.0]])
->>> channel_scores(w, "l1").tolist()
-[2.0, 0.30000001192092896, 3.0]
->>> taylor_scores(w, torch.ones_like(w)).tolist()
-[[1.0, 1.0], [0.10000000149011612, 0.20000000298023224], [3.0, 0.0]]
+>>> w = torch.tensor([[1.0, -2.0]])
+>>> weight_scores(w, "l1").tolist(), weight_scores(w, "l2").tolist()
+([[1.0, 2.0]], [[1.0, 4.0]])
+>>> taylor_scores(w, torch.tensor([[0.5, 0.5]])).tolist()
+[[0.5, 1.0]]
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-__all__ = ["weight_scores", "channel_scores", "taylor_scores"]
+__all__ = ["weight_scores", "taylor_scores"]
 
 
 def taylor_scores(w: Tensor, grad: Tensor) -> Tensor:
@@ -27,18 +26,8 @@ def taylor_scores(w: Tensor, grad: Tensor) -> Tensor:
     return (w.detach() * grad.detach()).abs()
 
 
-def weight_scores(w: Tensor, importance: str, grad: Tensor | None = None) -> Tensor:
-    """One score per weight (same shape as ``w``)."""
-    if importance == "taylor":
-        if grad is None:
-            raise ValueError("taylor importance needs gradients (give data)")
-        return taylor_scores(w, grad)
+def weight_scores(w: Tensor, importance: str) -> Tensor:
+    """One magnitude score per weight (same shape as ``w``): ``|w|`` for l1, ``w^2`` for l2."""
+    if importance not in ("l1", "l2"):
+        raise ValueError(f"magnitude importance is 'l1' or 'l2', got {importance!r}")
     return w.detach().abs() if importance == "l1" else w.detach().pow(2)
-
-
-def channel_scores(w: Tensor, importance: str, grad: Tensor | None = None, dim: int = 0) -> Tensor:
-    """One score per slice of ``w`` along ``dim`` (dim 0: output channels, 1: input channels):
-    the sum of its weight scores (L2: the root of the summed squares)."""
-    s = weight_scores(w, importance, grad).double()
-    per = s.transpose(0, dim).reshape(s.shape[dim], -1).sum(1)
-    return (per.sqrt() if importance == "l2" else per).to(torch.float32)

@@ -32,7 +32,7 @@ from slimkit.core.plans import attach
 
 from .config import PruneConfig
 from .dependency import Member, dependency_groups
-from .importance import weight_scores
+from .importance import taylor_scores, weight_scores
 from .masks import fraction_mask, global_masks, nm_mask
 from .transformer import HEAD_ATTRS, transformer_blocks, transformer_groups
 
@@ -117,7 +117,7 @@ def gradients(model: nn.Module, data: Iterable[Batch]) -> dict[str, Tensor]:
         F.cross_entropy(out, b[1]).backward()
         for n, p in work.named_parameters():
             if p.grad is not None:
-                s = (p.detach() * p.grad).abs()
+                s = taylor_scores(p, p.grad)
                 acc[n] = acc[n] + s if n in acc else s
     return acc
 
@@ -233,6 +233,12 @@ def _nm_view(w: Tensor) -> Tensor:
     return w.permute(0, 2, 3, 1) if w.dim() == 4 else w
 
 
+def _nm(scores: Tensor, cfg: PruneConfig) -> Tensor:
+    """The N:M mask in the weight's own layout (grouped along input channels)."""
+    mask = nm_mask(_nm_view(scores), cfg.n, cfg.m)
+    return mask.permute(0, 3, 1, 2) if scores.dim() == 4 else mask
+
+
 def _search_sparse(model: nn.Module, cfg: PruneConfig, grads: dict[str, Tensor] | None) -> tuple[PrunePlan, dict[str, Tensor]]:
     plan = PrunePlan(config=cfg)
     chosen = _prunable(model, cfg)
@@ -250,8 +256,7 @@ def _search_sparse(model: nn.Module, cfg: PruneConfig, grads: dict[str, Tensor] 
                     raise ValueError(f"layer {n!r}: {_nm_view(s).shape[-1]} input channels are not a multiple of m={cfg.m}")
                 log.info("n:m: skipping %s (%d input channels)", n, _nm_view(s).shape[-1])
                 continue
-            v = nm_mask(_nm_view(s), cfg.n, cfg.m)
-            masks[n] = v.permute(0, 3, 1, 2) if s.dim() == 4 else v
+            masks[n] = _nm(s, cfg)
         if not masks:
             raise ValueError(f"no layer has a multiple of m={cfg.m} input channels for {cfg.n}:{cfg.m} sparsity")
     elif cfg.scope == "layer":
@@ -360,8 +365,7 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
                 if m is None:
                     raise ValueError(f"the plan does not match this model: no layer named {name!r}")
                 s = weight_scores(m.weight, cfg.importance)  # type: ignore[arg-type]
-                masks[name] = (nm_mask(_nm_view(s), cfg.n, cfg.m).permute(0, 3, 1, 2) if s.dim() == 4 else
-                               nm_mask(s, cfg.n, cfg.m)) if cfg.method == "nm" else fraction_mask(s, sparsity)
+                masks[name] = _nm(s, cfg) if cfg.method == "nm" else fraction_mask(s, sparsity)
         with torch.no_grad():
             for name, mk in masks.items():
                 modules[name].weight.mul_(mk.to(modules[name].weight.dtype))  # type: ignore[operator, union-attr]

@@ -9,14 +9,22 @@ torch.Size([2, 2])
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from slimkit.core.batch import Batch, inputs_only
 from slimkit.core.config import handler_for, resolve
-from slimkit.distill import DistillConfig, FeatureKD, KDLoss, distill_offline
+from slimkit.distill import (
+    DistillConfig,
+    FeatureKD,
+    KDLoss,
+    distill_exits,
+    distill_generations,
+    distill_offline,
+    distill_online,
+)
 from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
 from slimkit.lowrank import FactorizeConfig
@@ -82,12 +90,19 @@ def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any], example_inp
     return handler_for(cfg)(model, cfg, example_inputs=example_inputs, data=data, inplace=inplace)
 
 
-def distill(student: nn.Module, teacher: nn.Module, train_data: Iterable[Batch],
+def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, train_data: Iterable[Batch],
             config: DistillConfig | Mapping[str, Any] | None = None, inplace: bool = False,
             checkpoint: str | None = None) -> nn.Module:
-    """Offline distillation: ``teacher`` (frozen, eval mode, no_grad) trains a copy of ``student`` on
-    ``(inputs, labels)`` batches with ``KDLoss`` and optional hint layers (``DistillConfig``); returns
-    the trained student. ``checkpoint`` makes an interrupted run resumable.
+    """Train a copy of ``student`` on ``(inputs, labels)`` batches by distillation; returns it.
+
+    - ``mode="offline"`` (default): ``teacher`` (frozen, eval mode, no_grad) teaches with ``KDLoss``
+      and optional hint layers.
+    - ``mode="online"``: ``teacher`` is one peer or a list of peers, trained with the student by deep
+      mutual learning (the peers are copies too; ``slimkit.distill.distill_online`` returns them all).
+    - ``mode="self"`` with ``teacher=None``: with ``exits``, an ``EarlyExit`` model whose
+      intermediate exits learned from its last output; without, ``generations`` born-again copies.
+
+    ``checkpoint`` makes an interrupted run resumable.
 
     >>> import torch
     >>> t = torch.nn.Linear(4, 3)
@@ -97,4 +112,18 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: Iterable[Batch],
     torch.Size([3, 4])
     """
     cfg = resolve(config if config is not None else {}, DistillConfig, {})
-    return distill_offline(student, teacher, list(train_data), cfg, inplace=inplace, checkpoint=checkpoint)
+    data = list(train_data)
+    if cfg.mode == "self":
+        if teacher is not None:
+            raise ValueError("mode='self': the network teaches itself; pass teacher=None")
+        run = distill_exits if cfg.exits else distill_generations
+        return run(student, data, cfg, inplace=inplace, checkpoint=checkpoint)
+    if teacher is None:
+        raise ValueError(f"mode={cfg.mode!r} needs a teacher (offline) or peers (online); "
+                         "for self-distillation use mode='self'")
+    if cfg.mode == "online":
+        peers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        return distill_online([student, *peers], data, cfg, inplace=inplace, checkpoint=checkpoint)[0]
+    if not isinstance(teacher, nn.Module):
+        raise ValueError("mode='offline' takes one teacher module; a list of peers is for mode='online'")
+    return distill_offline(student, teacher, data, cfg, inplace=inplace, checkpoint=checkpoint)

@@ -92,3 +92,21 @@ def test_checkpoint_mismatch_and_corruption(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt is unreadable"):
         fit(_net(), data, epochs=1, checkpoint=tmp_path / "bad.pt")
+
+
+def test_criterion_replaces_cross_entropy_and_evaluate_runs_every_epoch():
+    data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(4)]
+    m = nn.Linear(3, 2)
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.training)
+        with torch.no_grad():
+            return float(sum(F.mse_loss(model(x), y) for x, y in data))
+
+    before = evaluate(m)
+    seen.clear()
+    fit(m, data, epochs=3, lr=0.05, criterion=F.mse_loss, evaluate=evaluate)  # regression: labels are floats
+    assert seen == [False] * 3 and evaluate(m) < before
+    with pytest.raises(ValueError, match="criterion"):
+        fit(m, data, criterion=F.mse_loss, teacher=nn.Linear(3, 2))

@@ -1,8 +1,11 @@
-"""Knowledge distillation: losses usable in any training loop, and offline distillation."""
+"""Knowledge distillation: losses usable in any training loop; offline, online and self distillation."""
 
 from .config import DistillConfig
 from .features import FeatureKD
 from .losses import KDLoss
 from .offline import distill_offline
+from .online import Cohort, MutualLoss, distill_online
+from .self_distill import ExitLoss, distill_exits, distill_generations
 
-__all__ = ["KDLoss", "FeatureKD", "DistillConfig", "distill_offline"]
+__all__ = ["KDLoss", "FeatureKD", "DistillConfig", "distill_offline", "MutualLoss", "Cohort", "distill_online",
+           "ExitLoss", "distill_exits", "distill_generations"]

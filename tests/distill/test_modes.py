@@ -57,7 +57,8 @@ def test_self_distilled_exits_answer_easy_inputs_early(trained_resnet, digits):
     assert 100 * float((early.argmax(-1) == y).float().mean()) > full - 2.0
 
 
-def test_early_exit_stops_the_forward_pass():
+def test_early_exit_stops_the_forward_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     ran = []
     net[4].register_forward_hook(lambda *a: ran.append(1))
@@ -66,6 +67,8 @@ def test_early_exit_stops_the_forward_pass():
     ee.threshold = 0.0
     ee(torch.randn(3, 4))
     assert not ran and ee.last_exit.tolist() == [0, 0, 0]
+    with pytest.raises(RuntimeError, match="export .model"):
+        sk.export_onnx(ee, "ee.onnx", torch.randn(2, 4))
     ee.threshold = 1.0  # never sure: every input runs the whole network and gets its output
     x = torch.randn(3, 4)
     assert torch.equal(ee(x), net(x)) and ran and ee.last_exit.tolist() == [1, 1, 1]

@@ -29,15 +29,17 @@ MODULES = ("abc", "argparse", "base64", "bisect", "calendar", "collections", "co
            "unittest", "urllib.parse", "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile", "zlib")
 
 
-def _first_paragraph(doc: object) -> str | None:
+def _paragraphs(doc: object, every: bool) -> list[str]:
     if not isinstance(doc, str) or not doc:
-        return None
-    para = " ".join(doc.strip().split("\n\n")[0].split())
-    return para if 20 <= len(para) <= 600 and not para.startswith((">>>", "..")) else None
+        return []
+    paras = [" ".join(p.split()) for p in doc.strip().split("\n\n")]
+    return [p for p in (paras if every else paras[:1])
+            if 20 <= len(p) <= 600 and not p.startswith((">>>", "..", "-", "*", ":")) and any(c.isalpha() for c in p)]
 
 
-def docstring_sentences(n: int | None = None, seed: int = 0, min_chars: int = 20) -> list[str]:
-    """Up to ``n`` distinct first paragraphs of standard-library docstrings (all when ``n`` is None)."""
+def docstring_sentences(n: int | None = None, seed: int = 0, min_chars: int = 20, every_paragraph: bool = False) -> list[str]:
+    """Up to ``n`` distinct first paragraphs of standard-library docstrings (all when ``n`` is None);
+    ``every_paragraph`` takes every prose paragraph, not just the first (about three times the text)."""
     seen: dict[str, None] = {}
     for name in MODULES:
         try:
@@ -49,9 +51,9 @@ def docstring_sentences(n: int | None = None, seed: int = 0, min_chars: int = 20
         for obj in objs:
             for o in [obj] + ([v for k, v in sorted(vars(obj).items()) if not k.startswith("_")
                                and inspect.isroutine(v)] if inspect.isclass(obj) else []):
-                p = _first_paragraph(getattr(o, "__doc__", None))
-                if p is not None and len(p) >= min_chars:
-                    seen[p] = None
+                for p in _paragraphs(getattr(o, "__doc__", None), every_paragraph):
+                    if len(p) >= min_chars:
+                        seen[p] = None
     out = sorted(seen)
     random.Random(seed).shuffle(out)
     if n is not None and n > len(out):

@@ -118,6 +118,9 @@ class EarlyExit(nn.Module):
         modules = dict(self.model.named_modules())
         logits: list[Tensor] = []
         early = not self.training and self.threshold is not None
+        if early and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+            raise RuntimeError("an early-exit model decides per input where to stop, which a traced graph cannot; "
+                               "export .model (the whole network), or set threshold=None to export every exit's output")
         state: dict[str, Tensor] = {}
 
         def at_exit(i: int) -> Any:

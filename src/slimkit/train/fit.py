@@ -124,7 +124,7 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
                 value = loss(out, t_out)
             else:
                 x, y = data[i]
-                out = net(x)
+                out = call(net, x)
                 if kd is not None:
                     assert teacher is not None
                     with torch.no_grad():

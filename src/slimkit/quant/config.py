@@ -33,6 +33,11 @@ class QuantConfig(Config):
       no preset uses it yet.
     - ``exclude``: module names (fx/``named_modules`` names) kept in float.
     - ``calib_batches``: how many calibration batches to use at most (``None``: all).
+    - ``equalize``: cross-layer equalization before quantizing (ReLU6 becomes ReLU, as in the paper).
+    - ``bias_correction``: subtract the output shift weight rounding causes, measured on the data.
+    - ``rounding``: ``"nearest"``, or ``"adaround"`` (learned up/down rounding per weight, layer by
+      layer, ``adaround_iterations`` steps each). Equalization, AdaRound and bias correction need
+      ``calib_data`` and compose in that order.
     """
 
     activations: str = "static"
@@ -45,6 +50,10 @@ class QuantConfig(Config):
     fold_bn: bool = True
     exclude: tuple[str, ...] = ()
     calib_batches: int | None = None
+    equalize: bool = False
+    bias_correction: bool = False
+    rounding: str = "nearest"
+    adaround_iterations: int = 1000
 
     def validate(self) -> None:
         check_choice("activations", self.activations, ("static", "dynamic", "none"))
@@ -56,6 +65,10 @@ class QuantConfig(Config):
             check_range("calib_batches", self.calib_batches, 1, float("inf"))
         if self.reduce_range and self.weight_bits < 3:
             raise ValueError("reduce_range needs weight_bits >= 3")
+        check_choice("rounding", self.rounding, ("nearest", "adaround"))
+        check_range("adaround_iterations", self.adaround_iterations, 1, 10**6)
+        if self.equalize and not self.fold_bn:
+            raise ValueError("equalize needs fold_bn=True: equalization scales the folded weights")
         if not all(isinstance(n, str) for n in self.exclude):
             raise ValueError("exclude must be a list of module names (strings)")
 
@@ -70,4 +83,9 @@ PRESETS: dict[str, QuantConfig] = {
     "int8-dynamic": QuantConfig(activations="dynamic"),
     "int8-percentile": QuantConfig(calibrator="percentile"),
     "int8-entropy": QuantConfig(calibrator="entropy"),
+    # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).
+    "int8-cle": QuantConfig(equalize=True, bias_correction=True),
+    # 4-bit per-channel weights (int8 storage in ONNX, values in [-7, 7]), 8-bit activations.
+    "w4a8": QuantConfig(weight_bits=4, reduce_range=False),
+    "w4a8-adaround": QuantConfig(weight_bits=4, reduce_range=False, rounding="adaround"),
 }

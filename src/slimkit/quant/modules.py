@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from slimkit.core.affine import choose_qparams, qrange, quantize
 from slimkit.quant.calibrators import Observer
 
-__all__ = ["ActQuant", "QuantLinear", "QuantConv", "dynamic_qparams"]
+__all__ = ["ActQuant", "QuantLinear", "QuantConv", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
 
 
 class _QDQ(torch.autograd.Function):
@@ -157,6 +157,25 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, signed={self.signed}, {state}"
 
 
+def weight_qparams(weight: Tensor, bits: int, per_channel: bool = True, narrow: bool = True) -> tuple[Tensor, int, int]:
+    """The symmetric weight scale per output channel (one shared value when not ``per_channel``)
+    and the integer range, exactly as ``QuantLinear``/``QuantConv`` choose them."""
+    cout = weight.shape[0]
+    lo, hi = qrange(bits, signed=True, narrow=narrow)
+    amax = weight.detach().reshape(cout, -1).abs().amax(1)
+    if not per_channel:
+        amax = amax.max().expand(cout).clone()
+    scale, _ = choose_qparams(-amax, amax, bits, signed=True, symmetric=True, narrow=narrow)
+    return scale.float(), lo, hi
+
+
+def fake_quant_weight(weight: Tensor, bits: int, per_channel: bool = True) -> Tensor:
+    """The float weights a quantized layer computes with: round to nearest on ``weight_qparams``."""
+    scale, lo, hi = weight_qparams(weight, bits, per_channel)
+    q = quantize(weight.detach(), scale, torch.zeros(weight.shape[0], dtype=torch.int32), lo, hi, axis=0)
+    return q.float() * scale.reshape([-1] + [1] * (weight.dim() - 1))
+
+
 class _QuantWeighted(nn.Module):
     """Common part of QuantLinear and QuantConv: integer weights, quantized bias, dynamic mode."""
 
@@ -172,11 +191,7 @@ class _QuantWeighted(nn.Module):
         super().__init__()
         self.bits, self.dynamic = bits, dynamic
         cout = weight.shape[0]
-        lo, hi = qrange(bits, signed=True, narrow=narrow)
-        amax = weight.detach().reshape(cout, -1).abs().amax(1)
-        if not per_channel:
-            amax = amax.max().expand(cout).clone()
-        scale, _ = choose_qparams(-amax, amax, bits, signed=True, symmetric=True, narrow=narrow)
+        scale, lo, hi = weight_qparams(weight, bits, per_channel, narrow)
         q = quantize(weight.detach(), scale, torch.zeros(cout, dtype=torch.int32), lo, hi, axis=0)
         self.register_buffer("weight_q", q.to(torch.int8))
         self.register_buffer("weight_scale", scale.float())

@@ -23,8 +23,10 @@ from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, t
 from slimkit.core.plans import attach
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig
+from slimkit.quant.equalization import relu6_to_relu
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.placement import Placement, find_placement, insert_quantizers
+from slimkit.quant.weight_passes import needs_weight_passes, weight_passes
 
 __all__ = ["QuantPlan", "quantize_ptq", "apply_plan"]
 
@@ -46,6 +48,7 @@ class QuantPlan:
     quantized_layers: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     folded_bn: list[str] = field(default_factory=list)
+    passes: dict[str, Any] = field(default_factory=dict)  # what equalization / AdaRound / bias correction did
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,7 @@ class QuantPlan:
             "quantized_layers": self.quantized_layers,
             "skipped": self.skipped,
             "folded_bn": self.folded_bn,
+            "passes": self.passes,
         }
 
     @classmethod
@@ -69,6 +73,7 @@ class QuantPlan:
             quantized_layers=list(d["quantized_layers"]),
             skipped=dict(d["skipped"]),
             folded_bn=list(d["folded_bn"]),
+            passes=dict(d.get("passes", {})),
         )
 
 
@@ -119,6 +124,8 @@ def _frozen_factory(cfg: QuantConfig) -> Any:
 def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None) -> nn.Module:
     """Fold, swap and place quantizers on a copy-owned ``model``; fills ``plan`` when it is new."""
     cfg = plan.config
+    if cfg.equalize:  # structural, so a saved plan replays it on a fresh base model
+        relu6_to_relu(model)
     if cfg.activations != "static":
         _swap_weighted(model, cfg, plan)
         plan.mode = "module"
@@ -133,7 +140,7 @@ def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None
     if plan.mode == "module":
         return _prepare_module_level(model, plan, make)
     if cfg.fold_bn:
-        plan.folded_bn = fold_batchnorm(gm)
+        plan.folded_bn = fold_batchnorm(gm) or list(plan.passes.get("folded_bn", []))
     _swap_weighted(gm, cfg, plan)
     gm.recompile()
     if example is not None:
@@ -189,6 +196,15 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     plan = QuantPlan(config=cfg)
+    if needs_weight_passes(cfg):
+        if calib_data is None:
+            wanted = [n for n, on in (("equalize", cfg.equalize), ("bias_correction", cfg.bias_correction),
+                                      ("rounding='adaround'", cfg.rounding == "adaround")) if on]
+            raise ValueError(f"{', '.join(wanted)} need calib_data (batches of the model's inputs)")
+        passes_data = check_batches(calib_data)
+        if cfg.calib_batches is not None:
+            passes_data = passes_data[: cfg.calib_batches]
+        target, plan.passes = weight_passes(target, cfg, passes_data)
     if cfg.activations != "static":
         if calib_data is not None:
             log.info("%s quantization needs no calibration data; ignoring calib_data", cfg.activations)

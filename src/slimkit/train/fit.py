@@ -128,7 +128,7 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
                 if kd is not None:
                     assert teacher is not None
                     with torch.no_grad():
-                        t_out = teacher(x)
+                        t_out = call(teacher, x)
                     value = kd(out, t_out, y)
                 else:
                     value = (criterion or F.cross_entropy)(out, y)

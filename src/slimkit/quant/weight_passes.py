@@ -1,0 +1,130 @@
+"""The weight passes that run on the float model before PTQ rounds it: cross-layer equalization,
+AdaRound and bias correction, in that order, each optional (``QuantConfig.equalize``,
+``rounding="adaround"``, ``bias_correction``).
+
+They leave a float model whose weights already sit on the quantization grid PTQ will use (the
+learned one for AdaRound, the nearest one otherwise) and whose biases absorb the expected output
+shift, so the ordinary PTQ path, export and ``sk.save``/``sk.load`` need nothing new: round to
+nearest reproduces exactly the integers chosen here.
+
+Layers are visited in execution order; each one's calibration inputs are taken from the model with
+the earlier layers already on their grid, so each layer corrects for the error its inputs carry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from slimkit.core.batch import Batch, call
+from slimkit.core.graph import TraceError, fold_batchnorm, trace
+
+from .adaround import adaround
+from .bias_correction import output_shift
+from .config import QuantConfig
+from .equalization import equalize, relu6_to_relu
+from .modules import fake_quant_weight, weight_qparams
+
+__all__ = ["weight_passes", "needs_weight_passes"]
+
+log = logging.getLogger(__name__)
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def needs_weight_passes(cfg: QuantConfig) -> bool:
+    return cfg.equalize or cfg.bias_correction or cfg.rounding == "adaround"
+
+
+def _forward(layer: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """The layer as a function of (input, weight), without its bias."""
+    if isinstance(layer, nn.Linear):
+        return lambda x, w: F.linear(x, w)
+    conv: Any = F.conv2d if isinstance(layer, nn.Conv2d) else F.conv1d
+    c: Any = layer
+    return lambda x, w: conv(x, w, None, c.stride, c.padding, c.dilation, c.groups)
+
+
+@torch.no_grad()
+def _inputs(model: nn.Module, layer: nn.Module, batches: list[Batch]) -> list[Tensor]:
+    seen: list[Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        for b in batches:
+            call(model, b)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _order(model: nn.Module, batch: Batch) -> list[str]:
+    """Weighted layers in the order the forward pass runs them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(partial(lambda n, *a: order.append(n), name))
+               for name, m in model.named_modules() if isinstance(m, _WEIGHTED)]
+    try:
+        with torch.no_grad():
+            call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> tuple[nn.Module, dict[str, Any]]:
+    """Run the passes ``cfg`` asks for on ``model`` (owned by the caller: changed in place or
+    replaced by its traced, BatchNorm-folded graph); returns the model and a summary for the plan."""
+    summary: dict[str, Any] = {}
+    if cfg.equalize:
+        summary["relu6_replaced"] = relu6_to_relu(model)
+        try:
+            gm = trace(model)
+        except TraceError as e:
+            raise ValueError(f"cross-layer equalization needs the model's graph: {e}") from e
+        summary["folded_bn"] = fold_batchnorm(gm) if cfg.fold_bn else []
+        summary["equalized_pairs"] = [list(p) for p in equalize(gm)]
+        model = gm
+    elif cfg.fold_bn:  # the passes must see the weights PTQ will quantize: BatchNorm folded in
+        try:
+            gm = trace(model)
+            summary["folded_bn"] = fold_batchnorm(gm)
+            model = gm
+        except TraceError as e:
+            log.warning("%s; the weight passes see BatchNorm unfolded", e)
+    if not (cfg.bias_correction or cfg.rounding == "adaround"):
+        return model, summary
+    bits = cfg.effective_weight_bits
+    modules = dict(model.named_modules())
+    names = [n for n in _order(model, batches[0]) if n not in cfg.exclude]
+    corrected, rounded = [], []
+    with torch.no_grad():
+        for name in tqdm(names, desc="adaround" if cfg.rounding == "adaround" else "bias correction", leave=False,
+                         disable=None):
+            layer = modules[name]
+            xs = _inputs(model, layer, batches)
+            fwd = _forward(layer)
+            w = layer.weight.detach().clone()
+            if cfg.rounding == "adaround":
+                scale, lo, hi = weight_qparams(w, bits, cfg.per_channel)
+                with torch.enable_grad():
+                    wq = adaround(w, scale, lo, hi, fwd, xs, iterations=cfg.adaround_iterations, seed=0)
+                rounded.append(name)
+            else:
+                wq = fake_quant_weight(w, bits, cfg.per_channel)
+            if cfg.bias_correction:
+                shift = output_shift(fwd, w, wq, xs, channel_dim=-1 if isinstance(layer, nn.Linear) else 1)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(torch.zeros_like(shift))
+                layer.bias.sub_(shift)
+                corrected.append(name)
+            layer.weight.copy_(wq)  # on the grid: later layers see quantized weights before them
+    summary["adarounded"], summary["bias_corrected"] = rounded, corrected
+    log.info("weight passes: %d layers adarounded, %d biases corrected", len(rounded), len(corrected))
+    return model, summary

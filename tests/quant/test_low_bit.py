@@ -1,0 +1,153 @@
+"""The PTQ passes for low bit widths: cross-layer equalization, bias correction, AdaRound."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import slimkit as sk
+from slimkit.data import batches
+from slimkit.quant.adaround import adaround
+from slimkit.quant.equalization import equalization_pairs, equalize, equalize_pair
+from slimkit.quant.modules import QuantConv, QuantLinear, weight_qparams
+
+
+def _sqnr(model, q, x):
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+
+
+def _calib(d, n=256):
+    return batches(d.train_x[:n], None, 64)
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.side = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.dw(nn.functional.relu(self.a(x)))))
+        return y + self.side(x)  # b feeds an add: no pair after it
+
+
+def test_equalization_keeps_the_function_and_balances_the_ranges():
+    torch.manual_seed(0)
+    m = Chain().eval()
+    with torch.no_grad():  # channels whose ranges differ by 1000x, as depthwise layers have
+        m.a.weight.mul_(torch.logspace(-2, 1, 8).reshape(8, 1, 1, 1))
+        m.dw.weight.mul_(torch.logspace(1, -2, 8).reshape(8, 1, 1, 1))
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    from slimkit.core.graph import trace
+
+    gm = trace(m)
+    assert equalization_pairs(gm) == [("a", "dw"), ("dw", "b")]
+    equalize(gm)
+    torch.testing.assert_close(gm(x), ref, rtol=1e-4, atol=1e-5)
+    # after equalization each shared channel has the same range in both layers of a pair
+    r1 = gm.dw.weight.reshape(8, -1).abs().amax(1)
+    r2 = gm.b.weight.abs().amax(0).reshape(8)
+    torch.testing.assert_close(r1, r2, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="8 output channels, the second 4"):
+        equalize_pair(torch.randn(8, 3), None, torch.randn(2, 4))
+
+
+def test_equalization_lifts_per_tensor_int8_of_an_imbalanced_depthwise_net():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                      nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():  # what BatchNorm folding often leaves in depthwise nets: channel ranges 1000x apart
+        m[0].weight.mul_(torch.logspace(-2, 1, 8).reshape(8, 1, 1, 1))
+        m[0].bias.mul_(torch.logspace(-2, 1, 8))
+        m[2].weight.mul_(torch.logspace(1, -2, 8).reshape(8, 1, 1, 1))
+    calib = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    x = torch.randn(64, 3, 8, 8)
+    plain = sk.quantize(m, {"per_channel": False}, calib_data=calib)
+    cle = sk.quantize(m, "int8-cle", calib_data=calib)
+    cle_pt = sk.quantize(m, {"per_channel": False, "equalize": True, "bias_correction": True}, calib_data=calib)
+    assert cle_pt.slimkit_plan.passes["equalized_pairs"] == [["0", "2"], ["2", "4"]]
+    assert _sqnr(m, cle_pt, x) > _sqnr(m, plain, x) + 6.0  # four times less noise, at least
+    assert _sqnr(m, cle, x) > 20
+
+
+def test_adaround_beats_round_to_nearest_at_4_bits_on_the_mlp(trained_mlp, digits):
+    calib = _calib(digits, 128)
+    cfg = {"weight_bits": 4, "reduce_range": False, "activations": "none"}
+    rtn = sk.quantize(trained_mlp, cfg, calib_data=calib)
+    ada = sk.quantize(trained_mlp, {**cfg, "rounding": "adaround", "adaround_iterations": 300}, calib_data=calib)
+    assert ada.slimkit_plan.passes["adarounded"] == ["1", "3", "5"]
+    assert _sqnr(trained_mlp, ada, digits.test_x) > _sqnr(trained_mlp, rtn, digits.test_x) + 1.0
+
+
+@pytest.mark.slow
+def test_adaround_beats_round_to_nearest_at_4_bits(trained_resnet, digits):
+    calib = _calib(digits, 64)
+    rtn = sk.quantize(trained_resnet, "w4a8", calib_data=calib)
+    ada = sk.quantize(trained_resnet, {"weight_bits": 4, "reduce_range": False, "rounding": "adaround",
+                                       "adaround_iterations": 100}, calib_data=calib)
+    assert _sqnr(trained_resnet, ada, digits.test_x) > _sqnr(trained_resnet, rtn, digits.test_x) + 1.0
+    w = [m.weight_q for m in ada.modules() if isinstance(m, (QuantConv, QuantLinear))]
+    assert max(int(t.abs().max()) for t in w) == 7  # still 4-bit integers, the grid unchanged
+
+
+def test_adaround_core_keeps_the_grid_and_beats_nearest_on_its_objective():
+    torch.manual_seed(0)
+    # correlated inputs: with independent ones the error splits per weight and nearest is optimal
+    w, x = torch.randn(16, 32), torch.randn(512, 32) @ torch.randn(32, 32)
+    scale, lo, hi = weight_qparams(w, 4)
+    out = lambda inp, wt: inp @ wt.t()  # noqa: E731
+    learned = adaround(w, scale, lo, hi, out, [x[:256], x[256:]], iterations=1000)
+    q = learned / scale[:, None]
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() < 7 + 1e-4
+    nearest = torch.round(w / scale[:, None]).clamp(lo, hi) * scale[:, None]
+    assert ((out(x, learned) - out(x, w)) ** 2).sum() < 0.8 * ((out(x, nearest) - out(x, w)) ** 2).sum()
+    with pytest.raises(ValueError, match="calibration inputs"):
+        adaround(w, scale, lo, hi, out, [])
+
+
+def test_bias_correction_removes_the_mean_output_shift(trained_mlp, digits):
+    x = digits.test_x
+    cfg = {"weight_bits": 3, "reduce_range": False, "per_channel": False, "activations": "none"}
+    plain = sk.quantize(trained_mlp, cfg, calib_data=_calib(digits, 128))
+    bc = sk.quantize(trained_mlp, {**cfg, "bias_correction": True}, calib_data=_calib(digits, 128))
+    with torch.no_grad():
+        ref = trained_mlp(x)
+        shift_plain = (plain(x) - ref).mean(0).abs().mean()
+        shift_bc = (bc(x) - ref).mean(0).abs().mean()
+    assert shift_bc < 0.5 * shift_plain
+
+
+def test_low_bit_models_save_load_and_export(trained_resnet, digits, tmp_path):
+    calib = _calib(digits, 64)
+    for preset in ("int8-cle", "w4a8"):
+        q = sk.quantize(trained_resnet, preset, calib_data=calib)
+        sk.save(q, tmp_path / preset)
+        from slimkit.zoo import resnet18
+
+        back = sk.load(tmp_path / preset, resnet18(width=16, in_channels=1, small_input=True))
+        with torch.no_grad():
+            torch.testing.assert_close(back(digits.test_x[:16]), q(digits.test_x[:16]))
+        report = sk.export_onnx(q, tmp_path / f"{preset}.onnx", digits.test_x[:2])
+        assert Path(report.path).exists()
+
+
+def test_low_bit_bad_input(trained_mlp):
+    with pytest.raises(ValueError, match="rounding='adaround' need calib_data"):
+        sk.quantize(trained_mlp, "w4a8-adaround")
+    with pytest.raises(ValueError, match="equalize, bias_correction need calib_data"):
+        sk.quantize(trained_mlp, "int8-cle")
+    with pytest.raises(ValueError, match="rounding"):
+        sk.QuantConfig(rounding="stochastic")
+    with pytest.raises(ValueError, match="weight_bits must be in \\[2, 8\\]"):
+        sk.QuantConfig(weight_bits=1)
+    with pytest.raises(ValueError, match="equalize needs fold_bn"):
+        sk.QuantConfig(equalize=True, fold_bn=False)
+    with pytest.raises(ValueError, match="adaround_iterations"):
+        sk.QuantConfig(rounding="adaround", adaround_iterations=0)
+    assert {"w4a8", "w4a8-adaround", "int8-cle"} <= set(sk.presets())

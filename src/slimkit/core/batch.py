@@ -14,13 +14,14 @@ a dict ``model(**x)`` (Hugging Face style). Loaders that yield ``(inputs, labels
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "call", "inputs_only", "check_batches", "tensors_of", "first_tensor"]
+__all__ = ["Batch", "call", "inputs_only", "check_batches", "tensors_of", "first_tensor", "modes_kept"]
 
 Batch = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 
@@ -110,3 +111,15 @@ def output_error(model: nn.Module, data: list[Batch], reference: list[list[Tenso
             num += float((got.float() - want.float()).pow(2).sum())
             den += float(want.float().pow(2).sum())
     return num / max(den, 1e-30)
+
+
+@contextlib.contextmanager
+def modes_kept(*models: nn.Module) -> Iterator[None]:
+    """Put the models' modules back in their train/eval modes on leaving (a probe in eval mode
+    must not change the caller's model)."""
+    flags = {m: m.training for model in models for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, was in flags.items():
+            m.training = was

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimkit.core.batch import Batch, call
+from slimkit.core.batch import Batch, call, modes_kept
 
 __all__ = ["FeatureKD"]
 
@@ -69,14 +69,9 @@ class FeatureKD(nn.Module):
         for s_name, t_name in self.pairs.items():
             self._handles.append(_module(student, s_name, "student").register_forward_hook(self._keep(self._s, s_name)))
             self._handles.append(_module(teacher, t_name, "teacher").register_forward_hook(self._keep(self._t, t_name)))
-        flags = {m: m.training for m in list(student.modules()) + list(teacher.modules())}
-        try:
-            with torch.no_grad():
-                call(student.eval(), example_inputs)
-                call(teacher.eval(), example_inputs)
-        finally:
-            for m, was in flags.items():
-                m.training = was
+        with modes_kept(student, teacher), torch.no_grad():
+            call(student.eval(), example_inputs)
+            call(teacher.eval(), example_inputs)
         self.adapters = nn.ModuleDict()
         for s_name, t_name in self.pairs.items():
             for store, name, role in ((self._s, s_name, "student"), (self._t, t_name, "teacher")):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.batch import call, check_batches, model_inputs, tensors_of
+from slimkit.core.batch import call, check_batches, model_inputs, modes_kept, tensors_of
 
 from .config import DistillConfig
 from .features import FeatureKD
@@ -28,13 +28,8 @@ def distill_offline(student: nn.Module, teacher: nn.Module, train_data: Sequence
         raise ValueError("train_data: distillation needs (inputs, labels) batches (alpha=1 ignores the labels)")
     x = model_inputs(first)
     s = student if inplace else copy.deepcopy(student)
-    flags = {m: m.training for m in list(s.modules()) + list(teacher.modules())}
-    try:
-        with torch.no_grad():
-            so, to = tensors_of(call(s.eval(), x)), tensors_of(call(teacher.eval(), x))
-    finally:
-        for m, was in flags.items():
-            m.training = was
+    with modes_kept(s, teacher), torch.no_grad():
+        so, to = tensors_of(call(s.eval(), x)), tensors_of(call(teacher.eval(), x))
     if [t.shape for t in so] != [t.shape for t in to]:
         raise ValueError(f"student outputs {[tuple(t.shape) for t in so]} and teacher outputs "
                          f"{[tuple(t.shape) for t in to]} differ in shape; they must predict the same classes")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimkit.core.batch import call, check_batches, model_inputs, tensors_of
+from slimkit.core.batch import call, check_batches, model_inputs, modes_kept, tensors_of
 
 from .config import DistillConfig
 from .losses import KDLoss
@@ -79,14 +79,9 @@ def distill_online(students: Sequence[nn.Module], train_data: Sequence[Any], cfg
         raise ValueError("the students must be distinct modules (pass copies to train twins)")
     x = model_inputs(first)
     shapes = []
-    with torch.no_grad():
+    with modes_kept(*group), torch.no_grad():
         for s in group:
-            was = {m: m.training for m in s.modules()}
-            try:
-                shapes.append([tuple(t.shape) for t in tensors_of(call(s.eval(), x))])
-            finally:
-                for m, w in was.items():
-                    m.training = w
+            shapes.append([tuple(t.shape) for t in tensors_of(call(s.eval(), x))])
     if any(sh != shapes[0] for sh in shapes):
         raise ValueError(f"the students' outputs differ in shape ({shapes}); they must predict the same classes")
     fit(Cohort(group), data, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from slimkit.core.batch import Batch, as_args
+from slimkit.core.batch import Batch, as_args, modes_kept
 from slimkit.core.graph import trace
 
 __all__ = ["Member", "Group", "dependency_groups"]
@@ -115,14 +115,8 @@ def dependency_groups(model: nn.Module, example_inputs: Batch, exclude: tuple[st
     """The coupled channel groups of ``model`` (traced with torch.fx, shapes from ``example_inputs``).
     Groups that cannot be pruned carry the reason in ``frozen``."""
     gm = trace(model, leaves=exclude)  # excluded modules stay opaque: the tracer need not follow them
-    was = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*as_args(example_inputs))
-    finally:
-        for m, t in was.items():
-            m.training = t
+    with modes_kept(gm), torch.no_grad():
+        ShapeProp(gm.eval()).propagate(*as_args(example_inputs))
     b = _Builder(model, exclude)
     layouts: dict[fx.Node, list[Segment] | None] = {}
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimkit.core.batch import Batch, call
+from slimkit.core.batch import Batch, call, modes_kept
 
 __all__ = ["EarlyExit"]
 
@@ -74,15 +74,12 @@ class EarlyExit(nn.Module):
         self.last_exit: Tensor | None = None
         seen: dict[str, Tensor] = {}
         handles = [modules[n].register_forward_hook(self._recorder(n, seen)) for n in exits]
-        was = {m: m.training for m in model.modules()}
         try:
-            with torch.no_grad():
+            with modes_kept(model), torch.no_grad():
                 final = call(model.eval(), example_inputs)
         finally:
             for h in handles:
                 h.remove()
-            for m, w in was.items():
-                m.training = w
         if not (isinstance(final, Tensor) and final.dim() == 2):
             raise ValueError("early exit needs a classifier: the model must return [N, classes] logits, got "
                              + (str(tuple(final.shape)) if isinstance(final, Tensor) else type(final).__name__))

@@ -31,16 +31,24 @@ from slimkit.lowrank import FactorizeConfig
 from slimkit.prune import PruneConfig
 from slimkit.quant import PRESETS as _QUANT_PRESETS
 from slimkit.quant import QuantConfig
+from slimkit.quant.qat import QAT_PRESETS as _QAT_PRESETS
+from slimkit.quant.qat import QATConfig
+from slimkit.quant.qat import qat as _qat
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "distill", "DistillConfig", "presets", "export_onnx", "save", "load", "QuantConfig", "ExportReport",
+__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "distill", "DistillConfig", "presets", "qat_presets", "export_onnx", "save", "load", "QuantConfig", "qat", "QATConfig", "ExportReport",
            "ParityError", "inputs_only", "__version__"]
 
 
 def presets() -> dict[str, dict[str, Any]]:
     """Every named preset, as ``{name: config dict}``."""
     return {name: cfg.to_dict() for name, cfg in sorted(_QUANT_PRESETS.items())}
+
+
+def qat_presets() -> dict[str, dict[str, Any]]:
+    """The presets ``sk.qat`` accepts, as ``{name: config dict}``."""
+    return {name: cfg.to_dict() for name, cfg in sorted(_QAT_PRESETS.items())}
 
 
 def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "int8",
@@ -52,6 +60,25 @@ def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "
     """
     cfg = resolve(config, QuantConfig, _QUANT_PRESETS)
     return handler_for(cfg)(model, cfg, calib_data=calib_data, inplace=inplace)
+
+
+def qat(model: nn.Module, config: QATConfig | Mapping[str, Any] | str, train_data: Iterable[Batch],
+        calib_data: Iterable[Batch] | None = None, inplace: bool = False,
+        evaluate: Callable[[nn.Module], float] | None = None, checkpoint: str | None = None) -> nn.Module:
+    """Quantization-aware training: ``"int8"``, ``"w4a8"``, ``"w4a8-lsq"``, ``"w4a8-pact"`` or a
+    ``QATConfig`` (or its dict). Fine-tunes a copy of ``model`` on ``(inputs, labels)`` batches with
+    fake quantization, starting from PTQ's calibrated ranges (``calib_data``, else the first training
+    inputs), and returns the integer model, which ``sk.export_onnx`` writes as integer ONNX.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    >>> data = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(4)]
+    >>> q = qat(m, "w4a8", data)
+    >>> q.slimkit_plan.passes["qat"]["method"], int(q.get_submodule("0").weight_q.abs().max())
+    ('ste', 7)
+    """
+    cfg = resolve(config, QATConfig, _QAT_PRESETS)
+    return _qat(model, cfg, train_data, calib_data, inplace=inplace, evaluate=evaluate, checkpoint=checkpoint)
 
 
 def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any], data: Iterable[Batch] | None = None,

@@ -187,11 +187,17 @@ class _QuantWeighted(nn.Module):
     bias_scale: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, narrow: bool,
-                 dynamic: bool, per_channel: bool) -> None:
+                 dynamic: bool, per_channel: bool, scale: Tensor | None = None) -> None:
         super().__init__()
         self.bits, self.dynamic = bits, dynamic
         cout = weight.shape[0]
-        scale, lo, hi = weight_qparams(weight, bits, per_channel, narrow)
+        observed, lo, hi = weight_qparams(weight, bits, per_channel, narrow)
+        if scale is None:
+            scale = observed
+        elif scale.numel() not in (1, cout) or not bool((scale > 0).all()):
+            raise ValueError(f"a weight scale must be positive, one value or one per output channel ({cout}); "
+                             f"got shape {tuple(scale.shape)}")
+        scale = scale.detach().float().reshape(-1).expand(cout).clone()
         q = quantize(weight.detach(), scale, torch.zeros(cout, dtype=torch.int32), lo, hi, axis=0)
         self.register_buffer("weight_q", q.to(torch.int8))
         self.register_buffer("weight_scale", scale.float())
@@ -220,8 +226,8 @@ class _QuantWeighted(nn.Module):
 
 class QuantLinear(_QuantWeighted):
     def __init__(self, linear: nn.Linear, bits: int = 8, narrow: bool = True,
-                 dynamic: bool = False, per_channel: bool = True) -> None:
-        super().__init__(linear.weight, linear.bias, bits, narrow, dynamic, per_channel)
+                 dynamic: bool = False, per_channel: bool = True, scale: Tensor | None = None) -> None:
+        super().__init__(linear.weight, linear.bias, bits, narrow, dynamic, per_channel, scale)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -239,12 +245,12 @@ class QuantConv(_QuantWeighted):
     """Quantized ``nn.Conv1d``/``nn.Conv2d`` with zero padding."""
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, bits: int = 8, narrow: bool = True,
-                 dynamic: bool = False, per_channel: bool = True) -> None:
+                 dynamic: bool = False, per_channel: bool = True, scale: Tensor | None = None) -> None:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"QuantConv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}")
         if dynamic and not isinstance(conv, nn.Conv2d):
             raise ValueError("dynamic quantization supports Conv2d only")
-        super().__init__(conv.weight, conv.bias, bits, narrow, dynamic, per_channel)
+        super().__init__(conv.weight, conv.bias, bits, narrow, dynamic, per_channel, scale)
         self.dims = conv.weight.dim() - 2
         self.conv: dict[str, Any] = {"stride": tuple(conv.stride), "padding": tuple(conv.padding),
                      "dilation": tuple(conv.dilation), "groups": conv.groups}

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slimkit.quant.modules import QuantConv, QuantLinear
+from slimkit.quant.qat_modules import FakeQuantWeighted
 
 __all__ = ["Placement", "find_placement", "COMPUTE_FUNCTIONS", "SHAPE_FUNCTIONS", "SHAPE_METHODS"]
 
-COMPUTE_MODULES: tuple[type, ...] = (QuantConv, QuantLinear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+COMPUTE_MODULES: tuple[type, ...] = (QuantConv, QuantLinear, FakeQuantWeighted, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 COMPUTE_FUNCTIONS: set[Any] = {
     operator.add, torch.add, torch.cat, torch.concat, torch.matmul, operator.matmul,
     F.adaptive_avg_pool2d, F.avg_pool2d,

@@ -251,7 +251,7 @@ def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
     if set(quantizers) != set(plan.qparams_):
         diff = set(quantizers) ^ set(plan.qparams_)
         raise ValueError(f"the plan does not match this base model: quantizers differ ({sorted(diff)[:5]})")
-    if saved.quantized_layers != plan.quantized_layers:
+    if set(saved.quantized_layers) != set(plan.quantized_layers):
         raise ValueError("the plan does not match this base model: its quantized layers differ "
                          f"(plan: {plan.quantized_layers[:5]}..., model: {saved.quantized_layers[:5]}...)")
     for name, (s, z) in plan.qparams_.items():

@@ -10,7 +10,7 @@ ValueError: weight_bits must be in [2, 8], got 9
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from slimkit.core.config import Config, check_choice, check_range
 from slimkit.quant.calibrators import CALIBRATORS
@@ -25,9 +25,10 @@ class QuantConfig(Config):
     - ``activations``: ``"static"`` (scales calibrated offline, the fastest form in ONNX Runtime),
       ``"dynamic"`` (scales computed at run time per tensor), ``"none"`` (weights only).
     - ``weight_bits``: signed symmetric weights, per output channel (``per_channel``) or per tensor.
-    - ``reduce_range``: keep weights to ``weight_bits - 1`` bits. On x86 CPUs without VNNI the
-      uint8 x int8 kernels sum pairs of products in int16 and saturate; 7-bit weights cannot
-      overflow (ONNX Runtime's own ``reduce_range`` advice). Costs about one bit of weight precision.
+    - ``reduce_range``: keep 8-bit weights to 7 bits. On x86 CPUs without VNNI the uint8 x int8
+      kernels sum pairs of products in int16 and saturate; 7-bit weights cannot overflow (ONNX
+      Runtime's own ``reduce_range`` advice). Costs about one bit of weight precision. Narrower
+      weights cannot overflow and are left alone.
     - ``calibrator``: one of ``minmax``, ``moving_average``, ``percentile``, ``entropy``, ``mse``.
       Known issue: ``entropy`` over-clips some CNN activations (benchmarks/results/ptq_cnn.md), so
       no preset uses it yet.
@@ -38,6 +39,13 @@ class QuantConfig(Config):
     - ``rounding``: ``"nearest"``, or ``"adaround"`` (learned up/down rounding per weight, layer by
       layer, ``adaround_iterations`` steps each). Equalization, AdaRound and bias correction need
       ``calib_data`` and compose in that order.
+    - ``layer_bits``: weight bits per layer (module name), overriding ``weight_bits``.
+    - Mixed precision from sensitivity: ``mixed_bits`` (the candidate weight widths, e.g. ``[4, 8]``)
+      with one budget, ``target_bits`` (average weight bits per parameter, a size budget) or
+      ``target_sqnr_db`` (output SQNR against the float model on the calibration data, a fidelity
+      budget; layers fall back to float when ``float_fallback`` and the widest width is not
+      enough). The search's choice becomes ``layer_bits`` (and ``exclude``) in the plan's config;
+      its measurements are in ``plan.passes["mixed_precision"]``.
     """
 
     activations: str = "static"
@@ -54,6 +62,11 @@ class QuantConfig(Config):
     bias_correction: bool = False
     rounding: str = "nearest"
     adaround_iterations: int = 1000
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    mixed_bits: tuple[int, ...] = ()
+    target_bits: float | None = None
+    target_sqnr_db: float | None = None
+    float_fallback: bool = True
 
     def validate(self) -> None:
         check_choice("activations", self.activations, ("static", "dynamic", "none"))
@@ -63,18 +76,48 @@ class QuantConfig(Config):
         check_range("percentile", self.percentile, 50.0, 100.0, lo_open=True)
         if self.calib_batches is not None:
             check_range("calib_batches", self.calib_batches, 1, float("inf"))
-        if self.reduce_range and self.weight_bits < 3:
-            raise ValueError("reduce_range needs weight_bits >= 3")
         check_choice("rounding", self.rounding, ("nearest", "adaround"))
         check_range("adaround_iterations", self.adaround_iterations, 1, 10**6)
         if self.equalize and not self.fold_bn:
             raise ValueError("equalize needs fold_bn=True: equalization scales the folded weights")
         if not all(isinstance(n, str) for n in self.exclude):
             raise ValueError("exclude must be a list of module names (strings)")
+        if not isinstance(self.layer_bits, dict) or not all(isinstance(n, str) for n in self.layer_bits):
+            raise ValueError("layer_bits must map module names (strings) to bit widths")
+        for name, bits in self.layer_bits.items():
+            check_range(f"layer_bits[{name!r}]", bits, 2, 8)
+        self._validate_mixed()
+
+    def _validate_mixed(self) -> None:
+        budgets = [n for n in ("target_bits", "target_sqnr_db") if getattr(self, n) is not None]
+        if not self.mixed_bits:
+            if budgets:
+                raise ValueError(f"{budgets[0]} is a mixed-precision budget: give the candidate widths too, "
+                                 "e.g. mixed_bits=[4, 8]")
+            return
+        for bits in self.mixed_bits:
+            check_range("mixed_bits", bits, 2, 8)
+        if len(budgets) != 1:
+            raise ValueError("mixed_bits needs exactly one budget: target_bits (size) or target_sqnr_db (fidelity)")
+        if self.layer_bits:
+            raise ValueError("give layer_bits (a fixed choice) or mixed_bits (a search), not both")
+        if self.rounding == "adaround":
+            raise ValueError("the mixed-precision search measures round-to-nearest; run it first, then pass the "
+                             "layer_bits it chose (plan.config.layer_bits) with rounding='adaround'")
+        if self.target_bits is not None:
+            check_range("target_bits", self.target_bits, min(self.mixed_bits), max(self.mixed_bits))
+        if self.target_sqnr_db is not None:
+            check_range("target_sqnr_db", self.target_sqnr_db, 0.0, 200.0, lo_open=True)
 
     @property
     def effective_weight_bits(self) -> int:
-        return self.weight_bits - 1 if self.reduce_range else self.weight_bits
+        return self.bits_for("")
+
+    def bits_for(self, layer: str) -> int:
+        """The weight bits ``layer`` is quantized to (``layer_bits``, else ``weight_bits``; 8 becomes
+        7 with ``reduce_range``)."""
+        bits = self.layer_bits.get(layer, self.weight_bits)
+        return min(bits, 7) if self.reduce_range else bits
 
 
 PRESETS: dict[str, QuantConfig] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -21,6 +21,7 @@ from slimkit.core.batch import Batch, call, check_batches
 from slimkit.core.config import register
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
 from slimkit.core.plans import attach
+from slimkit.quant import mixed_precision
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.equalization import relu6_to_relu
@@ -80,7 +81,11 @@ class QuantPlan:
 def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
     """Replace Linear/Conv modules by their quantized versions, in place, recording the choice."""
     dynamic = cfg.activations == "dynamic"
-    bits = cfg.effective_weight_bits
+    names = {n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)}
+    unknown = sorted(set(cfg.layer_bits) - names)
+    if unknown:
+        raise ValueError(f"layer_bits names layers this model does not have: {unknown[:5]}; "
+                         f"its Linear/Conv layers are {sorted(names)[:8]}")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -92,6 +97,7 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
             if isinstance(child, nn.Conv1d) and dynamic:
                 plan.skipped[full] = "dynamic quantization supports Conv2d and Linear"
                 continue
+            bits = cfg.bits_for(full)
             try:
                 q: nn.Module = (
                     QuantLinear(child, bits, dynamic=dynamic, per_channel=cfg.per_channel)
@@ -193,6 +199,8 @@ def _quantize_biases(model: nn.Module) -> None:
 def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
                  inplace: bool = False) -> nn.Module:
     """Quantize ``model`` after training. Returns the quantized model with ``.slimkit_plan``."""
+    if cfg.mixed_bits:
+        return _quantize_mixed(model, cfg, calib_data, inplace)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     plan = QuantPlan(config=cfg)
@@ -234,6 +242,21 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
     attach(out, model, plan)
     log.info("quantized %d layers, %d activation quantizers, %d kept in float",
              len(plan.quantized_layers), len(quantizers), len(plan.skipped))
+    return out
+
+
+def _quantize_mixed(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
+    """Search the per-layer widths (``mixed_precision.search``), then quantize with that choice."""
+    data = check_batches(calib_data, "calib_data (the mixed-precision search measures on it)")
+    if cfg.calib_batches is not None:
+        data = data[: cfg.calib_batches]
+    fixed = cfg.replace(mixed_bits=(), target_bits=None, target_sqnr_db=None)
+    # the weights PTQ rounds: BatchNorm folded and, if asked, equalized (no rounding yet)
+    prepared, _ = weight_passes(copy.deepcopy(model).eval(), fixed.replace(bias_correction=False), data)
+    chosen, report = mixed_precision.search(model, prepared, cfg, data, lambda c: quantize_ptq(model, c, data))
+    out = quantize_ptq(model, chosen, data, inplace)
+    plan = cast(QuantPlan, out.slimkit_plan)
+    plan.passes["mixed_precision"] = report
     return out
 
 

@@ -100,7 +100,6 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
             log.warning("%s; the weight passes see BatchNorm unfolded", e)
     if not (cfg.bias_correction or cfg.rounding == "adaround"):
         return model, summary
-    bits = cfg.effective_weight_bits
     modules = dict(model.named_modules())
     names = [n for n in _order(model, batches[0]) if n not in cfg.exclude]
     corrected, rounded = [], []
@@ -108,6 +107,7 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
         for name in tqdm(names, desc="adaround" if cfg.rounding == "adaround" else "bias correction", leave=False,
                          disable=None):
             layer = modules[name]
+            bits = cfg.bits_for(name)
             xs = _inputs(model, layer, batches)
             fwd = _forward(layer)
             w = layer.weight.detach().clone()

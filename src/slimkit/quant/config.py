@@ -39,6 +39,10 @@ class QuantConfig(Config):
     - ``rounding``: ``"nearest"``, or ``"adaround"`` (learned up/down rounding per weight, layer by
       layer, ``adaround_iterations`` steps each). Equalization, AdaRound and bias correction need
       ``calib_data`` and compose in that order.
+    - ``group_size``: group-wise weights for Linear layers, weight-only (``activations="none"``),
+      stored 4-bit and exported as ONNX Runtime's MatMulNBits; ``weight_symmetric=False`` gives
+      each group a zero-point. ``rounding="gptq"`` chooses the integers with GPTQ (``gptq_damp``,
+      ``gptq_act_order``) from ``calib_data``.
     - ``layer_bits``: weight bits per layer (module name), overriding ``weight_bits``.
     - Mixed precision from sensitivity: ``mixed_bits`` (the candidate weight widths, e.g. ``[4, 8]``)
       with one budget, ``target_bits`` (average weight bits per parameter, a size budget) or
@@ -62,6 +66,10 @@ class QuantConfig(Config):
     bias_correction: bool = False
     rounding: str = "nearest"
     adaround_iterations: int = 1000
+    group_size: int | None = None
+    weight_symmetric: bool = True
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
     layer_bits: dict[str, int] = field(default_factory=dict)
     mixed_bits: tuple[int, ...] = ()
     target_bits: float | None = None
@@ -76,7 +84,8 @@ class QuantConfig(Config):
         check_range("percentile", self.percentile, 50.0, 100.0, lo_open=True)
         if self.calib_batches is not None:
             check_range("calib_batches", self.calib_batches, 1, float("inf"))
-        check_choice("rounding", self.rounding, ("nearest", "adaround"))
+        check_choice("rounding", self.rounding, ("nearest", "adaround", "gptq"))
+        self._validate_groups()
         check_range("adaround_iterations", self.adaround_iterations, 1, 10**6)
         if self.equalize and not self.fold_bn:
             raise ValueError("equalize needs fold_bn=True: equalization scales the folded weights")
@@ -87,6 +96,28 @@ class QuantConfig(Config):
         for name, bits in self.layer_bits.items():
             check_range(f"layer_bits[{name!r}]", bits, 2, 8)
         self._validate_mixed()
+
+    def _validate_groups(self) -> None:
+        check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
+        if self.group_size is None:
+            if self.rounding == "gptq":
+                raise ValueError("rounding='gptq' works on group-wise weights: set group_size (e.g. 128) and "
+                                 "activations='none', or use the 'int4-gptq' preset")
+            if not self.weight_symmetric:
+                raise ValueError("weight_symmetric=False (zero-points per group) needs group_size")
+            return
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 16 \
+                or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two, at least 16 (MatMulNBits' blocks); got {self.group_size!r}")
+        if self.activations != "none":
+            raise ValueError("group_size quantizes weights only (MatMulNBits keeps activations in float): "
+                             "set activations='none'")
+        if self.weight_bits != 4:
+            raise ValueError(f"group-wise weights are exported as 4-bit MatMulNBits; got weight_bits={self.weight_bits}")
+        if self.rounding == "adaround":
+            raise ValueError("AdaRound learns per-channel grids; for group-wise weights use rounding='gptq'")
+        if self.mixed_bits or self.layer_bits:
+            raise ValueError("mixed precision chooses per-channel widths; it does not combine with group_size yet")
 
     def _validate_mixed(self) -> None:
         budgets = [n for n in ("target_bits", "target_sqnr_db") if getattr(self, n) is not None]
@@ -131,4 +162,7 @@ PRESETS: dict[str, QuantConfig] = {
     # 4-bit per-channel weights (int8 storage in ONNX, values in [-7, 7]), 8-bit activations.
     "w4a8": QuantConfig(weight_bits=4, reduce_range=False),
     "w4a8-adaround": QuantConfig(weight_bits=4, reduce_range=False, rounding="adaround"),
+    # 4-bit weight-only Linear layers in groups of 128 (MatMulNBits), for transformers.
+    "int4-weight": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128),
+    "int4-gptq": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128, rounding="gptq"),
 }

@@ -27,6 +27,7 @@ from slimkit.quant.config import QuantConfig
 from slimkit.quant.equalization import relu6_to_relu
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.placement import Placement, find_placement, insert_quantizers
+from slimkit.quant.weight_only import QuantLinearNBits
 from slimkit.quant.weight_passes import needs_weight_passes, weight_passes
 
 __all__ = ["QuantPlan", "quantize_ptq", "apply_plan"]
@@ -89,6 +90,9 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, QuantLinearNBits):  # quantized by a weight pass (GPTQ)
+                plan.quantized_layers.append(full)
+                continue
             if not isinstance(child, _WEIGHTED):
                 continue
             if full in cfg.exclude:
@@ -98,6 +102,18 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
                 plan.skipped[full] = "dynamic quantization supports Conv2d and Linear"
                 continue
             bits = cfg.bits_for(full)
+            if cfg.group_size is not None:
+                if not isinstance(child, nn.Linear):
+                    plan.skipped[full] = "group-wise weight-only quantization covers Linear layers"
+                    continue
+                try:
+                    grouped = QuantLinearNBits(child, bits, cfg.group_size, cfg.weight_symmetric)
+                except ValueError as e:
+                    plan.skipped[full] = str(e)
+                    continue
+                setattr(module, child_name, grouped)
+                plan.quantized_layers.append(full)
+                continue
             try:
                 q: nn.Module = (
                     QuantLinear(child, bits, dynamic=dynamic, per_channel=cfg.per_channel)
@@ -207,14 +223,14 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
     if needs_weight_passes(cfg):
         if calib_data is None:
             wanted = [n for n, on in (("equalize", cfg.equalize), ("bias_correction", cfg.bias_correction),
-                                      ("rounding='adaround'", cfg.rounding == "adaround")) if on]
+                                      (f"rounding={cfg.rounding!r}", cfg.rounding != "nearest")) if on]
             raise ValueError(f"{', '.join(wanted)} need calib_data (batches of the model's inputs)")
         passes_data = check_batches(calib_data)
         if cfg.calib_batches is not None:
             passes_data = passes_data[: cfg.calib_batches]
         target, plan.passes = weight_passes(target, cfg, passes_data)
     if cfg.activations != "static":
-        if calib_data is not None:
+        if calib_data is not None and not needs_weight_passes(cfg):
             log.info("%s quantization needs no calibration data; ignoring calib_data", cfg.activations)
         out = _prepare(target, plan, None, None)
         attach(out, model, plan)

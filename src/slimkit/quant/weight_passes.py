@@ -30,7 +30,9 @@ from .adaround import adaround
 from .bias_correction import output_shift
 from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
+from .gptq import gptq, hessian
 from .modules import fake_quant_weight, weight_qparams
+from .weight_only import QuantLinearNBits, dequantize_groups, rtn_groups
 
 __all__ = ["weight_passes", "needs_weight_passes"]
 
@@ -40,7 +42,7 @@ _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def needs_weight_passes(cfg: QuantConfig) -> bool:
-    return cfg.equalize or cfg.bias_correction or cfg.rounding == "adaround"
+    return cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest"
 
 
 def _forward(layer: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
@@ -98,20 +100,34 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
             model = gm
         except TraceError as e:
             log.warning("%s; the weight passes see BatchNorm unfolded", e)
-    if not (cfg.bias_correction or cfg.rounding == "adaround"):
+    if not (cfg.bias_correction or cfg.rounding != "nearest"):
         return model, summary
     modules = dict(model.named_modules())
     names = [n for n in _order(model, batches[0]) if n not in cfg.exclude]
-    corrected, rounded = [], []
+    corrected, rounded, grouped = [], [], []
     with torch.no_grad():
-        for name in tqdm(names, desc="adaround" if cfg.rounding == "adaround" else "bias correction", leave=False,
+        for name in tqdm(names, desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction", leave=False,
                          disable=None):
             layer = modules[name]
             bits = cfg.bits_for(name)
+            grid = None
+            if cfg.group_size is not None:  # group-wise weight-only: Linear layers whose width the groups divide
+                if not isinstance(layer, nn.Linear) or layer.in_features % cfg.group_size:
+                    continue
             xs = _inputs(model, layer, batches)
             fwd = _forward(layer)
             w = layer.weight.detach().clone()
-            if cfg.rounding == "adaround":
+            if cfg.rounding == "gptq":
+                assert cfg.group_size is not None
+                h = hessian(torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]))
+                grid = gptq(w, h, bits, cfg.group_size, cfg.weight_symmetric, damp=cfg.gptq_damp,
+                            act_order=cfg.gptq_act_order)
+                wq = dequantize_groups(*grid)
+                rounded.append(name)
+            elif cfg.group_size is not None:
+                grid = rtn_groups(w, bits, cfg.group_size, cfg.weight_symmetric)
+                wq = dequantize_groups(*grid)
+            elif cfg.rounding == "adaround":
                 scale, lo, hi = weight_qparams(w, bits, cfg.per_channel)
                 with torch.enable_grad():
                     wq = adaround(w, scale, lo, hi, fwd, xs, iterations=cfg.adaround_iterations, seed=0)
@@ -124,7 +140,17 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                     layer.bias = nn.Parameter(torch.zeros_like(shift))
                 layer.bias.sub_(shift)
                 corrected.append(name)
-            layer.weight.copy_(wq)  # on the grid: later layers see quantized weights before them
-    summary["adarounded"], summary["bias_corrected"] = rounded, corrected
-    log.info("weight passes: %d layers adarounded, %d biases corrected", len(rounded), len(corrected))
+            if grid is not None:  # the integers are chosen: the layer becomes the packed 4-bit one now
+                assert cfg.group_size is not None and isinstance(layer, nn.Linear)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        QuantLinearNBits(layer, bits, cfg.group_size, cfg.weight_symmetric, grid=grid))
+                grouped.append(name)
+            else:
+                layer.weight.copy_(wq)  # on the grid: later layers see quantized weights before them
+    if cfg.rounding != "nearest":
+        summary["adarounded" if cfg.rounding == "adaround" else "gptq"] = rounded
+    summary["bias_corrected"] = corrected
+    log.info("weight passes: %d layers rounded by %s, %d biases corrected, %d grouped", len(rounded), cfg.rounding,
+             len(corrected), len(grouped))
     return model, summary

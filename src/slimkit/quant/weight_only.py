@@ -1,0 +1,158 @@
+"""Group-wise weight-only quantization of Linear layers (INT4 and below), stored packed and exported
+as ONNX Runtime's ``com.microsoft::MatMulNBits``, so the file really holds 4-bit weights.
+
+A weight ``[out, in]`` is split along ``in`` into groups of ``group_size``; each group has its own
+scale and zero-point. Values are unsigned ``b``-bit integers ``q`` with ``w = (q - zp) * scale``;
+symmetric groups have ``zp = 2**(b-1)`` (the signed range [-8, 7] at 4 bits), asymmetric ones
+cover the group's ``[min, max]``. Two 4-bit values share a byte, the first in the low nibble, as
+MatMulNBits reads them.
+
+>>> import torch
+>>> w = torch.tensor([[0.1, -0.7, 0.35, 0.0], [1.0, 2.0, 3.0, 4.0]])
+>>> scale, zp = group_qparams(w, bits=4, group_size=2, symmetric=False)
+>>> q = quantize_groups(w, scale, zp, bits=4)
+>>> q.tolist(), zp.tolist()
+([[15, 0, 15, 0], [7, 15, 11, 15]], [[13.0, 0.0], [0.0, 0.0]])
+>>> bool(((dequantize_groups(q, scale, zp) - w).abs() <= scale.repeat_interleave(2, 1) / 2 + 1e-6).all())
+True
+>>> unpack_nibbles(pack_nibbles(q), 4).tolist() == q.tolist()
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["group_qparams", "quantize_groups", "dequantize_groups", "rtn_groups", "pack_nibbles", "unpack_nibbles",
+           "QuantLinearNBits", "EXPORT_BITS"]
+
+EXPORT_BITS = (4,)  # the widths MatMulNBits runs on the CPU in the ONNX Runtime this project pins
+
+
+def _groups(w: Tensor, group_size: int) -> Tensor:
+    out_f, in_f = w.shape
+    if group_size <= 0 or in_f % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the input dimension {in_f}; "
+                         "choose a divisor of it (32, 64 and 128 are usual)")
+    return w.reshape(out_f, in_f // group_size, group_size)
+
+
+def group_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+    """Scale and zero-point per group, each ``[out, in // group_size]``."""
+    g = _groups(w.detach().float(), group_size)
+    qmax = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = g.abs().amax(-1) / (half - 1)
+        zp = torch.full_like(scale, half)
+    else:
+        lo = g.amin(-1).clamp(max=0.0)
+        hi = g.amax(-1).clamp(min=0.0)
+        scale = (hi - lo) / qmax
+        zp = torch.clamp(torch.round(-lo / scale.clamp_min(1e-12)), 0, qmax) + 0.0  # no -0.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zp
+
+
+def quantize_groups(w: Tensor, scale: Tensor, zp: Tensor, bits: int) -> Tensor:
+    """Round ``w`` to the groups' grids: unsigned integers in ``[0, 2**bits - 1]`` (uint8)."""
+    g = _groups(w.detach().float(), w.shape[1] // scale.shape[1])
+    q = torch.clamp(torch.round(g / scale[..., None]) + zp[..., None], 0, 2**bits - 1)
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def dequantize_groups(q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+    g = q.float().reshape(q.shape[0], scale.shape[1], -1)
+    return ((g - zp[..., None]) * scale[..., None]).reshape(q.shape)
+
+
+def rtn_groups(w: Tensor, bits: int, group_size: int, symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Round to nearest: ``(q, scale, zp)``."""
+    scale, zp = group_qparams(w, bits, group_size, symmetric)
+    return quantize_groups(w, scale, zp, bits), scale, zp
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    """Pack 4-bit values two to a byte along the last axis (first value in the low nibble); an odd
+    length is padded with a zero."""
+    if q.shape[-1] % 2:
+        q = F.pad(q, (0, 1))
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
+    """The first ``n`` 4-bit values of each row packed by ``pack_nibbles``."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], -1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """``x @ W^T + b`` with W dequantized from packed groups; exports as MatMulNBits + Add."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, packed: Tensor, scales: Tensor, zp_packed: Tensor, bias: Tensor,  # type: ignore[override]
+                meta: dict[str, int]) -> Tensor:
+        n, k, gs = meta["N"], meta["K"], meta["block_size"]
+        q = unpack_nibbles(packed.reshape(n, -1), k)
+        zp = unpack_nibbles(zp_packed.reshape(n, -1), k // gs).float()
+        w = dequantize_groups(q, scales.reshape(n, -1), zp)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, packed: Any, scales: Any, zp_packed: Any, bias: Any, meta: dict[str, int]) -> Any:
+        y = g.op("com.microsoft::MatMulNBits", x, packed, scales, zp_packed, K_i=meta["K"], N_i=meta["N"],
+                 bits_i=meta["bits"], block_size_i=meta["block_size"])
+        return g.op("Add", y, bias)
+
+
+class QuantLinearNBits(nn.Module):
+    """A Linear layer with group-wise ``bits``-bit weights (weight-only: activations stay float).
+
+    Built by rounding to nearest, or from integers an algorithm chose (``q``, ``scale``, ``zp``
+    from GPTQ). Buffers: ``packed`` ``[out, groups, group_size / 2]`` uint8, ``scales``
+    ``[out * groups]``, ``zero_points`` packed ``[out, ceil(groups / 2)]`` uint8 (the layout
+    MatMulNBits takes), ``bias``.
+    """
+
+    packed: Tensor
+    scales: Tensor
+    zero_points: Tensor
+    bias: Tensor
+
+    def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                 grid: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        super().__init__()
+        if bits not in EXPORT_BITS:
+            raise ValueError(f"group-wise weights are stored as MatMulNBits, which runs {EXPORT_BITS}-bit "
+                             f"weights here; got weight_bits={bits}")
+        if group_size < 16 or group_size & (group_size - 1):
+            raise ValueError(f"MatMulNBits needs a group size that is a power of two, at least 16; got {group_size}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        q, scale, zp = grid if grid is not None else rtn_groups(linear.weight, bits, group_size, symmetric)
+        groups = self.in_features // group_size
+        self.register_buffer("packed", pack_nibbles(q.reshape(self.out_features, groups, group_size)))
+        self.register_buffer("scales", scale.float().reshape(-1).clone())
+        self.register_buffer("zero_points", pack_nibbles(zp.to(torch.uint8).reshape(self.out_features, groups)))
+        b = linear.bias.detach().float().clone() if linear.bias is not None else torch.zeros(self.out_features)
+        self.register_buffer("bias", b)
+
+    def meta(self) -> dict[str, int]:
+        return {"N": self.out_features, "K": self.in_features, "bits": self.bits, "block_size": self.group_size}
+
+    def dequantized_weight(self) -> Tensor:
+        q = unpack_nibbles(self.packed.reshape(self.out_features, -1), self.in_features)
+        zp = unpack_nibbles(self.zero_points, self.in_features // self.group_size).float()
+        return dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, self.bias, self.meta())
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}, "
+                f"{'symmetric' if self.symmetric else 'asymmetric'}")

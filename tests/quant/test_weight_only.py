@@ -1,0 +1,103 @@
+"""Group-wise 4-bit weight-only quantization (MatMulNBits) and GPTQ."""
+
+import pytest
+import torch
+from torch import nn
+
+import slimkit as sk
+from slimkit.data import batches
+from slimkit.quant.gptq import gptq, hessian
+from slimkit.quant.weight_only import (
+    QuantLinearNBits,
+    dequantize_groups,
+    pack_nibbles,
+    rtn_groups,
+    unpack_nibbles,
+)
+
+
+def _sqnr(ref_model, q, x):
+    with torch.no_grad():
+        ref, out = ref_model(x), q(x)
+    return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+
+
+def test_packing_and_group_grids():
+    q = torch.randint(0, 16, (5, 3, 33), dtype=torch.uint8)
+    assert pack_nibbles(q).shape == (5, 3, 17)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q), 33), q)
+    w = torch.randn(8, 64)
+    for symmetric in (True, False):
+        q, scale, zp = rtn_groups(w, 4, 16, symmetric)
+        assert scale.shape == zp.shape == (8, 4) and int(q.max()) <= 15
+        # round to nearest: every weight within half a step of its group's grid
+        step = scale.repeat_interleave(16, 1)
+        assert bool(((dequantize_groups(q, scale, zp) - w).abs() <= step / 2 + 1e-6).all())
+    assert torch.equal(rtn_groups(w, 4, 16)[2], torch.full((8, 4), 8.0))  # symmetric: zero-point 8
+    with pytest.raises(ValueError, match="group_size 24 does not divide the input dimension 64"):
+        rtn_groups(w, 4, 24)
+
+
+def test_gptq_lowers_each_layers_output_error_on_the_trained_mlp(trained_mlp, digits):
+    calib = batches(digits.train_x[:512], None, 128)
+    seen = []
+    h = trained_mlp[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            trained_mlp(b)
+    h.remove()
+    x = torch.cat(seen)
+    w = trained_mlp[1].weight.detach()
+
+    def out_err(grid):
+        return float(((x @ (dequantize_groups(*grid) - w).T) ** 2).mean())
+
+    rtn = out_err(rtn_groups(w, 4, 128))
+    assert out_err(gptq(w, hessian(x), 4, 128)) < 0.5 * rtn
+    assert out_err(gptq(w, hessian(x), 4, 128, act_order=True)) < 0.5 * rtn
+    # the whole model, every layer by GPTQ, each fed the already quantized layers' outputs
+    q_rtn = sk.quantize(trained_mlp, "int4-weight")
+    q_gptq = sk.quantize(trained_mlp, "int4-gptq", calib_data=calib)
+    assert q_gptq.slimkit_plan.passes["gptq"] == ["1", "3", "5"]
+    assert _sqnr(trained_mlp, q_gptq, digits.test_x) > _sqnr(trained_mlp, q_rtn, digits.test_x) + 6.0
+
+
+def test_int4_weights_export_as_matmulnbits_and_round_trip(trained_mlp, digits, tmp_path):
+    calib = batches(digits.train_x[:256], None, 128)
+    q = sk.quantize(trained_mlp, {**sk.presets()["int4-gptq"], "group_size": 32, "weight_symmetric": False},
+                    calib_data=calib)
+    assert all(isinstance(q.get_submodule(n), QuantLinearNBits) for n in ("1", "3", "5"))
+    fp32 = sk.export_onnx(trained_mlp, tmp_path / "fp32.onnx", example_inputs=digits.test_x[:4])
+    report = sk.export_onnx(q, tmp_path / "int4.onnx", example_inputs=digits.test_x[:4])
+    assert report.lint.integer_ops == {"MatMulNBits": 3} and report.parity.rel_l2 < 1e-5
+    assert report.size_bytes < 0.2 * fp32.size_bytes  # 4 bits plus a scale and zero-point per 32 weights
+    sk.save(q, tmp_path / "int4")
+    back = sk.load(tmp_path / "int4", trained_mlp)
+    torch.testing.assert_close(back(digits.test_x[:16]), q(digits.test_x[:16]))
+
+
+def test_group_wise_bad_input_and_unsupported_layers(trained_mlp, trained_resnet, digits):
+    with pytest.raises(ValueError, match="group_size must be a power of two, at least 16"):
+        sk.QuantConfig(activations="none", weight_bits=4, group_size=48)
+    with pytest.raises(ValueError, match="set activations='none'"):
+        sk.QuantConfig(weight_bits=4, group_size=128)
+    with pytest.raises(ValueError, match="rounding='gptq' works on group-wise weights"):
+        sk.QuantConfig(rounding="gptq")
+    with pytest.raises(ValueError, match="exported as 4-bit MatMulNBits; got weight_bits=3"):
+        sk.QuantConfig(activations="none", weight_bits=3, group_size=128)
+    with pytest.raises(ValueError, match="rounding='gptq' need calib_data"):
+        sk.quantize(trained_mlp, "int4-gptq")
+    # a group size that does not divide a layer's width: that layer stays float, and the plan says why
+    q = sk.quantize(trained_mlp, {**sk.presets()["int4-weight"], "group_size": 256})
+    assert q.slimkit_plan.quantized_layers == ["1", "3"]
+    assert "does not divide the input dimension 128" in q.slimkit_plan.skipped["5"]
+    # convolutions are not group-quantized; the linear head is
+    r = sk.quantize(trained_resnet, {**sk.presets()["int4-weight"], "group_size": 32})
+    assert r.slimkit_plan.quantized_layers == ["fc"]
+    assert r.slimkit_plan.skipped["stem.0"] == "group-wise weight-only quantization covers Linear layers"
+    nan = [digits.train_x[:8].clone()]
+    nan[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 0 holds NaN"):
+        sk.quantize(trained_mlp, "int4-gptq", calib_data=nan)
+    with pytest.raises(ValueError, match="Hessian is"):
+        gptq(torch.randn(4, 8), torch.eye(6))

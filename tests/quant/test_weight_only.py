@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 import slimkit as sk
 from slimkit.data import batches

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import slimkit as sk
 from slimkit.data import batches
@@ -100,3 +101,37 @@ def test_group_wise_bad_input_and_unsupported_layers(trained_mlp, trained_resnet
         sk.quantize(trained_mlp, "int4-gptq", calib_data=nan)
     with pytest.raises(ValueError, match="Hessian is"):
         gptq(torch.randn(4, 8), torch.eye(6))
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, tie: bool) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(500, 64), nn.Embedding(16, 64)
+        self.body, self.head = nn.Linear(64, 64), nn.Linear(64, 500, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.emb(ids) + self.pos(torch.arange(ids.shape[1])))))
+
+
+def test_embedding_tables_shrink_to_int8_rows_and_tied_ones_stay_float(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (4, 16))
+    cfg = {**sk.presets()["int4-weight"], "group_size": 32}
+    m = _TinyLM(tie=False).eval()
+    q = sk.quantize(m, cfg)
+    assert q.slimkit_plan.quantized_layers == ["body", "head", "emb", "pos"]
+    assert q.emb.table.dtype == torch.int8 and q.emb.scales.shape == (500,)
+    with torch.no_grad():
+        rel = float((q.emb(ids) - m.emb(ids)).norm() / m.emb(ids).norm())
+    assert rel < 0.01  # int8 rows: under 1% error
+    fp32 = sk.export_onnx(m, tmp_path / "fp32.onnx", example_inputs=ids)
+    report = sk.export_onnx(q, tmp_path / "q.onnx", example_inputs=ids)
+    assert report.size_bytes < 0.25 * fp32.size_bytes
+    sk.save(q, tmp_path / "lm")
+    torch.testing.assert_close(sk.load(tmp_path / "lm", m)(ids), q(ids))
+    tied = sk.quantize(_TinyLM(tie=True).eval(), cfg)
+    assert "emb" not in tied.slimkit_plan.quantized_layers
+    assert tied.slimkit_plan.skipped["emb"] == "its weight is tied to 'head'; quantizing it apart would untie them"
+    assert isinstance(tied.emb, nn.Embedding)

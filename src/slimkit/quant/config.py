@@ -43,6 +43,9 @@ class QuantConfig(Config):
       stored 4-bit and exported as ONNX Runtime's MatMulNBits; ``weight_symmetric=False`` gives
       each group a zero-point. ``rounding="gptq"`` chooses the integers with GPTQ (``gptq_damp``,
       ``gptq_act_order``) from ``calib_data``.
+    - ``quantize_embeddings``: store ``nn.Embedding`` tables as int8 with a scale per row (a
+      transformer's word embeddings are often half its file). Tables tied to another layer's
+      weight are kept in float, and the plan says so.
     - ``layer_bits``: weight bits per layer (module name), overriding ``weight_bits``.
     - Mixed precision from sensitivity: ``mixed_bits`` (the candidate weight widths, e.g. ``[4, 8]``)
       with one budget, ``target_bits`` (average weight bits per parameter, a size budget) or
@@ -70,6 +73,7 @@ class QuantConfig(Config):
     weight_symmetric: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    quantize_embeddings: bool = False
     layer_bits: dict[str, int] = field(default_factory=dict)
     mixed_bits: tuple[int, ...] = ()
     target_bits: float | None = None
@@ -154,7 +158,7 @@ class QuantConfig(Config):
 PRESETS: dict[str, QuantConfig] = {
     # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights, per-tensor uint8 activations.
     "int8": QuantConfig(),
-    "int8-dynamic": QuantConfig(activations="dynamic"),
+    "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),
     "int8-percentile": QuantConfig(calibrator="percentile"),
     "int8-entropy": QuantConfig(calibrator="entropy"),
     # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).
@@ -163,6 +167,9 @@ PRESETS: dict[str, QuantConfig] = {
     "w4a8": QuantConfig(weight_bits=4, reduce_range=False),
     "w4a8-adaround": QuantConfig(weight_bits=4, reduce_range=False, rounding="adaround"),
     # 4-bit weight-only Linear layers in groups of 128 (MatMulNBits), for transformers.
-    "int4-weight": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128),
-    "int4-gptq": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128, rounding="gptq"),
+    # Embedding tables as int8 rows.
+    "int4-weight": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128,
+                               quantize_embeddings=True),
+    "int4-gptq": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128, rounding="gptq",
+                             quantize_embeddings=True),
 }

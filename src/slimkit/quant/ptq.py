@@ -27,7 +27,7 @@ from slimkit.quant.config import QuantConfig
 from slimkit.quant.equalization import relu6_to_relu
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.placement import Placement, find_placement, insert_quantizers
-from slimkit.quant.weight_only import QuantLinearNBits
+from slimkit.quant.weight_only import QuantEmbedding, QuantLinearNBits
 from slimkit.quant.weight_passes import needs_weight_passes, weight_passes
 
 __all__ = ["QuantPlan", "quantize_ptq", "apply_plan"]
@@ -82,6 +82,9 @@ class QuantPlan:
 def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
     """Replace Linear/Conv modules by their quantized versions, in place, recording the choice."""
     dynamic = cfg.activations == "dynamic"
+    owners: dict[int, list[str]] = {}  # parameter -> modules holding it (tied embeddings), before any swap
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
     names = {n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)}
     unknown = sorted(set(cfg.layer_bits) - names)
     if unknown:
@@ -125,8 +128,28 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
                 continue
             setattr(module, child_name, q)
             plan.quantized_layers.append(full)
+    if cfg.quantize_embeddings:
+        _swap_embeddings(model, plan, owners)
     for full, why in plan.skipped.items():
         log.info("kept in float: %s (%s)", full, why)
+
+
+def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[str]]) -> None:
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, nn.Embedding):
+                continue
+            others = [o for o in owners.get(id(child.weight), []) if o != full]
+            if others:
+                plan.skipped[full] = f"its weight is tied to {others[0]!r}; quantizing it apart would untie them"
+                continue
+            try:
+                setattr(module, child_name, QuantEmbedding(child))
+            except ValueError as e:
+                plan.skipped[full] = str(e)
+                continue
+            plan.quantized_layers.append(full)
 
 
 def _observer_factory(cfg: QuantConfig) -> Any:

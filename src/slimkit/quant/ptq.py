@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from slimkit.core.batch import Batch, call, check_batches
+from slimkit.core.batch import Batch, call, check_batches, modes_kept, output_error, tensors_of
 from slimkit.core.config import register
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
 from slimkit.core.plans import attach
@@ -240,6 +240,38 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
     """Quantize ``model`` after training. Returns the quantized model with ``.slimkit_plan``."""
     if cfg.mixed_bits:
         return _quantize_mixed(model, cfg, calib_data, inplace)
+    if cfg.equalize and calib_data is not None:
+        return _equalize_if_it_helps(model, cfg, calib_data)
+    return _quantize(model, cfg, calib_data, inplace)
+
+
+def _equalize_if_it_helps(model: nn.Module, cfg: QuantConfig, calib_data: Any) -> nn.Module:
+    """Cross-layer equalization balances the weights' ranges but rescales the activations between
+    the pairs, which per-tensor activation grids can pay for: on one training of the digits
+    MobileNetV2 it lowers the per-tensor INT8 SQNR by 4 dB, on another it raises it by 4 dB. So the
+    model is quantized both ways and the one whose outputs on the calibration data are closer to the
+    float model's is kept; ``plan.passes["equalization"]`` records both and the decision."""
+    data = check_batches(calib_data)
+    if cfg.calib_batches is not None:
+        data = data[: cfg.calib_batches]
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        reference = [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
+    with_eq = _quantize(model, cfg, data, inplace=False)
+    without = _quantize(model, cfg.replace(equalize=False), data, inplace=False)
+    with torch.no_grad():
+        err_with, err_without = output_error(with_eq, data, reference), output_error(without, data, reference)
+    kept = err_with <= err_without
+    choice = with_eq if kept else without
+    report = {"kept": kept, "sqnr_db_with": mixed_precision.sqnr_db(err_with),
+              "sqnr_db_without": mixed_precision.sqnr_db(err_without)}
+    cast(QuantPlan, choice.slimkit_plan).passes["equalization"] = report
+    log.info("cross-layer equalization %s: %.1f dB with it, %.1f dB without (calibration data)",
+             "kept" if kept else "left out", report["sqnr_db_with"], report["sqnr_db_without"])
+    return choice
+
+
+def _quantize(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     plan = QuantPlan(config=cfg)

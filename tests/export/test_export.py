@@ -108,3 +108,35 @@ def test_default_parity_tolerance_follows_how_the_model_is_quantized(trained_mlp
     assert _default_tolerance(sk.quantize(trained_mlp, "int8", calib_data=calib)) == 2e-2
     assert _default_tolerance(sk.quantize(trained_mlp, "int4-weight")) == 2e-2
     assert _default_tolerance(sk.quantize(trained_mlp, "int8-dynamic")) == 0.15
+
+
+class _Tokens(nn.Module):
+    """A toy encoder called like a Hugging Face model: token ids and a mask, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(50, 16), nn.Linear(16, 8)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.proj(self.emb(input_ids))
+        m = attention_mask.unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def test_token_batches_export_with_a_dynamic_sequence_axis(tmp_path):
+    from slimkit.export.runtime import feeds
+
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ex = {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    for m in (model, sk.quantize(model, {**sk.presets()["int4-weight"], "group_size": 16})):
+        report = sk.export_onnx(m, tmp_path / "tok.onnx", ex)
+        assert report.inputs == ["input_ids", "attention_mask"]
+        s = session(report.path)
+        for length in (3, 21):  # shorter and longer than the example
+            b = {"input_ids": torch.randint(0, 50, (5, length)), "attention_mask": torch.ones(5, length, dtype=torch.long)}
+            with torch.no_grad():
+                want = m(**b).numpy()
+            got = s.run(None, feeds(s, b))[0]
+            assert got.shape == (5, 8)
+            assert float(abs(got - want).max()) < 1e-4

@@ -78,7 +78,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     """Write ``model`` to ``path`` as ONNX and check it in ONNX Runtime.
 
     ``example_inputs`` is a batch as the model is called with (tensor, tuple, or dict of named
-    inputs). The batch axis of every input and output is dynamic. With ``check`` (default), the
+    inputs). The batch axis of every input and output is dynamic, and so is the second axis of the
+    integer inputs of a dict batch (token ids and masks: the sequence length). With ``check`` (default), the
     ONNX model's outputs are compared with PyTorch's and a ``ParityError`` is raised past
     ``tolerance`` (relative L2 error; 1e-4 for float models, 2e-2 for quantized ones, 0.15 for
     dynamic quantization, whose run-time rounding lets deep models drift by the quantization noise).
@@ -99,7 +100,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     outputs = _output_names(model, example_inputs)
-    dynamic = {n: {0: "batch"} for n in [*names, *outputs]}
+    dynamic: dict[str, dict[int, str]] = {n: {0: "batch"} for n in [*names, *outputs]}
+    if isinstance(example_inputs, Mapping):  # tokenizer output: the sequence axis varies too
+        for n in names:
+            value = example_inputs.get(n)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point():
+                dynamic[n][1] = "sequence"
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

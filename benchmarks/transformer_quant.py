@@ -1,5 +1,5 @@
 """Benchmark: quantizing a real pretrained transformer, all-MiniLM-L6-v2, for the CPU -- slimkit's
-INT8 dynamic and INT4 weight-only (round to nearest, GPTQ) against ONNX Runtime's own quantizers
+INT8 dynamic and INT4 weight-only (round to nearest, GPTQ, AWQ) against ONNX Runtime's own quantizers
 (quantize_dynamic; MatMulNBitsQuantizer, round to nearest, also on the embedding Gather) and
 torch.ao's dynamic INT8, all in one run.
 
@@ -43,6 +43,8 @@ OURS: list[tuple[str, Any]] = [
     ("slimkit int4-weight (RTN, g32 asym)", {**sk.presets()["int4-weight"], **G32}),
     ("slimkit int4-gptq (g128 sym)", "int4-gptq"),
     ("slimkit int4-gptq (g32 asym, act-order)", {**sk.presets()["int4-gptq"], **G32, "gptq_act_order": True}),
+    ("slimkit int4-awq (g128 sym)", "int4-awq"),
+    ("slimkit int4-awq (g32 asym)", {**sk.presets()["int4-awq"], **G32}),
 ]
 
 

@@ -137,3 +137,27 @@ def test_embedding_tables_shrink_to_int8_rows_and_tied_ones_stay_float(tmp_path)
     assert "emb" not in tied.slimkit_plan.quantized_layers
     assert tied.slimkit_plan.skipped["emb"] == "its weight is tied to 'head'; quantizing it apart would untie them"
     assert isinstance(tied.emb, nn.Embedding)
+
+
+def test_awq_lowers_the_output_error_on_the_trained_mlp(trained_mlp, digits, tmp_path):
+    from slimkit.quant.awq import awq_scales
+
+    calib = batches(digits.train_x[:512], None, 128)
+    seen = []
+    h = trained_mlp[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            trained_mlp(b)
+    h.remove()
+    scales, alpha, errors = awq_scales(trained_mlp[1].weight, torch.cat(seen), 4, 128)
+    assert alpha > 0 and errors[alpha] < 0.97 * errors[0.0]  # alpha = 0 is round to nearest
+    q = sk.quantize(trained_mlp, "int4-awq", calib_data=calib)
+    assert set(q.slimkit_plan.passes["awq_alpha"]) == {"1", "3", "5"}
+    rtn = sk.quantize(trained_mlp, "int4-weight")
+    assert _sqnr(trained_mlp, q, digits.test_x) > _sqnr(trained_mlp, rtn, digits.test_x) + 0.5
+    report = sk.export_onnx(q, tmp_path / "awq.onnx", example_inputs=digits.test_x[:4])
+    assert report.lint.integer_ops == {"MatMulNBits": 3} and report.parity.rel_l2 < 1e-5
+    sk.save(q, tmp_path / "awq")
+    torch.testing.assert_close(sk.load(tmp_path / "awq", trained_mlp)(digits.test_x[:8]), q(digits.test_x[:8]))
+    with pytest.raises(ValueError, match="rounding='awq' works on group-wise weights"):
+        sk.QuantConfig(rounding="awq")

@@ -44,7 +44,8 @@ class QuantConfig(Config):
     - ``group_size``: group-wise weights for Linear layers, weight-only (``activations="none"``),
       stored 4-bit and exported as ONNX Runtime's MatMulNBits; ``weight_symmetric=False`` gives
       each group a zero-point. ``rounding="gptq"`` chooses the integers with GPTQ (``gptq_damp``,
-      ``gptq_act_order``) from ``calib_data``.
+      ``gptq_act_order``) from ``calib_data``; ``rounding="awq"`` scales the salient input channels
+      first (AWQ), dividing the input by the same scales at run time.
     - ``quantize_embeddings``: store ``nn.Embedding`` tables as int8 with a scale per row (a
       transformer's word embeddings are often half its file). Tables tied to another layer's
       weight are kept in float, and the plan says so.
@@ -90,7 +91,7 @@ class QuantConfig(Config):
         check_range("percentile", self.percentile, 50.0, 100.0, lo_open=True)
         if self.calib_batches is not None:
             check_range("calib_batches", self.calib_batches, 1, float("inf"))
-        check_choice("rounding", self.rounding, ("nearest", "adaround", "gptq"))
+        check_choice("rounding", self.rounding, ("nearest", "adaround", "gptq", "awq"))
         self._validate_groups()
         check_range("adaround_iterations", self.adaround_iterations, 1, 10**6)
         if self.equalize and not self.fold_bn:
@@ -106,9 +107,9 @@ class QuantConfig(Config):
     def _validate_groups(self) -> None:
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
         if self.group_size is None:
-            if self.rounding == "gptq":
-                raise ValueError("rounding='gptq' works on group-wise weights: set group_size (e.g. 128) and "
-                                 "activations='none', or use the 'int4-gptq' preset")
+            if self.rounding in ("gptq", "awq"):
+                raise ValueError(f"rounding={self.rounding!r} works on group-wise weights: set group_size (e.g. 128) "
+                                 f"and activations='none', or use the 'int4-{self.rounding}' preset")
             if not self.weight_symmetric:
                 raise ValueError("weight_symmetric=False (zero-points per group) needs group_size")
             return
@@ -174,4 +175,6 @@ PRESETS: dict[str, QuantConfig] = {
                                quantize_embeddings=True),
     "int4-gptq": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128, rounding="gptq",
                              quantize_embeddings=True),
+    "int4-awq": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128, rounding="awq",
+                            quantize_embeddings=True),
 }

@@ -94,6 +94,18 @@ def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
     return torch.stack([low, high], -1).reshape(*packed.shape[:-1], -1)[..., :n]
 
 
+class _ScaleInput(torch.autograd.Function):
+    """``x * inv_scale`` per input channel (AWQ's run-time division); exports as one Mul."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, inv_scale: Tensor) -> Tensor:  # type: ignore[override]
+        return x * inv_scale
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, inv_scale: Any) -> Any:
+        return g.op("Mul", x, inv_scale)
+
+
 class _MatMulNBits(torch.autograd.Function):
     """``x @ W^T + b`` with W dequantized from packed groups; exports as MatMulNBits + Add."""
 
@@ -119,16 +131,18 @@ class QuantLinearNBits(nn.Module):
     Built by rounding to nearest, or from integers an algorithm chose (``q``, ``scale``, ``zp``
     from GPTQ). Buffers: ``packed`` ``[out, groups, group_size / 2]`` uint8, ``scales``
     ``[out * groups]``, ``zero_points`` packed ``[out, ceil(groups / 2)]`` uint8 (the layout
-    MatMulNBits takes), ``bias``.
+    MatMulNBits takes), ``bias``, and ``input_scale`` (AWQ's per-input-channel scales: the weights
+    were scaled up by them, the input is divided by them; all ones otherwise, and then not exported).
     """
 
     packed: Tensor
     scales: Tensor
     zero_points: Tensor
     bias: Tensor
+    input_scale: Tensor
 
     def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                 grid: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+                 grid: tuple[Tensor, Tensor, Tensor] | None = None, input_scale: Tensor | None = None) -> None:
         super().__init__()
         if bits not in EXPORT_BITS:
             raise ValueError(f"group-wise weights are stored as MatMulNBits, which runs {EXPORT_BITS}-bit "
@@ -144,6 +158,10 @@ class QuantLinearNBits(nn.Module):
         self.register_buffer("zero_points", pack_nibbles(zp.to(torch.uint8).reshape(self.out_features, groups)))
         b = linear.bias.detach().float().clone() if linear.bias is not None else torch.zeros(self.out_features)
         self.register_buffer("bias", b)
+        s = input_scale.detach().float().reshape(-1) if input_scale is not None else torch.ones(self.in_features)
+        if s.numel() != self.in_features or not bool((s > 0).all()):
+            raise ValueError(f"input_scale must hold {self.in_features} positive values")
+        self.register_buffer("input_scale", s.clone())
 
     def meta(self) -> dict[str, int]:
         return {"N": self.out_features, "K": self.in_features, "bits": self.bits, "block_size": self.group_size}
@@ -154,6 +172,8 @@ class QuantLinearNBits(nn.Module):
         return dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not bool((self.input_scale == 1).all()):  # decided on the buffer's values, also when exporting
+            x = _ScaleInput.apply(x, 1.0 / self.input_scale)
         return _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, self.bias, self.meta())
 
     def extra_repr(self) -> str:

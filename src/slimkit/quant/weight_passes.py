@@ -27,6 +27,7 @@ from slimkit.core.batch import Batch, call
 from slimkit.core.graph import TraceError, fold_batchnorm, trace
 
 from .adaround import adaround
+from .awq import awq_scales
 from .bias_correction import output_shift
 from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
@@ -105,12 +106,13 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
     modules = dict(model.named_modules())
     names = [n for n in _order(model, batches[0]) if n not in cfg.exclude]
     corrected, rounded, grouped = [], [], []
+    alphas: dict[str, float] = {}
     with torch.no_grad():
         for name in tqdm(names, desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction", leave=False,
                          disable=None):
             layer = modules[name]
             bits = cfg.bits_for(name)
-            grid = None
+            grid, input_scale = None, None
             if cfg.group_size is not None:  # group-wise weight-only: Linear layers whose width the groups divide
                 if not isinstance(layer, nn.Linear) or layer.in_features % cfg.group_size:
                     continue
@@ -124,6 +126,14 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                             act_order=cfg.gptq_act_order)
                 wq = dequantize_groups(*grid)
                 rounded.append(name)
+            elif cfg.rounding == "awq":
+                assert cfg.group_size is not None
+                input_scale, alpha, _ = awq_scales(w, torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]), bits,
+                                                   cfg.group_size, cfg.weight_symmetric)
+                grid = rtn_groups(w * input_scale, bits, cfg.group_size, cfg.weight_symmetric)
+                wq = dequantize_groups(*grid) / input_scale
+                rounded.append(name)
+                alphas[name] = alpha
             elif cfg.group_size is not None:
                 grid = rtn_groups(w, bits, cfg.group_size, cfg.weight_symmetric)
                 wq = dequantize_groups(*grid)
@@ -144,12 +154,15 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                 assert cfg.group_size is not None and isinstance(layer, nn.Linear)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child,
-                        QuantLinearNBits(layer, bits, cfg.group_size, cfg.weight_symmetric, grid=grid))
+                        QuantLinearNBits(layer, bits, cfg.group_size, cfg.weight_symmetric, grid=grid,
+                                         input_scale=input_scale))
                 grouped.append(name)
             else:
                 layer.weight.copy_(wq)  # on the grid: later layers see quantized weights before them
     if cfg.rounding != "nearest":
-        summary["adarounded" if cfg.rounding == "adaround" else "gptq"] = rounded
+        summary[{"adaround": "adarounded"}.get(cfg.rounding, cfg.rounding)] = rounded
+    if alphas:
+        summary["awq_alpha"] = alphas
     summary["bias_corrected"] = corrected
     log.info("weight passes: %d layers rounded by %s, %d biases corrected, %d grouped", len(rounded), cfg.rounding,
              len(corrected), len(grouped))

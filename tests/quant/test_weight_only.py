@@ -16,6 +16,16 @@ from slimkit.quant.weight_only import (
 )
 
 
+def _layer_inputs(model, layer, calib):
+    seen = []
+    h = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            model(b)
+    h.remove()
+    return torch.cat(seen)
+
+
 def _sqnr(ref_model, q, x):
     with torch.no_grad():
         ref, out = ref_model(x), q(x)
@@ -42,13 +52,7 @@ def test_packing_and_group_grids():
 
 def test_gptq_lowers_each_layers_output_error_on_the_trained_mlp(trained_mlp, digits):
     calib = batches(digits.train_x[:512], None, 128)
-    seen = []
-    h = trained_mlp[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        for b in calib:
-            trained_mlp(b)
-    h.remove()
-    x = torch.cat(seen)
+    x = _layer_inputs(trained_mlp, trained_mlp[1], calib)
     w = trained_mlp[1].weight.detach()
 
     def out_err(grid):
@@ -143,13 +147,7 @@ def test_awq_lowers_the_output_error_on_the_trained_mlp(trained_mlp, digits, tmp
     from slimkit.quant.awq import awq_scales
 
     calib = batches(digits.train_x[:512], None, 128)
-    seen = []
-    h = trained_mlp[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        for b in calib:
-            trained_mlp(b)
-    h.remove()
-    scales, alpha, errors = awq_scales(trained_mlp[1].weight, torch.cat(seen), 4, 128)
+    scales, alpha, errors = awq_scales(trained_mlp[1].weight, _layer_inputs(trained_mlp, trained_mlp[1], calib), 4, 128)
     assert alpha > 0 and errors[alpha] < 0.97 * errors[0.0]  # alpha = 0 is round to nearest
     q = sk.quantize(trained_mlp, "int4-awq", calib_data=calib)
     assert set(q.slimkit_plan.passes["awq_alpha"]) == {"1", "3", "5"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -297,17 +298,8 @@ def _quantize(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplac
     quantizers = _act_quantizers(out)
     if not quantizers:
         raise ValueError(f"no layer of {type(model).__name__} could be quantized: {plan.skipped or 'no Linear/Conv layers'}")
-    with torch.no_grad():
-        for i, batch in enumerate(tqdm(batches, desc="calibrating", leave=False, disable=None)):
-            try:
-                call(out, batch)
-            except ValueError as e:
-                raise ValueError(f"calibration batch {i}: {_culprit(quantizers, e)}") from e
+    calibrate(out, batches, quantizers, lambda q: q.freeze())
     for name, q in quantizers.items():
-        try:
-            q.freeze()
-        except ValueError as e:
-            raise ValueError(f"activation quantizer {name!r}: {e}") from e
         plan.qparams_[name] = (float(q.scale), int(q.zero_point))
     _quantize_biases(out)
     attach(out, model, plan)
@@ -331,8 +323,22 @@ def _quantize_mixed(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace
     return out
 
 
-def _culprit(quantizers: dict[str, ActQuant], err: Exception) -> str:
-    return f"{err} (while observing activations; quantizers: {len(quantizers)})"
+def calibrate(model: nn.Module, batches: list[Batch], quantizers: Mapping[str, nn.Module],
+              finish: Callable[[Any], None]) -> None:
+    """Run the calibration batches through ``model`` (its quantizers observing), then ``finish``
+    each quantizer (fix its range); errors name the batch or the quantizer at fault."""
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", leave=False, disable=None)):
+            try:
+                call(model, batch)
+            except ValueError as e:
+                raise ValueError(f"calibration batch {i}: {e} (while observing activations; "
+                                 f"quantizers: {len(quantizers)})") from e
+    for name, q in quantizers.items():
+        try:
+            finish(q)
+        except ValueError as e:
+            raise ValueError(f"activation quantizer {name!r}: {e}") from e
 
 
 def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:

@@ -24,10 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx, nn
 
-from slimkit.core.batch import Batch, call, check_batches, model_inputs
+from slimkit.core.batch import Batch, check_batches, model_inputs
 from slimkit.core.config import Config, check_choice, check_range
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
 from slimkit.core.plans import attach
@@ -35,7 +34,7 @@ from slimkit.quant.calibrators import CALIBRATORS, make_observer
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.placement import find_placement, insert_quantizers
-from slimkit.quant.ptq import QuantPlan, _quantize_biases
+from slimkit.quant.ptq import QuantPlan, _quantize_biases, calibrate
 from slimkit.quant.qat_modules import QAT_METHODS, FakeQuantAct, FakeQuantWeighted
 
 __all__ = ["QATConfig", "QAT_PRESETS", "qat", "prepare_qat", "convert_qat"]
@@ -184,17 +183,7 @@ def prepare_qat(model: nn.Module, cfg: QATConfig, calib: list[Batch]) -> tuple[f
         return FakeQuantAct(8, cfg.method, observer=make_observer(cfg.calibrator, **opts))
 
     acts = insert_quantizers(gm, plan.placement, make)
-    with torch.no_grad():
-        for i, batch in enumerate(calib):
-            try:
-                call(gm, batch)
-            except ValueError as e:
-                raise ValueError(f"calibration batch {i}: {e}") from e
-    for name, q in acts.items():
-        try:
-            q.init_from_observer()  # type: ignore[operator]
-        except ValueError as e:
-            raise ValueError(f"activation quantizer {name!r}: {e}") from e
+    calibrate(gm, calib, acts, lambda q: q.init_from_observer())
     return gm, plan
 
 

@@ -159,3 +159,13 @@ def test_awq_lowers_the_output_error_on_the_trained_mlp(trained_mlp, digits, tmp
     torch.testing.assert_close(sk.load(tmp_path / "awq", trained_mlp)(digits.test_x[:8]), q(digits.test_x[:8]))
     with pytest.raises(ValueError, match="rounding='awq' works on group-wise weights"):
         sk.QuantConfig(rounding="awq")
+
+
+def test_padding_positions_stay_out_of_the_calibration_statistics():
+    from slimkit.quant.weight_passes import _token_rows
+
+    x = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    rows = _token_rows([x], [{"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}])
+    assert rows.shape == (5, 3) and torch.equal(rows, x[mask.bool()])
+    assert _token_rows([x], [torch.zeros(2, 4)]).shape == (8, 3)  # not a tokenizer batch: every row

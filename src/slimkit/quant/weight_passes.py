@@ -14,7 +14,7 @@ the earlier layers already on their grid, so each layer corrects for the error i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -65,6 +65,20 @@ def _inputs(model: nn.Module, layer: nn.Module, batches: list[Batch]) -> list[Te
     finally:
         handle.remove()
     return seen
+
+
+def _token_rows(xs: list[Tensor], batches: list[Batch]) -> Tensor:
+    """A layer's calibration inputs as rows ``[n, features]``. For tokenizer batches, the rows of
+    padding positions (``attention_mask == 0``) are left out: they are not text, and padded to a
+    fixed length they would outnumber the real tokens in GPTQ's Hessian and AWQ's statistics."""
+    rows = []
+    for x, b in zip(xs, batches, strict=True):
+        mask = b.get("attention_mask") if isinstance(b, Mapping) else None
+        if isinstance(mask, Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+            rows.append(x[mask.bool()])
+        else:
+            rows.append(x.reshape(-1, x.shape[-1]))
+    return torch.cat(rows)
 
 
 def _order(model: nn.Module, batch: Batch) -> list[str]:
@@ -121,14 +135,14 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
             w = layer.weight.detach().clone()
             if cfg.rounding == "gptq":
                 assert cfg.group_size is not None
-                h = hessian(torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]))
+                h = hessian(_token_rows(xs, batches))
                 grid = gptq(w, h, bits, cfg.group_size, cfg.weight_symmetric, damp=cfg.gptq_damp,
                             act_order=cfg.gptq_act_order)
                 wq = dequantize_groups(*grid)
                 rounded.append(name)
             elif cfg.rounding == "awq":
                 assert cfg.group_size is not None
-                input_scale, alpha, _ = awq_scales(w, torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]), bits,
+                input_scale, alpha, _ = awq_scales(w, _token_rows(xs, batches), bits,
                                                    cfg.group_size, cfg.weight_symmetric)
                 grid = rtn_groups(w * input_scale, bits, cfg.group_size, cfg.weight_symmetric)
                 wq = dequantize_groups(*grid) / input_scale

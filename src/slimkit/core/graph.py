@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 
 from slimkit.core.batch import Batch
 
-__all__ = ["TraceError", "trace", "fold_batchnorm", "fuse_conv_bn_weights", "float_tensor_nodes"]
+__all__ = ["TraceError", "trace", "fold_batchnorm", "batchnorm_pairs", "fuse_conv_bn_weights", "float_tensor_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +82,9 @@ def fuse_conv_bn_weights(
 def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     """Fold every BatchNorm that directly follows a conv/linear used only by it. In place on ``gm``;
     returns the folded BatchNorm node names. Training-mode BatchNorms are left alone."""
-    modules = dict(gm.named_modules())
     folded = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
-            continue
-        bn = modules[node.target]
-        src = node.args[0]
-        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
-            continue
-        layer = modules.get(src.target)
-        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            continue
-        if bn.training or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        if layer.weight.shape[0] != bn.num_features:
+    for node, src, layer, bn in batchnorm_pairs(gm):
+        if bn.training:
             continue
         with torch.no_grad():
             w, b = fuse_conv_bn_weights(layer.weight, layer.bias, bn)
@@ -109,6 +97,24 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     gm.recompile()
     gm.delete_all_unused_submodules()
     return folded
+
+
+def batchnorm_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, Any, nn.modules.batchnorm._BatchNorm]]:
+    """``(bn_node, layer_node, layer, bn)`` for every BatchNorm with running statistics that directly
+    follows a conv/linear used only by it, with as many channels: the pairs that can be folded."""
+    modules = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        bn = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_mean is None:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        layer = modules.get(str(src.target))
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and layer.weight.shape[0] == bn.num_features:
+            pairs.append((node, src, layer, bn))
+    return pairs
 
 
 def float_tensor_nodes(gm: fx.GraphModule, batch: Batch) -> set[str]:

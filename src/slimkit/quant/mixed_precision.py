@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 from slimkit.core.batch import Batch, call, output_error, tensors_of
 
 from .config import QuantConfig
+from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import fake_quant_weight
 
 __all__ = ["layer_noise", "allocate_for_size", "allocate_for_noise", "next_upgrade", "search", "sqnr_db"]
 
 log = logging.getLogger(__name__)
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 FLOAT_BITS = 32
 
 Bits = dict[str, "int | None"]  # None: the layer stays in float

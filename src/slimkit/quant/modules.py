@@ -23,7 +23,10 @@ from torch import Tensor, nn
 from slimkit.core.affine import choose_qparams, qrange, quantize
 from slimkit.quant.calibrators import Observer
 
-__all__ = ["ActQuant", "QuantLinear", "QuantConv", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
+__all__ = ["WEIGHTED_LAYERS", "ActQuant", "QuantLinear", "QuantConv", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
+
+
+WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the float layers slimkit quantizes
 
 
 class _QDQ(torch.autograd.Function):

@@ -26,6 +26,7 @@ from slimkit.quant import mixed_precision
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.equalization import relu6_to_relu
+from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.placement import Placement, find_placement, insert_quantizers
 from slimkit.quant.weight_only import QuantEmbedding, QuantLinearNBits
@@ -35,7 +36,6 @@ __all__ = ["QuantPlan", "quantize_ptq", "apply_plan"]
 
 log = logging.getLogger(__name__)
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass

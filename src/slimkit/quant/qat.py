@@ -28,10 +28,17 @@ from torch import fx, nn
 
 from slimkit.core.batch import Batch, check_batches, model_inputs
 from slimkit.core.config import Config, check_choice, check_range
-from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
+from slimkit.core.graph import (
+    TraceError,
+    batchnorm_pairs,
+    float_tensor_nodes,
+    fold_batchnorm,
+    trace,
+)
 from slimkit.core.plans import attach
 from slimkit.quant.calibrators import CALIBRATORS, make_observer
 from slimkit.quant.config import QuantConfig
+from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.placement import find_placement, insert_quantizers
 from slimkit.quant.ptq import QuantPlan, _quantize_biases, calibrate
@@ -41,7 +48,6 @@ __all__ = ["QATConfig", "QAT_PRESETS", "qat", "prepare_qat", "convert_qat"]
 
 log = logging.getLogger(__name__)
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,16 +132,7 @@ def _wrap_weighted(gm: fx.GraphModule, cfg: QATConfig, plan: QuantPlan) -> list[
     bits = cfg.quant_config().effective_weight_bits
     modules = dict(gm.named_modules())
     taken: list[str] = []
-    bn_of: dict[str, tuple[fx.Node, nn.modules.batchnorm._BatchNorm]] = {}
-    for node in gm.graph.nodes:
-        bn = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        src = node.args[0]
-        if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1:
-            layer = modules.get(str(src.target))
-            if isinstance(layer, _WEIGHTED) and layer.weight.shape[0] == bn.num_features:
-                bn_of[str(src.target)] = (node, bn)
+    bn_of = {str(src.target): (node, bn) for node, src, _, bn in batchnorm_pairs(gm)}
     for node in list(gm.graph.nodes):
         name = str(node.target)
         layer = modules.get(name) if node.op == "call_module" else None

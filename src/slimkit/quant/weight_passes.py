@@ -32,6 +32,7 @@ from .bias_correction import output_shift
 from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
 from .gptq import gptq, hessian
+from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import fake_quant_weight, weight_qparams
 from .weight_only import QuantLinearNBits, dequantize_groups, rtn_groups
 
@@ -39,7 +40,6 @@ __all__ = ["weight_passes", "needs_weight_passes"]
 
 log = logging.getLogger(__name__)
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def needs_weight_passes(cfg: QuantConfig) -> bool:

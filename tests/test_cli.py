@@ -81,3 +81,56 @@ def test_prune_command(tmp_path, trained_resnet, capsys):
     assert main(["prune", "slimkit.zoo:trained", "--factory-arg", "mlp", "--method", "unstructured",
                  "--sparsity", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "sparsity must be in" in capsys.readouterr().err
+
+
+def test_help_shows_examples(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "slimkit run examples/digits_recipe.yaml" in out
+    for cmd in ("run", "quantize", "prune", "factorize", "distill", "bench", "lint", "report", "demo"):
+        assert f"    {cmd}" in out or f"{{{cmd}," in out or f",{cmd}," in out or f",{cmd}}}" in out
+
+
+def test_bench_and_lint_commands(tmp_path, trained_mlp, digits, capsys):
+    import slimkit as sk
+    from slimkit.data import batches
+
+    fp32 = sk.export_onnx(trained_mlp, tmp_path / "fp32.onnx", digits.test_x[:8]).path
+    q = sk.quantize(trained_mlp, "int8", calib_data=batches(digits.train_x[:128], None, 32))
+    int8 = sk.export_onnx(q, tmp_path / "int8.onnx", digits.test_x[:8]).path
+    js = tmp_path / "bench.json"
+    assert main(["bench", fp32, int8, "--data", "digits", "--runs", "20", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert rows[0]["rel_l2"] == 0.0 and rows[0]["top1_agreement"] == 100.0
+    assert 0 < rows[1]["rel_l2"] < 0.1 and rows[1]["top1_agreement"] > 97 and rows[1]["size_kb"] < 0.3 * rows[0]["size_kb"]
+    assert "| " + int8 + " |" in capsys.readouterr().out
+    assert main(["bench", fp32, "--input-shape", "2,1,32,32", "--runs", "10"]) == 0
+    assert main(["bench", fp32, str(tmp_path / "missing.onnx"), "--data", "digits"]) == 2
+    assert "missing.onnx does not exist" in capsys.readouterr().err
+    assert main(["bench", fp32]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["lint", int8]) == 0
+    assert json.loads(capsys.readouterr().out)["integer_ops"]
+
+
+def test_lint_command_exits_1_when_it_finds_float_ops_between_quantized_ones(tmp_path, trained_mlp, digits, capsys):
+    import slimkit as sk
+    from slimkit.data import batches
+
+    q = sk.quantize(trained_mlp, {"exclude": ["3"]}, calib_data=batches(digits.train_x[:128], None, 32))
+    path = sk.export_onnx(q, tmp_path / "partly.onnx", digits.test_x[:8]).path
+    assert main(["lint", path]) == 1
+    assert json.loads(capsys.readouterr().out)["issues"]
+
+
+def test_distill_command(tmp_path, capsys):
+    rc = main(["distill", "slimkit.zoo:digits_model", "--factory-arg", "mlp", "--teacher", "slimkit.zoo:trained",
+               "--teacher-arg", "mlp", "--epochs", "1", "--out", str(tmp_path / "d")])
+    assert rc == 0 and (tmp_path / "d" / "model.onnx").exists()
+    out = capsys.readouterr().out
+    acc = float(re.search(r"student \d+ parameters, ([\d.]+)%", out).group(1))
+    assert acc > 85  # one epoch of distillation from the trained MLP teaches a fresh one

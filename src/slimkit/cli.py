@@ -1,7 +1,9 @@
-"""The command line: ``slimkit demo``, ``slimkit quantize``, ``slimkit factorize``, ``slimkit prune``,
-``slimkit presets``.
+"""The command line: ``slimkit run`` (a recipe), ``demo``, ``quantize``, ``prune``, ``factorize``,
+``distill``, ``bench``, ``lint``, ``report``, ``presets``.
 
-Exit codes: 0 success, 1 failure in the work, 2 bad usage or bad input.
+Exit codes: 0 success; 1 the work failed (an evaluation function that raised, a parity failure, a
+lint that found problems); 2 bad usage or bad input (the message names the file, line or key);
+130 interrupted (``slimkit run`` resumes when run again).
 """
 
 from __future__ import annotations
@@ -12,12 +14,19 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
 
 EXAMPLES = """examples:
+  slimkit run examples/digits_recipe.yaml          # prune, distill, quantize, tune; resumes if interrupted
   slimkit demo --out out/demo
+  slimkit bench out/demo/fp32.onnx out/demo/slimkit_int8.onnx --data digits
+  slimkit lint out/demo/slimkit_int8.onnx
+  slimkit report out/recipe
+  slimkit distill slimkit.zoo:digits_model --factory-arg mlp --teacher slimkit.zoo:trained \
+      --teacher-arg resnet18 --epochs 5 --out out/d
   slimkit presets
   slimkit quantize slimkit.zoo:digits_model --factory-arg resnet18 --checkpoint w.safetensors \\
       --preset int8 --calib digits --out out/q
@@ -157,6 +166,115 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return _finish(args, model, p, d, line, hold=config.method != "structured")
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from slimkit.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, out=args.out)  # every key and import checked before any work
+    results = run_recipe(recipe)
+    from slimkit.report import markdown
+
+    sys.stdout.write(markdown({**results, "layers": []}))
+    sys.stdout.write(f"\nwritten: {recipe.out}/results.json, {recipe.out}/report.md, {recipe.out}/report.html\n")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import slimkit as sk
+    from slimkit.data import batches
+
+    cfg = sk.DistillConfig.from_dict({"epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
+                                      "alpha": args.alpha})
+    student = _load_model(args)
+    teacher = _load_factory(args.teacher)(*args.teacher_arg)
+    if args.teacher_checkpoint:
+        from safetensors.torch import load_file
+
+        teacher.load_state_dict(load_file(args.teacher_checkpoint))
+    d = _digits(args.data, "--data")
+    s = sk.distill(student, teacher.eval(), batches(d.train_x, d.train_y, 32), cfg)
+    from slimkit.train import accuracy
+
+    n_s, n_t = (sum(p.numel() for p in m.parameters()) for m in (s, teacher))
+    line = (f"teacher {n_t} parameters, {accuracy(teacher, d.test_x, d.test_y):.2f}%; "
+            f"student {n_s} parameters, ")
+    args.finetune = 0
+    return _finish(args, teacher, s, d, line)
+
+
+def _bench_inputs(args: argparse.Namespace) -> Any:
+    import torch
+
+    if args.data:
+        return _digits(args.data, "--data").test_x
+    if not args.input_shape:
+        raise ValueError("give --data digits or --input-shape (e.g. 8,3,224,224) for the inputs")
+    try:
+        shape = [int(v) for v in args.input_shape.split(",")]
+    except ValueError as e:
+        raise ValueError(f"--input-shape is comma-separated integers, got {args.input_shape!r}") from e
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+
+    from slimkit.export.runtime import measure_latency, session
+
+    for f in args.files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f} does not exist")
+    x = _bench_inputs(args)
+    ref_path = args.reference or args.files[0]
+    ref_sess = session(ref_path)
+    ref = ref_sess.run(None, {ref_sess.get_inputs()[0].name: x.numpy()})[0]
+    rows = []
+    for f in args.files:
+        sess = session(f, args.threads)
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise ValueError(f"{f} gives outputs of shape {got.shape}, the reference {ref_path} {ref.shape}")
+        lat = measure_latency(f, x[: args.batch], threads=args.threads, runs=args.runs, min_seconds=1.0)
+        row: dict[str, Any] = {"file": f, "size_kb": os.path.getsize(f) / 1e3, "latency_ms": lat["median_ms"],
+               "rel_l2": float(np.linalg.norm(got - ref)) / max(float(np.linalg.norm(ref)), 1e-30)}
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            row["top1_agreement"] = float(100 * np.mean(got.argmax(1) == ref.argmax(1)))
+        rows.append(row)
+    base: dict[str, Any] = next((r for r in rows if r["file"] == ref_path), rows[0])
+    lines = [f"reference: {ref_path}; batch {args.batch}, {args.threads} threads, median latency", "",
+             "| file | size kB | size vs ref | latency ms | latency vs ref | rel. L2 vs ref | top-1 agreement % |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        agree = f"{r['top1_agreement']:.1f}" if "top1_agreement" in r else "-"
+        lines.append(f"| {r['file']} | {r['size_kb']:.0f} | {r['size_kb'] / base['size_kb']:.3f}x | {r['latency_ms']:.3f} | "
+                     f"{r['latency_ms'] / base['latency_ms']:.2f}x | {r['rel_l2']:.2e} | {agree} |")
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    import os
+
+    from slimkit.export import lint
+
+    if not os.path.exists(args.file):
+        raise FileNotFoundError(f"{args.file} does not exist")
+    report = lint(args.file)
+    sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
+    return 0 if report.ok else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from slimkit.report import write_report
+
+    paths = write_report(args.folder)
+    sys.stdout.write(f"written: {paths['md']}, {paths['html']}\n")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="package.module:factory")
     p.add_argument("--factory-arg", action="append", default=[])
@@ -179,6 +297,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2", "mlp"])
     p.set_defaults(fn=_cmd_demo)
+    p = sub.add_parser("run", help="run (or resume) a YAML recipe of stages", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("--out", help="output folder (default: the recipe's out)")
+    p.set_defaults(fn=_cmd_run)
+    p = sub.add_parser("distill", help="train a student given as package.module:factory from a teacher, on digits")
+    _model_args(p)
+    p.add_argument("--teacher", required=True, help="package.module:factory")
+    p.add_argument("--teacher-arg", action="append", default=[])
+    p.add_argument("--teacher-checkpoint", help="a .safetensors state dict")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--data", default="digits", help="training data")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_cmd_distill)
+    p = sub.add_parser("bench", help="latency, size and fidelity of ONNX files against a reference")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--reference", help="the file the others are compared with (default: the first)")
+    p.add_argument("--data", help="'digits': the bundled test images as inputs")
+    p.add_argument("--input-shape", help="random inputs of this shape, e.g. 8,3,224,224")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the latency runs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(fn=_cmd_bench)
+    p = sub.add_parser("lint", help="Q/DQ pairs left unfused and float ops left in a quantized ONNX file "
+                       "(exit 1 when it finds any)")
+    p.add_argument("file")
+    p.set_defaults(fn=_cmd_lint)
+    p = sub.add_parser("report", help="write report.md and report.html from a run folder's results.json")
+    p.add_argument("folder")
+    p.set_defaults(fn=_cmd_report)
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(fn=_cmd_presets)
     p = sub.add_parser("quantize", help="quantize a model given as package.module:factory")
@@ -218,6 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.stderr.write(f"slimkit: error: {e}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("slimkit: interrupted" + ("; run the same command again to resume\n" if args.cmd == "run" else "\n"))
+        return 130
+    except RuntimeError as e:
+        sys.stderr.write(f"slimkit: failed: {e}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from torch import nn
 
 from slimkit.core.batch import Batch, call, tensors_of
 
-__all__ = ["session", "run", "Parity", "check_parity", "measure_latency", "summarize", "feeds"]
+__all__ = ["session", "run", "Parity", "check_parity", "measure_latency", "summarize", "feeds", "OrtModule"]
 
 
 def session(path: str, threads: int = 2, level: str = "all") -> ort.InferenceSession:
@@ -48,6 +48,30 @@ def feeds(sess: ort.InferenceSession, batch: Batch, names: list[str] | None = No
 
 def run(sess: ort.InferenceSession, batch: Batch) -> list[np.ndarray]:
     return sess.run(None, feeds(sess, batch))
+
+
+class OrtModule(nn.Module):
+    """An ONNX file in ONNX Runtime behind the ``nn.Module`` call, so any evaluation function written
+    for the PyTorch model measures the exported file instead (tensor outputs; a tuple if several).
+
+    >>> import tempfile, os, torch, slimkit as sk
+    >>> m = torch.nn.Linear(4, 2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+    >>> _ = sk.export_onnx(m, path, torch.randn(3, 4))
+    >>> x = torch.randn(5, 4)
+    >>> bool(torch.allclose(OrtModule(path)(x), m(x), atol=1e-5))
+    True
+    """
+
+    def __init__(self, path: str, threads: int = 2) -> None:
+        super().__init__()
+        self.path = str(path)
+        self.sess = session(self.path, threads)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        batch: Batch = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        out = [torch.from_numpy(o) for o in run(self.sess, batch)]
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 @dataclass

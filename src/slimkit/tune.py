@@ -1,0 +1,404 @@
+"""The tuner: the fastest (or smallest) model within an accuracy budget, measured in ONNX Runtime.
+
+Given an evaluation function (higher is better, run on the exported ONNX file), the largest drop
+allowed against the FP32 model, and an objective (``latency`` at batch 1 or ``size`` of the ONNX
+file, both measured, never estimated), ``tune`` searches the families' knobs in a fixed order:
+
+1. INT8 post-training quantization with each calibrator; if none meets the budget, layers go back
+   to float by mixed precision at rising output-SQNR targets (``fallback_sqnr_db``).
+2. Structured channel pruning, fine-tuned (with distillation from the original when ``distill``),
+   then the INT8 choice of step 1: the sparsity ladder is searched by bisection for the largest
+   sparsity that keeps the budget.
+3. Low-rank factorization (``factorize_method`` at each of ``factorize_ratios``) of the best float
+   model so far, fine-tuned, then quantized.
+
+Every trial is exported and measured; the best-so-far (``best/``: an ``sk.save`` folder, its ONNX
+file and its metrics) and the Pareto front (``pareto.json``) are rewritten on disk after every trial,
+and ``trials.jsonl`` grows by one line per trial. The FP32 model is the first best, so a run always
+ends with a saved model. The search stops when the next trial would overrun ``time_budget``
+(estimated from the last trial of the same kind).
+
+ONNX Runtime's own ``quantize_static`` is measured as a peer (on the Pareto plot, never picked).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimkit.core.batch import Batch
+from slimkit.core.config import Config, check_choice, check_range
+from slimkit.measure import Measurement, measure, measure_onnx
+
+__all__ = ["TuneConfig", "TuneResult", "tune", "pareto_front"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "moving_average")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig(Config):
+    """What the tuner may spend and search.
+
+    - ``max_drop``: largest fall of the metric below FP32's allowed (the metric's own units).
+    - ``objective``: ``"latency"`` (ONNX Runtime, batch 1, 2 threads, median) or ``"size"`` (bytes
+      of the ONNX file).
+    - ``time_budget``: seconds; the search stops before a trial that would overrun it.
+    - ``calibrators``: INT8 calibrators tried in step 1.
+    - ``fallback_sqnr_db``: output-SQNR targets tried, in order, with float fallback when no plain
+      INT8 model meets the budget.
+    - ``sparsities``: the structured-pruning ladder (fraction of channels removed), ``importance``
+      and ``round_to`` as in ``PruneConfig``.
+    - ``factorize_method``/``factorize_ratios``: low-rank trials (``()`` skips them).
+    - ``finetune_epochs``, ``lr``, ``distill``: the fine-tuning after pruning and factorizing.
+    - ``latency_runs``, ``latency_seconds``: each latency is the median of at least that many runs
+      lasting at least that long (sub-millisecond models need both to be stable).
+    - ``peers``: measure ONNX Runtime's ``quantize_static`` on the FP32 model too.
+    """
+
+    max_drop: float = 1.0
+    objective: str = "latency"
+    time_budget: float = 600.0
+    calibrators: tuple[str, ...] = ("minmax", "percentile", "entropy")
+    fallback_sqnr_db: tuple[float, ...] = (30.0, 40.0)
+    sparsities: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9)
+    importance: str = "l1"
+    round_to: int = 8
+    factorize_method: str = "tucker"
+    factorize_ratios: tuple[float, ...] = (0.5,)
+    finetune_epochs: int = 5
+    lr: float = 0.01
+    distill: bool = True
+    latency_runs: int = 200
+    latency_seconds: float = 1.0
+    peers: bool = True
+
+    def validate(self) -> None:
+        check_range("max_drop", self.max_drop, 0.0, float("inf"))
+        check_choice("objective", self.objective, ("latency", "size"))
+        check_range("time_budget", self.time_budget, 0.0, float("inf"), lo_open=True)
+        for c in self.calibrators:
+            check_choice("calibrators[]", c, CALIBRATORS)
+        if not self.calibrators:
+            raise ValueError("calibrators must name at least one calibrator")
+        for s in self.sparsities:
+            check_range("sparsities[]", s, 0.0, 1.0, lo_open=True, hi_open=True)
+        for r in self.factorize_ratios:
+            check_range("factorize_ratios[]", r, 0.0, 1.0, lo_open=True, hi_open=True)
+        for db in self.fallback_sqnr_db:
+            check_range("fallback_sqnr_db[]", db, 0.0, 200.0, lo_open=True)
+        check_choice("importance", self.importance, ("l1", "l2", "taylor"))
+        check_choice("factorize_method", self.factorize_method, ("svd", "spatial-svd", "tucker", "cp"))
+        check_range("round_to", self.round_to, 1, 1024)
+        check_range("finetune_epochs", self.finetune_epochs, 0, 1000)
+        check_range("lr", self.lr, 0.0, 10.0, lo_open=True)
+        check_range("latency_runs", self.latency_runs, 5, 100000)
+        check_range("latency_seconds", self.latency_seconds, 0.0, 600.0)
+
+
+@dataclass
+class TuneResult:
+    model: nn.Module
+    best: Measurement
+    reference: Measurement
+    trials: list[Measurement]
+    peers: list[Measurement]
+    pareto: list[Measurement]
+    stopped: str
+    out: Path
+    config: TuneConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "max_drop": self.config.max_drop, "objective": self.config.objective,
+                "best": self.best.to_dict(), "reference": self.reference.to_dict(),
+                "trials": [t.to_dict() for t in self.trials], "peers": [p.to_dict() for p in self.peers],
+                "pareto": [p.label for p in self.pareto], "stopped": self.stopped}
+
+
+def pareto_front(points: Iterable[Measurement], objective: str) -> list[Measurement]:
+    """The trials no other trial beats on both the objective (lower) and the metric (higher).
+
+    >>> def m(label, ms, metric):
+    ...     return Measurement(label, "", metric, ms, ms, 1, None, None, True, 0.0, {})
+    >>> [p.label for p in pareto_front([m("a", 1, 90), m("b", 2, 95), m("c", 3, 94), m("d", 1, 91)], "latency")]
+    ['d', 'b']
+    """
+    pts = sorted(points, key=lambda p: (_objective(p, objective), -p.metric))
+    front: list[Measurement] = []
+    for p in pts:
+        if not front or p.metric > front[-1].metric:
+            front.append(p)
+    return front
+
+
+def _objective(m: Measurement, objective: str) -> float:
+    return m.latency_ms if objective == "latency" else float(m.size_bytes)
+
+
+class _Search:
+    def __init__(self, model: nn.Module, cfg: TuneConfig, evaluate: Callable[[nn.Module], float],
+                 train: list[Any], calib: list[Batch], example: Batch, out: Path) -> None:
+        self.model, self.cfg, self.evaluate = model, cfg, evaluate
+        self.train, self.calib, self.example, self.out = train, calib, example, out
+        self.start = time.perf_counter()
+        self.trials: list[Measurement] = []
+        self.peers: list[Measurement] = []
+        self.durations: dict[str, float] = {}
+        self.best: Measurement | None = None
+        self.best_model: nn.Module | None = None
+        self.reference: Measurement | None = None
+        self.stopped = "finished"
+        (out / "trials").mkdir(parents=True, exist_ok=True)
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def floor(self) -> float:
+        assert self.reference is not None
+        return self.reference.metric - self.cfg.max_drop
+
+    def feasible(self, m: Measurement) -> bool:
+        return m.parity_ok and m.metric >= self.floor() - 1e-9
+
+    def time_left(self, kind: str) -> bool:
+        elapsed = time.perf_counter() - self.start
+        if elapsed + self.durations.get(kind, 0.0) > self.cfg.time_budget:
+            self.stopped = f"time budget of {self.cfg.time_budget:.0f} s reached before a {kind} trial"
+            log.info("tuner: %s", self.stopped)
+            return False
+        return True
+
+    def trial(self, kind: str, label: str, build: Callable[[], nn.Module], **extra: Any) -> tuple[nn.Module, Measurement] | None:
+        t0 = time.perf_counter()
+        path = str(self.out / "trials" / f"{len(self.trials) + len(self.peers):02d}-{_slug(label)}.onnx")
+        try:
+            model = build()
+            m = measure(model, label, path, self.example, self.evaluate, self.cfg.latency_runs, t0,
+                        self.cfg.latency_seconds, kind=kind, **extra)
+        except (ValueError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "evaluation function" in str(e):
+                raise
+            log.warning("tuner: trial %r failed: %s", label, e)
+            self._append({"label": label, "kind": kind, "failed": str(e)})
+            self.durations[kind] = time.perf_counter() - t0
+            return None
+        self.durations[kind] = m.seconds
+        self.trials.append(m)
+        self._append({**m.to_dict(), "feasible": self.feasible(m) if self.reference else True})
+        if self.reference is None:
+            self.reference = m
+        if self.feasible(m) and (self.best is None or self._better(m, self.best)):
+            self.best, self.best_model = m, model
+            self._save_best()
+        self._save_pareto()
+        return model, m
+
+    def _better(self, a: Measurement, b: Measurement) -> bool:
+        oa, ob = _objective(a, self.cfg.objective), _objective(b, self.cfg.objective)
+        return (oa, -a.metric) < (ob, -b.metric)
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with open(self.out / "trials.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _save_pareto(self) -> None:
+        front = pareto_front(self.trials, self.cfg.objective)
+        _write_json(self.out / "pareto.json", {"objective": self.cfg.objective, "front": [p.to_dict() for p in front],
+                                               "peers": [p.to_dict() for p in self.peers]})
+
+    def _save_best(self) -> None:
+        from slimkit.io import save
+
+        assert self.best is not None and self.best_model is not None
+        final = self.out / "best"
+        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".best."))
+        try:
+            save(self.best_model, tmp / "model")
+            shutil.copyfile(self.best.path, tmp / "model.onnx")
+            _write_json(tmp / "metrics.json", self.best.to_dict())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        log.info("tuner: best so far %s (%.3f ms, %.1f kB, metric %.4g)", self.best.label, self.best.latency_ms,
+                 self.best.size_bytes / 1e3, self.best.metric)
+
+    # -- the steps -----------------------------------------------------------------------------------
+    def finetune(self, model: nn.Module) -> nn.Module:
+        from slimkit.train import fit
+
+        if self.cfg.finetune_epochs and self.train:
+            fit(model, self.train, epochs=self.cfg.finetune_epochs, lr=self.cfg.lr,
+                teacher=self.model if self.cfg.distill else None)
+        return model.eval()
+
+    def quantize(self, model: nn.Module, qcfg: dict[str, Any]) -> nn.Module:
+        from slimkit import quantize
+
+        return quantize(model, qcfg, calib_data=self.calib)
+
+    def choose_quant(self, base: nn.Module) -> dict[str, Any] | None:
+        """Step 1: the INT8 config with the best metric within the budget (or None)."""
+        found: list[tuple[Measurement, dict[str, Any]]] = []
+        for cal in self.cfg.calibrators:
+            q: dict[str, Any] = {"calibrator": cal}
+            if not self.time_left("quantize"):
+                return _pick(found, self.cfg.objective)
+            r = self.trial("quantize", f"int8 {cal}", lambda q=q: self.quantize(base, q), config=q)  # type: ignore[misc]
+            if r is not None and self.feasible(r[1]):
+                found.append((r[1], q))
+        if found:
+            return _pick(found, self.cfg.objective)
+        for db in self.cfg.fallback_sqnr_db:
+            q = {"calibrator": self.cfg.calibrators[0], "mixed_bits": [8], "target_sqnr_db": db,
+                 "float_fallback": True}
+            if not self.time_left("quantize"):
+                return None
+            r = self.trial("quantize", f"int8 with float fallback ({db:g} dB)", lambda q=q: self.quantize(base, q), config=q)  # type: ignore[misc]
+            if r is not None and self.feasible(r[1]):
+                return q
+        return None
+
+    def compressed(self, kind: str, label: str, make: Callable[[], nn.Module], qcfg: dict[str, Any] | None,
+                   **extra: Any) -> tuple[nn.Module, bool] | None:
+        """``make()`` a float model, fine-tune it and measure it; with ``qcfg``, quantize it with
+        that config and, if that misses the budget, with the other calibrators. Returns the float
+        model and whether any of these met the budget."""
+        if not self.time_left(kind):
+            return None
+        r = self.trial(kind, label, lambda: self.finetune(make()), **extra)
+        if r is None:
+            return None
+        floatm, fm = r
+        ok = self.feasible(fm)
+        if qcfg is None:
+            return floatm, ok
+        others = [{**qcfg, "calibrator": c} for c in self.cfg.calibrators if c != qcfg.get("calibrator")]
+        for q in [qcfg, *others]:
+            if not self.time_left(kind + "+int8"):
+                break
+            t = self.trial(kind + "+int8", f"{label} + int8 {q.get('calibrator')}",
+                           lambda q=q: self.quantize(floatm, q), **extra, config=q)  # type: ignore[misc]
+            if t is not None and self.feasible(t[1]):
+                return floatm, True
+        return floatm, ok
+
+    def prune_ladder(self, qcfg: dict[str, Any] | None) -> nn.Module:
+        """Step 2: bisection over the sparsity ladder; returns the best float base (pruned or not)."""
+        from slimkit import prune
+
+        ladder = sorted(self.cfg.sparsities)
+        lo, hi, base = 0, len(ladder) - 1, self.model
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            s = ladder[mid]
+            pcfg = {"method": "structured", "sparsity": s, "importance": self.cfg.importance, "round_to": self.cfg.round_to}
+            r = self.compressed("prune", f"pruned {s:.0%}", lambda p=pcfg: prune(self.model, p, example_inputs=self.example,  # type: ignore[misc]
+                                                                                data=self.train[:8]), qcfg, sparsity=s)
+            if r is None:
+                if self.stopped != "finished":
+                    break
+                hi = mid - 1
+                continue
+            if r[1]:
+                base, lo = r[0], mid + 1
+            else:
+                hi = mid - 1
+        return base
+
+    def factorize_steps(self, base: nn.Module, qcfg: dict[str, Any] | None) -> None:
+        from slimkit import factorize
+
+        for ratio in self.cfg.factorize_ratios:
+            fcfg = {"method": self.cfg.factorize_method, "ratio": ratio}
+            pruned = base is not self.model
+            label = f"{'best pruned + ' if pruned else ''}{self.cfg.factorize_method} {ratio:.0%}"
+            make: Callable[[], nn.Module] = lambda f=fcfg: factorize(base, f)  # type: ignore[misc]  # noqa: E731
+            if self.compressed("factorize", label, make, qcfg, ratio=ratio) is None and self.stopped != "finished":
+                return
+
+    def measure_peers(self) -> None:
+        from slimkit.export.peers import ort_quantize_static
+
+        assert self.reference is not None
+        path = str(self.out / "trials" / "peer-ort-quantize-static.onnx")
+        try:
+            ort_quantize_static(self.reference.path, path, self.calib)
+            peer = measure_onnx(path, "ORT quantize_static", self.example, self.evaluate, self.cfg.latency_runs,
+                                min_seconds=self.cfg.latency_seconds, kind="peer")
+            self.peers.append(peer)
+            self._append({**peer.to_dict(), "feasible": None})
+        except Exception as e:  # a peer that fails is reported, never fatal
+            log.warning("tuner: the ONNX Runtime quantize_static peer failed: %s", e)
+            self._append({"label": "ORT quantize_static", "kind": "peer", "failed": f"{type(e).__name__}: {e}"})
+        self._save_pareto()
+
+
+def _pick(found: list[tuple[Measurement, dict[str, Any]]], objective: str) -> dict[str, Any] | None:
+    """The config of the best metric (then the best objective) among the feasible trials."""
+    return max(found, key=lambda f: (f[0].metric, -_objective(f[0], objective)))[1] if found else None
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def tune(model: nn.Module, config: TuneConfig | dict[str, Any], evaluate: Callable[[nn.Module], float],
+         example_inputs: Batch, calib_data: Iterable[Batch], out: str | os.PathLike[str],
+         train_data: Iterable[Any] | None = None) -> TuneResult:
+    """Search for the model with the lowest objective whose metric stays within ``max_drop`` of the
+    FP32 model's (see the module doc for the order). ``evaluate(model) -> float`` (higher is better)
+    is run on each exported ONNX file through ``OrtModule``. ``train_data`` (``(inputs, labels)``
+    batches) fine-tunes pruned and factorized models; without it, they are measured untrained.
+    Writes ``out/trials.jsonl``, ``out/pareto.json``, ``out/best/`` and ``out/tuner.json``; the
+    caller's model is untouched."""
+    from slimkit.core.batch import check_batches
+
+    cfg = config if isinstance(config, TuneConfig) else TuneConfig.from_dict(config)
+    out = Path(out)
+    if (out / "tuner.json").exists() or (out / "trials.jsonl").exists():
+        raise FileExistsError(f"{out} holds an earlier tuner run; give a new folder")
+    calib = check_batches(calib_data, "calib_data")
+    train = list(train_data) if train_data is not None else []
+    if not train and (cfg.sparsities or cfg.factorize_ratios) and cfg.finetune_epochs:
+        log.warning("tuner: no train_data, so pruned and factorized models are not fine-tuned")
+    original = copy.deepcopy(model).eval()
+    s = _Search(original, cfg, evaluate, train, calib, example_inputs, out)
+    s.trial("fp32", "FP32", lambda: copy.deepcopy(original))
+    if s.reference is None:
+        raise ValueError("the FP32 model could not be exported or measured; see the log")
+    if cfg.peers:
+        s.measure_peers()
+    qcfg = s.choose_quant(original)
+    if qcfg is None:
+        log.warning("tuner: no INT8 model met the budget (metric >= %.4g); pruning and factorizing in float", s.floor())
+    base = s.prune_ladder(qcfg) if cfg.sparsities else original
+    if cfg.factorize_ratios and s.stopped == "finished":
+        s.factorize_steps(base, qcfg)
+    assert s.best is not None and s.best_model is not None
+    result = TuneResult(s.best_model, s.best, s.reference, s.trials, s.peers, pareto_front(s.trials, cfg.objective),
+                        s.stopped, out, cfg)
+    _write_json(out / "tuner.json", {"seconds": time.perf_counter() - s.start, **result.to_dict()})
+    log.info("tuner: picked %s: %.3f ms (%.2fx FP32), %.1f kB, metric %.4g (FP32 %.4g); %s", s.best.label,
+             s.best.latency_ms, s.best.latency_ms / s.reference.latency_ms, s.best.size_bytes / 1e3, s.best.metric,
+             s.reference.metric, s.stopped)
+    return result

@@ -29,12 +29,20 @@ def test_bad_factory_exits_2_with_a_message(tmp_path, capsys):
     assert "unknown preset" in capsys.readouterr().err
 
 
-def test_demo_writes_its_table(tmp_path, capsys):
-    assert main(["demo", "--model", "mlp", "--out", str(tmp_path)]) == 0
+def test_demo_tells_the_whole_story_and_writes_the_report(tmp_path, capsys):
+    assert main(["demo", "--model", "mlp", "--out", str(tmp_path), "--tune-budget", "20"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    assert [r["model"] for r in res["rows"]] == ["FP32", "slimkit int8", "ORT quantize_static"]
-    assert res["rows"][1]["size_x"] < 0.3 and res["lint"]["issues"] == []
-    assert "| slimkit int8 |" in capsys.readouterr().out
+    assert [r["stage"] for r in res["stages"]] == ["baseline", "quantize", "prune + distill", "prune + distill + quantize",
+                                                   "tune"]
+    assert res["peers"][0]["label"] == "ORT quantize_static"
+    fp32, int8 = res["stages"][0], res["stages"][1]
+    assert int8["size_x"] < 0.3 and res["lint"]["issues"] == []
+    assert int8["metric"] > fp32["metric"] - 1.0
+    assert res["stages"][-1]["metric"] >= fp32["metric"] - 1.0 - 0.6  # the tuner's pick, re-measured
+    for f in ("report.html", "report.md", "results.md", "tuner/best/model.onnx"):
+        assert (tmp_path / f).exists(), f
+    out = capsys.readouterr().out
+    assert "| slimkit int8 |" in out and "the tuner" in out and str(tmp_path.resolve() / "report.html") in out
 
 
 def test_factorize_command_with_finetune(tmp_path, trained_mlp, capsys):

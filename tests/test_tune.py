@@ -39,7 +39,9 @@ def test_tuner_keeps_the_best_within_budget_and_the_pareto_front_on_disk(tuned, 
     assert [p.label for p in r.pareto] == [p.label for p in pareto_front(r.trials, "latency")]
     # on disk: one line per trial and peer, the front, and the best as a save folder + ONNX file
     rows = [json.loads(line) for line in (r.out / "trials.jsonl").read_text().splitlines()]
-    rows = [row for row in rows if "failed" not in row]
+    confirmed = [row for row in rows if "confirmed" in row]
+    assert len(confirmed) == 1 and confirmed[0]["best"] == r.best.label and "FP32" in confirmed[0]["confirmed"]
+    rows = [row for row in rows if "label" in row and "failed" not in row]
     assert len(rows) == len(r.trials) + len(r.peers) and r.peers[0].label == "ORT quantize_static"
     assert json.loads((r.out / "pareto.json").read_text())["front"][0]["label"] == r.pareto[0].label
     best = sk.load(r.out / "best" / "model", digits_model("mlp"))

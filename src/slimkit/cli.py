@@ -49,9 +49,13 @@ def _load_factory(spec: str) -> Any:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from slimkit.demo import markdown_table, run_demo
 
-    result = run_demo(args.out, args.model)
+    result = run_demo(args.out, args.model, tune_budget=args.tune_budget)
     sys.stdout.write(markdown_table(result))
-    sys.stdout.write(f"\nwritten: {args.out}/results.md, {args.out}/results.json and the ONNX files\n")
+    tuner = result["tuner"]
+    sys.stdout.write(f"\nthe tuner (within {tuner['max_drop']:g} point of FP32 accuracy, {args.tune_budget:g} s) picked "
+                     f"{tuner['best']['label']}: {tuner['stopped']}\n")
+    sys.stdout.write(f"written: {args.out}/results.json, {args.out}/results.md and the ONNX files\n"
+                     f"report: {Path(args.out).resolve() / 'report.html'}\n")
     return 0
 
 
@@ -293,8 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("demo", help="quantize a digits CNN and compare with FP32 and ONNX Runtime's quantizer")
+    p = sub.add_parser("demo", help="the whole story on the bundled digits: FP32, INT8 and ONNX Runtime's quantizer, "
+                       "prune + distill, the tuner's pick, and the report")
     p.add_argument("--out", default="out/demo")
+    p.add_argument("--tune-budget", type=float, default=120.0, help="seconds the tuner may spend")
     p.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2", "mlp"])
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("run", help="run (or resume) a YAML recipe of stages", epilog=EXAMPLES,

@@ -121,6 +121,6 @@ def measure(model: nn.Module, label: str, path: str, example: Batch, evaluate: E
     report = export_onnx(model, path, example)
     params = count_weights(model)
     m = measure_onnx(report.path, label, example, evaluate, runs, params, t0, min_seconds, parity_rel_l2=report.parity.rel_l2,
-                     parity_ok=report.parity.ok, **extra)
+                     parity_ok=report.parity.ok, lint=report.lint.to_dict(), **extra)
     log.info("%s: metric %.4g, %.3f ms, %.1f kB", label, m.metric, m.latency_ms, m.size_bytes / 1e3)
     return m

@@ -436,16 +436,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], report: bool = True) -> 
 
 
 def _results(recipe: Recipe, done: list[dict[str, Any]], final: nn.Module, original: nn.Module, data: _Data) -> dict[str, Any]:
+    from slimkit.report import stage_row
     from slimkit.report.layers import layer_table
 
     base = done[0]["metrics"]
-    rows = []
-    for entry in done:
-        m = entry["metrics"]
-        rows.append({"stage": entry["kind"], "config": entry["config"], "label": m["label"], "metric": m["metric"],
-                     "latency_ms": m["latency_ms"], "latency_x": m["latency_ms"] / base["latency_ms"],
-                     "size_bytes": m["size_bytes"], "size_x": m["size_bytes"] / base["size_bytes"],
-                     "params": m["params"], "parity_rel_l2": m["parity_rel_l2"], "path": m["path"]})
+    rows = [stage_row(e["kind"], e["metrics"], base, e["config"]) for e in done]
     tuner = next((e["tuner"] for e in reversed(done) if e.get("tuner")), None)
     return {"recipe": recipe.source, "model": recipe.model, "data": recipe.data, "evaluate": recipe.evaluate,
             "stages": rows, "tuner": tuner, "layers": layer_table(copy.deepcopy(original), final, data.calib[:4])}

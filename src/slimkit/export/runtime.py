@@ -20,7 +20,7 @@ from torch import nn
 
 from slimkit.core.batch import Batch, call, tensors_of
 
-__all__ = ["session", "run", "Parity", "check_parity", "measure_latency", "summarize", "feeds", "OrtModule"]
+__all__ = ["session", "run", "Parity", "check_parity", "measure_latency", "summarize", "feeds", "OrtModule", "compare_latency"]
 
 
 def session(path: str, threads: int = 2, level: str = "all") -> ort.InferenceSession:
@@ -132,3 +132,31 @@ def measure_latency(path: str, batch: Batch, threads: int = 2, warmup: int = 10,
     out: dict[str, Any] = summarize(times)
     out["threads"] = threads
     return out
+
+
+def compare_latency(paths: list[str], batch: Batch, threads: int = 2, rounds: int = 5, seconds: float = 0.5,
+                    warmup: int = 20) -> list[dict[str, float]]:
+    """Latencies of several ONNX models measured interleaved: ``rounds`` rounds, each running every
+    model for ``seconds``; per model, the median over all its runs and the median of the round
+    medians. Drift of the machine (frequency, other load) then hits every model alike, so ratios
+    between them are steadier than from measurements taken one after another. Each model gets a
+    fresh session in each round, closed after it: the idle thread pools of other live sessions
+    would otherwise spin on the same cores."""
+    times: list[list[float]] = [[] for _ in paths]
+    per_round: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, path in enumerate(paths):
+            sess = session(path, threads)
+            f = feeds(sess, batch)
+            for _ in range(warmup):
+                sess.run(None, f)
+            start, got = time.perf_counter(), list[float]()
+            while time.perf_counter() - start < seconds or len(got) < 5:
+                t0 = time.perf_counter()
+                sess.run(None, f)
+                got.append((time.perf_counter() - t0) * 1e3)
+            del sess
+            times[i] += got
+            per_round[i].append(statistics.median(got))
+    return [{**summarize(t), "median_of_rounds_ms": statistics.median(r), "threads": threads}
+            for t, r in zip(times, per_round, strict=True)]

@@ -16,7 +16,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "markdown"]
+__all__ = ["write_report", "markdown", "stage_row"]
+
+
+def stage_row(stage: str, metrics: dict[str, Any], base: dict[str, Any], config: Any = None) -> dict[str, Any]:
+    """One row of ``results.json``'s ``stages``: a measurement (``Measurement.to_dict()``) with its
+    ratios to the FP32 measurement ``base``."""
+    return {"stage": stage, "config": config, "label": metrics["label"], "metric": metrics["metric"],
+            "latency_ms": metrics["latency_ms"], "latency_x": metrics["latency_ms"] / base["latency_ms"],
+            "size_bytes": metrics["size_bytes"], "size_x": metrics["size_bytes"] / base["size_bytes"],
+            "params": metrics["params"], "parity_rel_l2": metrics["parity_rel_l2"], "path": metrics["path"]}
 
 
 def _write(path: Path, data: str | bytes) -> None:

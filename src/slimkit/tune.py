@@ -9,7 +9,9 @@ file, both measured, never estimated), ``tune`` searches the families' knobs in 
 2. Structured channel pruning, fine-tuned (with distillation from the original when ``distill``),
    then the INT8 choice of step 1: the sparsity ladder is searched by bisection for the largest
    sparsity that keeps the budget.
-3. Low-rank factorization (``factorize_method`` at each of ``factorize_ratios``) of the best float
+3. Depth pruning of that model (whole identity-shortcut blocks, ``depth`` fractions of them), the
+   ladder searched the same way.
+4. Low-rank factorization (``factorize_method`` at each of ``factorize_ratios``) of the best float
    model so far, fine-tuned, then quantized.
 
 Last, the FP32 model and the fastest feasible trials are timed again, interleaved, and the pick is
@@ -65,6 +67,7 @@ class TuneConfig(Config):
       INT8 model meets the budget.
     - ``sparsities``: the structured-pruning ladder (fraction of channels removed), ``importance``
       and ``round_to`` as in ``PruneConfig``.
+    - ``depth``: the depth-pruning ladder (fraction of the removable blocks removed; ``()`` skips it).
     - ``factorize_method``/``factorize_ratios``: low-rank trials (``()`` skips them).
     - ``finetune_epochs``, ``lr``, ``distill``: the fine-tuning after pruning and factorizing.
     - ``latency_runs``, ``latency_seconds``: each latency is the median of at least that many runs
@@ -80,6 +83,7 @@ class TuneConfig(Config):
     sparsities: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9)
     importance: str = "l1"
     round_to: int = 8
+    depth: tuple[float, ...] = (0.5, 1.0)
     factorize_method: str = "tucker"
     factorize_ratios: tuple[float, ...] = (0.5,)
     finetune_epochs: int = 5
@@ -99,6 +103,8 @@ class TuneConfig(Config):
             raise ValueError("calibrators must name at least one calibrator")
         for s in self.sparsities:
             check_range("sparsities[]", s, 0.0, 1.0, lo_open=True, hi_open=True)
+        for d in self.depth:
+            check_range("depth[]", d, 0.0, 1.0, lo_open=True)
         for r in self.factorize_ratios:
             check_range("factorize_ratios[]", r, 0.0, 1.0, lo_open=True, hi_open=True)
         for db in self.fallback_sqnr_db:
@@ -335,18 +341,16 @@ class _Search:
                 return floatm, True
         return floatm, ok
 
-    def prune_ladder(self, qcfg: dict[str, Any] | None) -> nn.Module:
-        """Step 2: bisection over the sparsity ladder; returns the best float base (pruned or not)."""
-        from slimkit import prune
-
-        ladder = sorted(self.cfg.sparsities)
-        lo, hi, base = 0, len(ladder) - 1, self.model
+    def ladder(self, kind: str, key: str, steps: Iterable[float], base: nn.Module, qcfg: dict[str, Any] | None,
+               make: Callable[[float], nn.Module], label: Callable[[float], str]) -> nn.Module:
+        """Bisection over ``steps`` for the largest that keeps the budget (float or INT8); returns
+        the float model of that step, or ``base`` when none does."""
+        ladder = sorted(steps)
+        lo, hi = 0, len(ladder) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
             s = ladder[mid]
-            pcfg = {"method": "structured", "sparsity": s, "importance": self.cfg.importance, "round_to": self.cfg.round_to}
-            r = self.compressed("prune", f"pruned {s:.0%}", lambda p=pcfg: prune(self.model, p, example_inputs=self.example,  # type: ignore[misc]
-                                                                                data=self.train[:8]), qcfg, sparsity=s)
+            r = self.compressed(kind, label(s), lambda s=s: make(s), qcfg, **{key: s})  # type: ignore[misc]
             if r is None:
                 if self.stopped != "finished":
                     break
@@ -356,6 +360,29 @@ class _Search:
                 base, lo = r[0], mid + 1
             else:
                 hi = mid - 1
+        return base
+
+    def prune_ladder(self, qcfg: dict[str, Any] | None) -> nn.Module:
+        """Steps 2 and 3: channels, then blocks; returns the best float base (pruned or not)."""
+        from slimkit import prune
+
+        def channels(s: float) -> nn.Module:
+            return prune(self.model, {"method": "structured", "sparsity": s, "importance": self.cfg.importance,
+                                      "round_to": self.cfg.round_to}, example_inputs=self.example, data=self.train[:8])
+
+        base = self.model
+        if self.cfg.sparsities:
+            base = self.ladder("prune", "sparsity", self.cfg.sparsities, base, qcfg, channels, lambda s: f"pruned {s:.0%}")
+        if self.cfg.depth and self.stopped == "finished":
+            start = base
+            prefix = "pruned + " if start is not self.model else ""
+
+            def blocks(s: float) -> nn.Module:
+                return prune(start, {"method": "depth", "sparsity": s}, example_inputs=self.example,
+                             data=self.train[:8])
+
+            base = self.ladder("depth", "depth", self.cfg.depth, start, qcfg, blocks,
+                               lambda s: f"{prefix}{s:.0%} of blocks removed")
         return base
 
     def factorize_steps(self, base: nn.Module, qcfg: dict[str, Any] | None) -> None:
@@ -431,7 +458,7 @@ def tune(model: nn.Module, config: TuneConfig | dict[str, Any], evaluate: Callab
     qcfg = s.choose_quant(original)
     if qcfg is None:
         log.warning("tuner: no INT8 model met the budget (metric >= %.4g); pruning and factorizing in float", s.floor())
-    base = s.prune_ladder(qcfg) if cfg.sparsities else original
+    base = s.prune_ladder(qcfg) if cfg.sparsities or cfg.depth else original
     if cfg.factorize_ratios and s.stopped == "finished":
         s.factorize_steps(base, qcfg)
     s.confirm()

@@ -8,7 +8,7 @@ from slimkit.core.config import Config, check_choice, check_range
 
 __all__ = ["PruneConfig", "METHODS", "IMPORTANCE"]
 
-METHODS = ("structured", "unstructured", "nm")
+METHODS = ("structured", "unstructured", "nm", "depth")
 IMPORTANCE = ("l1", "l2", "taylor")
 
 
@@ -25,6 +25,10 @@ class PruneConfig(Config):
       (``scope="global"``) or the same fraction in each (``scope="layer"``).
     - ``method="nm"``: keep the ``n`` largest of every ``m`` consecutive weights along the input
       channels (2:4 by default), the pattern sparse tensor cores run.
+    - ``method="depth"``: remove whole blocks whose output has their input's shape (identity-shortcut
+      residual blocks), ``sparsity`` being the fraction of those blocks removed; each block is scored
+      by how much the outputs change without it, on ``data`` (else ``example_inputs``). See
+      ``slimkit.prune.depth``. Fewer layers is what makes small inputs faster.
     - ``sparsity`` is the fraction removed, in [0, 1). ``importance``: ``l1`` or ``l2`` magnitude,
       or ``taylor`` (|weight x gradient|, from ``data`` batches of (inputs, labels)).
     - ``recalibrate_bn``: when ``data`` is given, re-estimate every BatchNorm's statistics on it
@@ -51,7 +55,7 @@ class PruneConfig(Config):
         check_choice("scope", self.scope, ("global", "layer"))
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
-        check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=self.method != "depth")  # depth: 1 = every removable block
         check_range("round_to", self.round_to, 1, 1024)
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int):
             raise ValueError(f"round_to must be an integer, got {self.round_to!r}")

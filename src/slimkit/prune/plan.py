@@ -54,11 +54,14 @@ class PrunePlan:
     groups_: list[dict[str, Any]] = field(default_factory=list)
     sparsity_: dict[str, float] = field(default_factory=dict)
     attrs_: dict[str, dict[str, int]] = field(default_factory=dict)  # attention heads left per module
+    dropped_: list[str] = field(default_factory=list)  # depth pruning: blocks replaced by the identity
+    scores_: dict[str, float] = field(default_factory=dict)  # depth pruning: output change without each block
     kind = "prune"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": self.config.to_dict(), "keep": self.keep_, "sizes": self.sizes_,
-                "groups": self.groups_, "sparsity": self.sparsity_, "attrs": self.attrs_}
+                "groups": self.groups_, "sparsity": self.sparsity_, "attrs": self.attrs_, "dropped": self.dropped_,
+                "scores": self.scores_}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
@@ -66,9 +69,15 @@ class PrunePlan:
                    keep_={str(k): {str(r): [int(i) for i in v] for r, v in roles.items()} for k, roles in d["keep"].items()},
                    sizes_={str(k): [int(x) for x in v] for k, v in d.get("sizes", {}).items()},
                    groups_=list(d.get("groups", [])), sparsity_={str(k): float(v) for k, v in d.get("sparsity", {}).items()},
-                   attrs_={str(k): {str(a): int(v) for a, v in attrs.items()} for k, attrs in d.get("attrs", {}).items()})
+                   attrs_={str(k): {str(a): int(v) for a, v in attrs.items()} for k, attrs in d.get("attrs", {}).items()},
+                   dropped_=[str(n) for n in d.get("dropped", [])],
+                   scores_={str(k): float(v) for k, v in d.get("scores", {}).items()})
 
     def summary(self) -> str:
+        if self.config.method == "depth":
+            rows = ["| block | output change without it | removed |", "|---|---|---|"]
+            return "\n".join(rows + [f"| {n} | {s:.3g} | {'yes' if n in self.dropped_ else ''} |"
+                                     for n, s in self.scores_.items()])
         if self.config.method != "structured":
             rows = ["| layer | zeros |", "|---|---|"]
             return "\n".join(rows + [f"| {n} | {s:.1%} |" for n, s in self.sparsity_.items()])
@@ -283,7 +292,31 @@ def search(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None = No
         if example_inputs is None:
             raise ValueError("structured pruning needs example_inputs (a batch the model is called with) to trace it")
         return _search_structured(model, cfg, example_inputs, grads), {}
+    if cfg.method == "depth":
+        if example_inputs is None:
+            raise ValueError("depth pruning needs example_inputs (a batch the model is called with) to find the blocks")
+        return _search_depth(model, cfg, example_inputs, data), {}
     return _search_sparse(model, cfg, grads)
+
+
+def _search_depth(model: nn.Module, cfg: PruneConfig, example: Batch, data: Iterable[Batch] | None) -> PrunePlan:
+    from .depth import block_scores, candidates
+
+    for name in cfg.layers + cfg.exclude:
+        if name not in dict(model.named_modules()):
+            raise ValueError(f"no module named {name!r} in {type(model).__name__}")
+    found = [n for n, _ in candidates(model, example, cfg.exclude)]
+    if cfg.layers:
+        found = [n for n in found if n in cfg.layers]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no block that depth pruning can remove (a block in a Sequential "
+                         "or ModuleList whose output has its input's shape)")
+    batches = [model_inputs(b) for b in data] if data is not None else [example]
+    scores = block_scores(model, found, batches)
+    k = int(round(cfg.sparsity * len(found)))
+    dropped = sorted(found, key=lambda n: scores[n])[:k]
+    log.info("depth pruning: removing %d of %d removable blocks: %s", k, len(found), ", ".join(dropped) or "none")
+    return PrunePlan(cfg, dropped_=[n for n in found if n in dropped], scores_=scores)
 
 
 def _set(m: nn.Module, name: str, value: Tensor) -> None:
@@ -354,6 +387,10 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
                 raise ValueError(f"the plan does not match this model: {name!r} is not an attention module with {sorted(attrs)}")
             for a, v in attrs.items():
                 setattr(m, a, v)
+    elif cfg.method == "depth":
+        from .depth import drop_blocks
+
+        drop_blocks(model, plan.dropped_)
     elif not structure_only:
         if masks is None:
             if cfg.importance == "taylor":
@@ -377,7 +414,7 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
 def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None = None,
                 data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
     listed = check_batches(data, "data") if data is not None else None
-    if example_inputs is None and listed and cfg.method == "structured":
+    if example_inputs is None and listed and cfg.method in ("structured", "depth"):
         example_inputs = model_inputs(listed[0])
     plan, masks = search(model, cfg, example_inputs, listed)
     out = apply_plan(model, plan, inplace=inplace, masks=masks)
@@ -385,7 +422,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None
         n = recalibrate_batchnorm(out, listed)
         if n:
             log.info("re-estimated the statistics of %d BatchNorm layers on %d batches", n, len(listed))
-    if cfg.method == "structured":
+    if cfg.method in ("structured", "depth"):
         assert example_inputs is not None
         before = sum(p.numel() for p in model.parameters()) if not inplace else None
         with torch.no_grad():
@@ -395,6 +432,6 @@ def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None
         if not all(torch.isfinite(t).all() for t in tensors_of(y)):
             raise RuntimeError("the pruned model gives non-finite outputs on the example inputs")
         after = sum(p.numel() for p in out.parameters())
-        log.info("structured pruning: %s parameters -> %d; %d groups cut", before, after,
+        log.info("%s pruning: %s parameters -> %d; %d groups cut", cfg.method, before, after,
                  sum(1 for g in plan.groups_ if g["kept"] < g["channels"]))
     return out

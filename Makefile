@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ptq_cnn.py
 	$(BIN)/python benchmarks/lowrank.py
 	$(BIN)/python benchmarks/pruning.py
+	$(BIN)/python benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -27,7 +27,7 @@ from torch import fx, nn
 from slimkit.quant.modules import QuantConv, QuantLinear
 from slimkit.quant.qat_modules import FakeQuantWeighted
 
-__all__ = ["Placement", "find_placement", "COMPUTE_FUNCTIONS", "SHAPE_FUNCTIONS", "SHAPE_METHODS"]
+__all__ = ["Placement", "find_placement", "bounded_nodes", "COMPUTE_FUNCTIONS", "SHAPE_FUNCTIONS", "SHAPE_METHODS"]
 
 COMPUTE_MODULES: tuple[type, ...] = (QuantConv, QuantLinear, FakeQuantWeighted, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 COMPUTE_FUNCTIONS: set[Any] = {
@@ -116,6 +116,25 @@ def find_placement(gm: fx.GraphModule, float_nodes: set[str]) -> Placement:
             del placement.share[name]
             placement.quantize.append(name)
     return placement
+
+
+def bounded_nodes(gm: fx.GraphModule) -> set[str]:
+    """The nodes whose output a clamp bounds on both sides (ReLU6, Hardtanh, ``clamp(x, a, b)`` with
+    numbers): their range is known, and a calibrator that clips below the bound only loses the
+    saturated values, which such layers produce in bulk."""
+    modules = dict(gm.named_modules())
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[str(node.target)], (nn.ReLU6, nn.Hardtanh)):
+            out.add(node.name)
+        elif node.op == "call_function" and node.target in (F.relu6, F.hardtanh):
+            out.add(node.name)
+        elif node.op in ("call_function", "call_method") and node.target in (torch.clamp, torch.clip, "clamp", "clip"):
+            args = [*node.args[1:3], None, None]
+            lo, hi = node.kwargs.get("min", args[0]), node.kwargs.get("max", args[1])
+            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+                out.add(node.name)
+    return out
 
 
 def quantizer_name(node_name: str) -> str:

@@ -40,8 +40,8 @@ from slimkit.quant.calibrators import CALIBRATORS, make_observer
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
-from slimkit.quant.placement import find_placement, insert_quantizers
-from slimkit.quant.ptq import QuantPlan, _quantize_biases, calibrate
+from slimkit.quant.placement import bounded_nodes, find_placement, insert_quantizers
+from slimkit.quant.ptq import CLIPPING_CALIBRATORS, QuantPlan, _quantize_biases, calibrate
 from slimkit.quant.qat_modules import QAT_METHODS, FakeQuantAct, FakeQuantWeighted
 
 __all__ = ["QATConfig", "QAT_PRESETS", "qat", "prepare_qat", "convert_qat"]
@@ -173,11 +173,14 @@ def prepare_qat(model: nn.Module, cfg: QATConfig, calib: list[Batch]) -> tuple[f
                          f"{plan.skipped or 'it has no Linear/Conv1d/Conv2d layers'}")
     plan.placement = find_placement(gm, float_tensor_nodes(gm, calib[0]))
 
-    def make(node_name: str) -> FakeQuantAct:
+    bounded = bounded_nodes(gm)
+
+    def make(node_name: str) -> FakeQuantAct:  # as PTQ: min-max after a bounded clamp (ReLU6)
         opts: dict[str, Any] = {"bits": 8, "signed": False, "symmetric": False}
-        if cfg.calibrator == "percentile":
+        method = "minmax" if node_name in bounded and cfg.calibrator in CLIPPING_CALIBRATORS else cfg.calibrator
+        if method == "percentile":
             opts["percentile"] = cfg.percentile
-        return FakeQuantAct(8, cfg.method, observer=make_observer(cfg.calibrator, **opts))
+        return FakeQuantAct(8, cfg.method, observer=make_observer(method, **opts))
 
     acts = insert_quantizers(gm, plan.placement, make)
     calibrate(gm, calib, acts, lambda q: q.init_from_observer())

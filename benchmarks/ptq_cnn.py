@@ -25,9 +25,8 @@ from _common import machine
 
 import slimkit as sk
 from slimkit.data import batches, load_digits32
-from slimkit.export import measure_latency
 from slimkit.export.peers import ort_quantize_static
-from slimkit.export.runtime import session
+from slimkit.export.runtime import compare_latency, session
 from slimkit.zoo import resnet18, trained
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,7 +62,8 @@ def quality(name, d, tmp):
     model = trained(name)
     calib = batches(d.train_x[:256], None, 32)
     fp32 = sk.export_onnx(model, f"{tmp}/{name}_fp32.onnx", d.test_x[:32]).path
-    ref = ort_predict(fp32, d.test_x).argmax(1)
+    ref_logits = ort_predict(fp32, d.test_x)
+    ref = ref_logits.argmax(1)
     rows = {"FP32": fp32}
     t = time.time()
     q = sk.quantize(model, "int8", calib_data=calib)
@@ -77,12 +77,16 @@ def quality(name, d, tmp):
         fp32, f"{tmp}/{name}_ort_rr.onnx", calib, "minmax", reduce_range=True)
     out = []
     for label, path in rows.items():
-        pred = ort_predict(path, d.test_x).argmax(1)
+        logits = ort_predict(path, d.test_x)
+        pred = logits.argmax(1)
+        err = float(np.sum((logits - ref_logits) ** 2) / np.sum(ref_logits**2))
         out.append({"model": label, "accuracy": float(100 * np.mean(pred == d.test_y.numpy())),
-                    "top1_agreement": float(100 * np.mean(pred == ref)), "size_kb": os.path.getsize(path) / 1e3})
+                    "top1_agreement": float(100 * np.mean(pred == ref)), "size_kb": os.path.getsize(path) / 1e3,
+                    "sqnr_db": None if err == 0 else float(-10 * np.log10(err))})
     acc, pred = torch_ao_accuracy(model, calib, d.test_x, d.test_y)
     out.append({"model": "torch.ao FX PTQ (x86, in PyTorch)", "accuracy": acc,
-                "top1_agreement": float(100 * np.mean(pred == ref)) if pred is not None else None, "size_kb": None})
+                "top1_agreement": float(100 * np.mean(pred == ref)) if pred is not None else None, "size_kb": None,
+                "sqnr_db": None})
     return {"net": name, "rows": out, "slimkit_quantize_seconds": qtime}
 
 
@@ -96,14 +100,12 @@ def speed(tmp, quick):
     ours = sk.export_onnx(q, f"{tmp}/r18_sk.onnx", ex)
     rows = {"FP32": fp32, "slimkit int8": ours.path,
             "ORT quantize_static (minmax)": ort_quantize_static(fp32, f"{tmp}/r18_ort.onnx", calib, "minmax")}
-    runs = 10 if quick else 40
-    out = []
-    for label, path in rows.items():
-        entry = {"model": label, "size_mb": os.path.getsize(path) / 1e6}
-        for b in (1, 8):
-            lat = measure_latency(path, torch.randn(b, 3, 224, 224), threads=2, warmup=3, runs=runs if b == 1 else runs // 2)
-            entry[f"batch{b}_median_ms"], entry[f"batch{b}_min_ms"] = lat["median_ms"], lat["min_ms"]
-        out.append(entry)
+    out = [{"model": label, "size_mb": os.path.getsize(path) / 1e6} for label, path in rows.items()]
+    for b in (1, 8):  # interleaved rounds: the machine's drift hits every file alike
+        lat = compare_latency(list(rows.values()), torch.randn(b, 3, 224, 224), threads=2, warmup=3,
+                              rounds=2 if quick else 5, seconds=0.5 if quick else 2.0)
+        for entry, t in zip(out, lat, strict=True):
+            entry[f"batch{b}_median_ms"], entry[f"batch{b}_min_ms"] = t["median_ms"], t["min_ms"]
     base = out[0]
     for e in out:
         e["size_x"] = e["size_mb"] / base["size_mb"]
@@ -114,7 +116,8 @@ def speed(tmp, quick):
 
 def markdown(res):
     m = [f"# ptq_cnn: INT8 PTQ of CNNs in ONNX Runtime ({res['machine']})", "",
-         f"onnxruntime {res['onnxruntime']}, torch {res['torch']}, 2 threads. Ratios are against FP32 in the same run.", "",
+         f"onnxruntime {res['onnxruntime']}, torch {res['torch']}, 2 threads. Ratios are against FP32 in the same run; "
+         "latency is the median over 5 interleaved rounds of 2 s per file.", "",
          f"## Speed and size: {res['speed']['net']}", "",
          "| model | size MB | size vs FP32 | batch 1 ms | batch 1 vs FP32 | batch 8 ms | batch 8 vs FP32 |", "|---|---|---|---|---|---|---|"]
     for r in res["speed"]["rows"]:
@@ -123,12 +126,14 @@ def markdown(res):
     m += ["", f"slimkit lint: {res['speed']['lint']}", ""]
     for qres in res["quality"]:
         m += [f"## Accuracy: {qres['net']} trained on digits (360 test images)", "",
-              "| model | accuracy % | top-1 agreement with FP32 % | size kB |", "|---|---|---|---|"]
+              "SQNR: the logits of the 360 test images against FP32's, both in ONNX Runtime (higher is closer).", "",
+              "| model | accuracy % | top-1 agreement with FP32 % | logits SQNR dB | size kB |", "|---|---|---|---|---|"]
         for r in qres["rows"]:
             acc = r["accuracy"] if isinstance(r["accuracy"], str) else f"{r['accuracy']:.2f}"
             agree = "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.1f}"
             size = "-" if r["size_kb"] is None else f"{r['size_kb']:.0f}"
-            m.append(f"| {r['model']} | {acc} | {agree} | {size} |")
+            sqnr = "-" if r.get("sqnr_db") is None else f"{r['sqnr_db']:.1f}"
+            m.append(f"| {r['model']} | {acc} | {agree} | {sqnr} | {size} |")
         m.append("")
     return "\n".join(m) + "\n"
 

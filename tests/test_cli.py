@@ -99,8 +99,11 @@ def test_help_shows_examples(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "slimkit run examples/digits_recipe.yaml" in out
-    for cmd in ("run", "quantize", "prune", "factorize", "distill", "bench", "lint", "report", "demo"):
-        assert f"    {cmd}" in out or f"{{{cmd}," in out or f",{cmd}," in out or f",{cmd}}}" in out
+    for cmd in ("run", "quantize", "prune", "factorize", "distill", "bench", "lint", "report", "demo", "presets"):
+        assert f"{{{cmd}," in out or f",{cmd}," in out or f",{cmd}}}" in out
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert f"example:\n  slimkit {cmd}" in capsys.readouterr().out, cmd
 
 
 def test_bench_and_lint_commands(tmp_path, trained_mlp, digits, capsys):

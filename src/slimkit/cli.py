@@ -20,17 +20,18 @@ from typing import Any
 __all__ = ["main"]
 
 EXAMPLES = """examples:
-  slimkit run examples/digits_recipe.yaml          # prune, distill, quantize, tune; resumes if interrupted
+  slimkit run examples/digits_recipe.yaml          # prune, distill, quantize; resumes if interrupted
+  slimkit run examples/digits_tune.yaml            # the tuner: fastest within 1 point of FP32
   slimkit demo --out out/demo
   slimkit bench out/demo/fp32.onnx out/demo/slimkit_int8.onnx --data digits
   slimkit lint out/demo/slimkit_int8.onnx
   slimkit report out/recipe
-  slimkit distill slimkit.zoo:digits_model --factory-arg mlp --teacher slimkit.zoo:trained \
+  slimkit distill slimkit.zoo:digits_model --factory-arg mlp --teacher slimkit.zoo:trained \\
       --teacher-arg resnet18 --epochs 5 --out out/d
   slimkit presets
   slimkit quantize slimkit.zoo:digits_model --factory-arg resnet18 --checkpoint w.safetensors \\
       --preset int8 --calib digits --out out/q
-  slimkit factorize slimkit.zoo:trained --factory-arg resnet18 --method tucker --ratio 0.5 \
+  slimkit factorize slimkit.zoo:trained --factory-arg resnet18 --method tucker --ratio 0.5 \\
       --finetune 3 --out out/f
   slimkit prune slimkit.zoo:trained --factory-arg resnet18 --sparsity 0.5 --round-to 8 --finetune 3 --out out/p
 """
@@ -368,6 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--exclude", help="comma-separated module names to leave whole")
     _finish_args(p, "data for scores, BatchNorm statistics and fine-tuning")
     p.set_defaults(fn=_cmd_prune)
+    for name, p in sub.choices.items():  # every subcommand's --help ends with its example from EXAMPLES
+        lines = EXAMPLES.splitlines()
+        for i, line in enumerate(lines):
+            if line.strip().startswith(f"slimkit {name} ") or line.strip() == f"slimkit {name}":
+                block = [line]
+                while block[-1].rstrip().endswith("\\") and i + len(block) < len(lines):
+                    block.append(lines[i + len(block)])
+                p.epilog = "example:\n" + "\n".join(block)
+                p.formatter_class = argparse.RawDescriptionHelpFormatter
+                break
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -44,6 +44,7 @@ from typing import Any
 
 import yaml
 from torch import nn
+from tqdm import tqdm
 
 from slimkit.core.batch import Batch, check_batches, inputs_only
 
@@ -405,6 +406,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], report: bool = True) -> 
         log.info("resuming %s after stage %d (%s)", out, last["index"] + 1, last["kind"])
         model = load(out / last["dir"] / "model", recipe.build_model())
     sparse = False
+    bar = tqdm(total=len(recipe.stages), initial=len(done) - 1, desc="stages", unit="stage", disable=None)
     for i, stage in enumerate(recipe.stages):
         sparse = sparse or (stage.kind == "prune" and stage.config.method != "structured")
         if i < len(done) - 1:
@@ -425,6 +427,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], report: bool = True) -> 
         done.append({"index": i, "kind": stage.kind, "config": stage.raw, "dir": name, "metrics": metrics,
                      "tuner": extra})
         _write_json(out / "run.json", state)
+        bar.update(1)
+        bar.set_postfix_str(f"{stage.kind}: metric {m.metric:.4g}, {m.latency_ms:.3f} ms")
+    bar.close()
     results = _results(recipe, done, model, original, data)
     _write_json(out / "results.json", results)
     if report:

@@ -93,9 +93,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         raise ValueError(f"the output path should end in .onnx, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
+    exported: nn.Module = model
     if isinstance(example_inputs, Mapping):
         names = input_names or list(example_inputs.keys())
-        args: tuple[Any, ...] = (dict(example_inputs),)
+        # named inputs go in positionally through a wrapper: the exporter's own dict handling can
+        # bind them to the wrong parameters (Hugging Face's BertModel: "multiple values for use_cache")
+        exported = _NamedInputs(model, list(example_inputs.keys())).eval()  # export restores this mode recursively
+        args: tuple[Any, ...] = tuple(example_inputs.values())
     else:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
@@ -109,7 +113,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, buf, input_names=names,  # type: ignore[arg-type]
+        torch.onnx.export(exported, args, buf, input_names=names,  # type: ignore[arg-type]
                           output_names=outputs,
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
@@ -134,6 +138,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         log.warning("export lint for %s: %s", path.name, "; ".join(report_lint.issues[:5]))
     log.info("exported %s (%.1f kB): %s", path, len(data) / 1e3, parity)
     return ExportReport(str(path), names, outputs, parity, report_lint, len(data))
+
+
+class _NamedInputs(nn.Module):
+    """``model(**dict(zip(keys, args)))``: a model called with named inputs, exported positionally."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(**dict(zip(self.keys, args, strict=True)))
 
 
 class ParityError(RuntimeError):

@@ -39,6 +39,10 @@ def test_tuner_keeps_the_best_within_budget_and_the_pareto_front_on_disk(tuned, 
     assert [p.label for p in r.pareto] == [p.label for p in pareto_front(r.trials, "latency")]
     # on disk: one line per trial and peer, the front, and the best as a save folder + ONNX file
     rows = [json.loads(line) for line in (r.out / "trials.jsonl").read_text().splitlines()]
+    # distill "auto": the first pruned model was fine-tuned both ways and the better way kept
+    knob = [row for row in rows if "labels_only" in row]
+    assert len(knob) == 1 and knob[0]["distill"] == (knob[0]["distilled"] >= knob[0]["labels_only"])
+    assert sum("(distilled)" in lbl or "(labels only)" in lbl for lbl in labels) == 2
     confirmed = [row for row in rows if "confirmed" in row]
     assert len(confirmed) == 1 and confirmed[0]["best"] == r.best.label and "FP32" in confirmed[0]["confirmed"]
     rows = [row for row in rows if "label" in row and "failed" not in row]
@@ -89,6 +93,7 @@ def test_zero_budget_keeps_fp32_when_every_compression_changes_the_outputs(train
     ({"calibrators": ["nope"]}, "calibrators"),
     ({"time_budget": 0}, "time_budget"),
     ({"max_dorp": 1}, "did you mean 'max_drop'"),
+    ({"distill": "sometimes"}, "distill must be one of"),
 ])
 def test_bad_tuner_configs(bad, needle):
     with pytest.raises(ValueError, match=needle):

@@ -6,8 +6,8 @@ file, both measured, never estimated), ``tune`` searches the families' knobs in 
 
 1. INT8 post-training quantization with each calibrator; if none meets the budget, layers go back
    to float by mixed precision at rising output-SQNR targets (``fallback_sqnr_db``).
-2. Structured channel pruning, fine-tuned (with distillation from the original when ``distill``),
-   then the INT8 choice of step 1: the sparsity ladder is searched by bisection for the largest
+2. Structured channel pruning, fine-tuned (with distillation from the original, on labels alone,
+   or, with ``distill: auto``, both ways the first time and the better way after), then the INT8 choice of step 1: the sparsity ladder is searched by bisection for the largest
    sparsity that keeps the budget.
 3. Depth pruning of that model (whole identity-shortcut blocks, ``depth`` fractions of them), the
    ladder searched the same way.
@@ -69,7 +69,9 @@ class TuneConfig(Config):
       and ``round_to`` as in ``PruneConfig``.
     - ``depth``: the depth-pruning ladder (fraction of the removable blocks removed; ``()`` skips it).
     - ``factorize_method``/``factorize_ratios``: low-rank trials (``()`` skips them).
-    - ``finetune_epochs``, ``lr``, ``distill``: the fine-tuning after pruning and factorizing.
+    - ``finetune_epochs``, ``lr``: the fine-tuning after pruning and factorizing; ``distill``: with
+      the original model teaching (``true``), on labels alone (``false``), or ``"auto"``: the first
+      compressed model is fine-tuned both ways and the better way is kept for the rest.
     - ``latency_runs``, ``latency_seconds``: each latency is the median of at least that many runs
       lasting at least that long (sub-millisecond models need both to be stable).
     - ``peers``: measure ONNX Runtime's ``quantize_static`` on the FP32 model too.
@@ -88,7 +90,7 @@ class TuneConfig(Config):
     factorize_ratios: tuple[float, ...] = (0.5,)
     finetune_epochs: int = 5
     lr: float = 0.01
-    distill: bool = True
+    distill: bool | str = "auto"
     latency_runs: int = 200
     latency_seconds: float = 1.0
     peers: bool = True
@@ -115,6 +117,7 @@ class TuneConfig(Config):
         check_range("finetune_epochs", self.finetune_epochs, 0, 1000)
         check_range("lr", self.lr, 0.0, 10.0, lo_open=True)
         check_range("latency_runs", self.latency_runs, 5, 100000)
+        check_choice("distill", self.distill, (True, False, "auto"))
         check_range("latency_seconds", self.latency_seconds, 0.0, 600.0)
 
 
@@ -169,6 +172,8 @@ class _Search:
         self.best: Measurement | None = None
         self.best_model: nn.Module | None = None
         self.kept: dict[str, nn.Module] = {}  # the fastest feasible models, for the confirming round
+        self.use_distill: bool = cfg.distill is not False  # "auto" is settled by the first fine-tuning
+        self.distill_open = cfg.distill == "auto"
         self.reference: Measurement | None = None
         self.stopped = "finished"
         (out / "trials").mkdir(parents=True, exist_ok=True)
@@ -282,12 +287,13 @@ class _Search:
                  self.best.size_bytes / 1e3, self.best.metric)
 
     # -- the steps -----------------------------------------------------------------------------------
-    def finetune(self, model: nn.Module) -> nn.Module:
+    def finetune(self, model: nn.Module, distill: bool | None = None) -> nn.Module:
         from slimkit.train import fit
 
+        distill = self.use_distill if distill is None else distill
         if self.cfg.finetune_epochs and self.train:
             fit(model, self.train, epochs=self.cfg.finetune_epochs, lr=self.cfg.lr,
-                teacher=self.model if self.cfg.distill else None)
+                teacher=self.model if distill else None)
         return model.eval()
 
     def quantize(self, model: nn.Module, qcfg: dict[str, Any]) -> nn.Module:
@@ -324,7 +330,10 @@ class _Search:
         model and whether any of these met the budget."""
         if not self.time_left(kind):
             return None
-        r = self.trial(kind, label, lambda: self.finetune(make()), **extra)
+        if self.distill_open and self.cfg.finetune_epochs and self.train:
+            r = self.both_ways(kind, label, make, **extra)
+        else:
+            r = self.trial(kind, label, lambda: self.finetune(make()), **extra)
         if r is None:
             return None
         floatm, fm = r
@@ -361,6 +370,29 @@ class _Search:
             else:
                 hi = mid - 1
         return base
+
+    def both_ways(self, kind: str, label: str, make: Callable[[], nn.Module],
+                  **extra: Any) -> tuple[nn.Module, Measurement] | None:
+        """The ``distill: auto`` knob: fine-tune one compressed model with the original teaching and
+        on labels alone, keep the better way for the rest of the search."""
+        try:
+            made = make()
+        except (ValueError, RuntimeError) as e:
+            log.warning("tuner: trial %r failed: %s", label, e)
+            self._append({"label": label, "kind": kind, "failed": str(e)})
+            return None
+        kd = self.trial(kind, f"{label} (distilled)", lambda: self.finetune(copy.deepcopy(made), True), **extra,
+                        distill=True)
+        ce = self.trial(kind, f"{label} (labels only)", lambda: self.finetune(copy.deepcopy(made), False), **extra,
+                        distill=False)
+        if kd is None or ce is None:
+            return kd or ce
+        self.distill_open = False
+        self.use_distill = kd[1].metric >= ce[1].metric
+        log.info("tuner: fine-tuning %s from now on (%.4g distilled, %.4g on labels)",
+                 "with distillation" if self.use_distill else "on labels alone", kd[1].metric, ce[1].metric)
+        self._append({"distill": self.use_distill, "distilled": kd[1].metric, "labels_only": ce[1].metric})
+        return kd if self.use_distill else ce
 
     def prune_ladder(self, qcfg: dict[str, Any] | None) -> nn.Module:
         """Steps 2 and 3: channels, then blocks; returns the best float base (pruned or not)."""

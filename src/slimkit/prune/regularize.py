@@ -1,11 +1,13 @@
 """Sparsity regularization during training: a penalty added to the loss that pushes weights (or whole
 channels) towards zero, so that pruning afterwards removes less of what the network uses.
 
-- ``"l1"``: the mean absolute weight of the chosen Linear / Conv2d layers (unstructured pruning).
-- ``"group"``: group lasso, the sum over output channels of each channel's L2 norm, divided by the
-  number of weights (structured pruning of channels).
-- ``"bn"``: the mean absolute BatchNorm scale (gamma), as in network slimming: a channel whose scale
-  goes to zero can be cut whatever its conv weights are.
+- ``"l1"``: the sum of the absolute weights of the chosen Linear / Conv2d layers (unstructured pruning).
+- ``"group"``: group lasso, the sum over output channels of each channel's L2 norm (structured
+  pruning of channels).
+- ``"bn"``: the sum of the absolute BatchNorm scales (gamma), as in network slimming: a channel whose
+  scale goes to zero can be cut whatever its conv weights are.
+
+Sums, as the papers write them, so ``strength`` is their lambda (network slimming used 1e-4 to 1e-5).
 
 Use it as ``fit(model, data, extra_loss=SparsityPenalty(model, 1e-3, "group"))``.
 
@@ -14,8 +16,8 @@ Use it as ``fit(model, data, extra_loss=SparsityPenalty(model, 1e-3, "group"))``
 >>> with torch.no_grad():
 ...     for p in m.parameters():
 ...         _ = p.fill_(0.5)
->>> round(float(SparsityPenalty(m, 2.0, "l1")()), 4)  # 2 x mean |w|
-1.0
+>>> round(float(SparsityPenalty(m, 2.0, "l1")()), 4)  # 2 x (18 weights x 0.5)
+18.0
 """
 
 from __future__ import annotations
@@ -42,13 +44,12 @@ class SparsityPenalty:
         for name in layers:
             if not isinstance(modules.get(name), types):
                 raise ValueError(f"layer {name!r} is not a {' / '.join(t.__name__ for t in types)} of this model")
-        self.weights: list[Tensor] = [m.weight for n, m in modules.items() if isinstance(m, types)
+        self.weights: list[Tensor] = [getattr(m, "weight") for n, m in modules.items() if isinstance(m, types)  # noqa: B009
                                       and (not layers or n in layers) and isinstance(getattr(m, "weight", None), Tensor)]
         if not self.weights:
             raise ValueError(f"the model has no {' / '.join(t.__name__ for t in types)} layer with weights "
                              f"for the {kind!r} penalty")
         self.strength, self.kind = float(strength), kind
-        self.count = sum(w.numel() for w in self.weights)
 
     def __call__(self) -> Tensor:
         total: Tensor = torch.zeros(())
@@ -57,4 +58,4 @@ class SparsityPenalty:
                 total = total + w.reshape(w.shape[0], -1).norm(dim=1).sum()
             else:
                 total = total + w.abs().sum()
-        return self.strength * total / self.count
+        return self.strength * total

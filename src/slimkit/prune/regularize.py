@@ -16,7 +16,7 @@ Use it as ``fit(model, data, extra_loss=SparsityPenalty(model, 1e-3, "group"))``
 >>> with torch.no_grad():
 ...     for p in m.parameters():
 ...         _ = p.fill_(0.5)
->>> round(float(SparsityPenalty(m, 2.0, "l1")()), 4)  # 2 x (18 weights x 0.5)
+>>> round(float(SparsityPenalty(m, 2.0, "l1")().detach()), 4)  # 2 x (18 weights x 0.5)
 18.0
 """
 

@@ -40,6 +40,8 @@ G32 = {"group_size": 32, "weight_symmetric": False}
 OURS: list[tuple[str, Any]] = [
     ("slimkit int8-dynamic (int8 embeddings)", "int8-dynamic"),
     ("slimkit int4-weight (RTN, g128 sym)", "int4-weight"),
+    ("slimkit int8-dynamic, keep_float 2", {**sk.presets()["int8-dynamic"], "keep_float": 2}),
+    ("slimkit int8-dynamic, keep_float 6", {**sk.presets()["int8-dynamic"], "keep_float": 6}),
     ("slimkit int4-weight (RTN, g32 asym)", {**sk.presets()["int4-weight"], **G32}),
     ("slimkit int4-gptq (g128 sym)", "int4-gptq"),
     ("slimkit int4-gptq (g32 asym, act-order)", {**sk.presets()["int4-gptq"], **G32, "gptq_act_order": True}),
@@ -100,7 +102,7 @@ def run(tmp: str, quick: bool) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 -- a peer that fails is reported, not fatal
             rows.append({"config": label, "path": None, "error": str(err)[-160:]})
     log.info("ORT peers done in %.0f s", time.time() - t)
-    for label, cfg in OURS[:2] + OURS[3:4] if quick else OURS:
+    for label, cfg in OURS[:3] if quick else OURS:
         t = time.time()
         q = sk.quantize(model, cfg, calib_data=calib)
         seconds = time.time() - t

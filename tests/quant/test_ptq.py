@@ -172,3 +172,34 @@ def test_bounded_activations_are_not_clipped_by_the_clipping_calibrators(digits)
 
     minmax = sqnr(sk.quantize(m, "int8", calib_data=calib))
     assert sqnr(sk.quantize(m, {"calibrator": "entropy"}, calib_data=calib)) > minmax - 3.0
+
+
+def test_keep_float_keeps_the_most_sensitive_layers_by_name(trained_resnet, digits, tmp_path):
+    from slimkit.core.batch import output_error
+    from slimkit.zoo import digits_model
+
+    calib = batches(digits.train_x[:64], None, 32)
+    plain = sk.quantize(trained_resnet, "int8", calib_data=calib)
+    q = sk.quantize(trained_resnet, {"keep_float": 2}, calib_data=calib)
+    report = q.slimkit_plan.passes["keep_float"]
+    alone = report["sqnr_db_alone"]
+    assert len(alone) == 21 and report["kept"] == sorted(alone, key=alone.get)[:2]  # the two lowest SQNRs
+    for name in report["kept"]:
+        assert isinstance(q.get_submodule(name), nn.Conv2d | nn.Linear)  # left in float
+    assert set(report["kept"]) <= set(q.slimkit_plan.config.exclude) and q.slimkit_plan.config.keep_float == 0
+    x = digits.test_x[:128]
+    with torch.no_grad():
+        ref = [[trained_resnet(x)]]
+        assert output_error(q, [x], ref) < output_error(plain, [x], ref)
+    sk.save(q, tmp_path / "q")  # the choice is in the plan: loading does not scan again
+    back = sk.load(tmp_path / "q", digits_model("resnet18"))
+    assert torch.equal(back(x), q(x))
+    sk.export_onnx(q, tmp_path / "q.onnx", x[:8])
+    with pytest.raises(ValueError, match="keep_float is a number of layers"):
+        sk.QuantConfig(keep_float=-1)
+    with pytest.raises(ValueError, match="keep_float chooses"):
+        sk.QuantConfig(keep_float=1, mixed_bits=(4, 8), target_bits=6.0)
+    with pytest.raises(ValueError, match="would keep every quantizable layer"):
+        sk.quantize(trained_resnet, {"keep_float": 21}, calib_data=calib)
+    with pytest.raises(ValueError, match="keep_float scan"):
+        sk.quantize(trained_resnet, {"activations": "dynamic", "keep_float": 1})

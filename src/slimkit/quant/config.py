@@ -50,6 +50,9 @@ class QuantConfig(Config):
       transformer's word embeddings are often half its file). Tables tied to another layer's
       weight are kept in float, and the plan says so.
     - ``layer_bits``: weight bits per layer (module name), overriding ``weight_bits``.
+    - ``keep_float``: the sensitivity pass. Each layer is quantized alone and the outputs' change on
+      ``calib_data`` measured; the ``keep_float`` layers that change them most stay in float (added
+      to ``exclude`` in the plan's config; the scan, by name, in ``plan.passes["keep_float"]``).
     - Mixed precision from sensitivity: ``mixed_bits`` (the candidate weight widths, e.g. ``[4, 8]``)
       with one budget, ``target_bits`` (average weight bits per parameter, a size budget) or
       ``target_sqnr_db`` (output SQNR against the float model on the calibration data, a fidelity
@@ -82,6 +85,7 @@ class QuantConfig(Config):
     target_bits: float | None = None
     target_sqnr_db: float | None = None
     float_fallback: bool = True
+    keep_float: int = 0
 
     def validate(self) -> None:
         check_choice("activations", self.activations, ("static", "dynamic", "none"))
@@ -103,6 +107,7 @@ class QuantConfig(Config):
         for name, bits in self.layer_bits.items():
             check_range(f"layer_bits[{name!r}]", bits, 2, 8)
         self._validate_mixed()
+        self._validate_keep_float()
 
     def _validate_groups(self) -> None:
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
@@ -125,6 +130,13 @@ class QuantConfig(Config):
             raise ValueError("AdaRound learns per-channel grids; for group-wise weights use rounding='gptq'")
         if self.mixed_bits or self.layer_bits:
             raise ValueError("mixed precision chooses per-channel widths; it does not combine with group_size yet")
+
+    def _validate_keep_float(self) -> None:
+        if isinstance(self.keep_float, bool) or not isinstance(self.keep_float, int) or self.keep_float < 0:
+            raise ValueError(f"keep_float is a number of layers, at least 0, got {self.keep_float!r}")
+        if self.keep_float and (self.mixed_bits or self.group_size is not None):
+            raise ValueError("keep_float chooses the float layers of a uniform INT8 or low-bit model; with mixed_bits, "
+                             "float_fallback makes that choice, and group-wise weights do not combine with it yet")
 
     def _validate_mixed(self) -> None:
         budgets = [n for n in ("target_bits", "target_sqnr_db") if getattr(self, n) is not None]

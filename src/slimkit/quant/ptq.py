@@ -247,11 +247,45 @@ def _quantize_biases(model: nn.Module) -> None:
 def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
                  inplace: bool = False) -> nn.Module:
     """Quantize ``model`` after training. Returns the quantized model with ``.slimkit_plan``."""
+    if cfg.keep_float:
+        return _quantize_keep_float(model, cfg, calib_data, inplace)
     if cfg.mixed_bits:
         return _quantize_mixed(model, cfg, calib_data, inplace)
     if cfg.equalize and calib_data is not None:
         return _equalize_if_it_helps(model, cfg, calib_data)
     return _quantize(model, cfg, calib_data, inplace)
+
+
+def _quantize_keep_float(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
+    """The sensitivity pass: quantize each layer alone, measure how far the outputs move on the
+    calibration data, and keep the ``keep_float`` layers that move them most in float. The scan and
+    the choice, by name, are in ``plan.passes["keep_float"]``."""
+    data = check_batches(calib_data, "calib_data (the keep_float scan measures each layer on it)")
+    if cfg.calib_batches is not None:
+        data = data[: cfg.calib_batches]
+    fixed = cfg.replace(keep_float=0)
+    names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n not in cfg.exclude]
+    if len(names) <= cfg.keep_float:
+        raise ValueError(f"keep_float={cfg.keep_float} would keep every quantizable layer of {type(model).__name__} "
+                         f"({len(names)}) in float")
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        reference = [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
+    error: dict[str, float] = {}
+    for name in tqdm(names, desc="keep_float scan", leave=False, disable=None):
+        alone = quantize_ptq(model, fixed.replace(exclude=tuple(n for n in names if n != name) + cfg.exclude), data)
+        with torch.no_grad():
+            error[name] = output_error(alone, data, reference)
+    kept = sorted(names, key=lambda n: error[n], reverse=True)[: cfg.keep_float]
+    out = quantize_ptq(model, fixed.replace(exclude=(*cfg.exclude, *kept)), data, inplace)
+    with torch.no_grad():
+        final = output_error(out, data, reference)
+    plan = cast(QuantPlan, out.slimkit_plan)
+    plan.passes["keep_float"] = {"kept": kept, "sqnr_db_alone": {n: mixed_precision.sqnr_db(e) for n, e in error.items()},
+                                 "sqnr_db": mixed_precision.sqnr_db(final)}
+    log.info("keep_float: %s stay in float (each alone: %s dB); %.1f dB on the calibration data", ", ".join(kept),
+             ", ".join(f"{mixed_precision.sqnr_db(error[n]):.1f}" for n in kept), mixed_precision.sqnr_db(final))
+    return out
 
 
 def _equalize_if_it_helps(model: nn.Module, cfg: QuantConfig, calib_data: Any) -> nn.Module:

@@ -30,7 +30,7 @@ def test_bad_factory_exits_2_with_a_message(tmp_path, capsys):
 
 
 def test_demo_tells_the_whole_story_and_writes_the_report(tmp_path, capsys):
-    assert main(["demo", "--model", "mlp", "--out", str(tmp_path), "--tune-budget", "20"]) == 0
+    assert main(["demo", "--model", "mlp", "--out", str(tmp_path), "--tune-budget", "5"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["stage"] for r in res["stages"]] == ["baseline", "quantize", "prune + distill", "prune + distill + quantize",
                                                    "tune"]

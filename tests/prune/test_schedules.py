@@ -84,3 +84,22 @@ def test_iterative_unstructured_keeps_earlier_zeros(trained_mlp, digits):
         prune_iteratively(trained_mlp, {"method": "unstructured"}, data, steps=0)
     with pytest.raises(ValueError, match="train_data is empty"):
         prune_iteratively(trained_mlp, {"method": "unstructured"}, [], steps=2)
+
+
+def test_prune_at_initialization_then_train_the_sparse_net(digits):
+    """Before training: the taylor importance on an untrained model is SNIP's saliency |w x grad|.
+    Cut 90% of the weights at initialization, then train the sparse net with its zeros held."""
+    from slimkit.prune import hold_zeros
+
+    data = batches(digits.train_x, digits.train_y, 64)
+    torch.manual_seed(0)
+    fresh = digits_model("mlp")
+    sparse = sk.prune(fresh, {"method": "unstructured", "sparsity": 0.9, "importance": "taylor"}, data=data[:4])
+    layers = [sparse[i] for i in (1, 3, 5)]
+    zeros = sum(int((m.weight == 0).sum()) for m in layers) / sum(m.weight.numel() for m in layers)
+    assert zeros == pytest.approx(0.9, abs=0.01)
+    with hold_zeros(sparse):
+        fit(sparse, data, epochs=3, lr=0.05)
+    after = sum(int((m.weight == 0).sum()) for m in layers) / sum(m.weight.numel() for m in layers)
+    assert after >= zeros - 1e-6  # still 90% sparse after training
+    assert accuracy(sparse, digits.test_x, digits.test_y) > 90.0

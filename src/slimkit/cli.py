@@ -382,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # ONNX Runtime's quantizer (a peer) advises on the root logger
+        handler.addFilter(lambda record: not str(record.msg).startswith("Please consider"))
     try:
         return int(args.fn(args))
     except (ValueError, FileNotFoundError, FileExistsError) as e:

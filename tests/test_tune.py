@@ -108,3 +108,11 @@ def test_an_evaluation_that_raises_stops_the_tuner(trained_mlp, digits_task, tmp
 
     with pytest.raises(RuntimeError, match="evaluation function raised.*KeyError"):
         tune(trained_mlp, FAST, broken, t["example"], t["calib"], tmp_path)
+
+
+def test_a_nan_metric_or_an_unexportable_model_stops_the_tuner_by_name(trained_mlp, digits_task, tmp_path):
+    t = digits_task
+    with pytest.raises(RuntimeError, match="evaluation function returned nan"):
+        tune(trained_mlp, FAST, lambda m: float("nan"), t["example"], t["calib"], tmp_path / "a")
+    with pytest.raises(ValueError, match="FP32 model could not be exported or measured"):
+        tune(trained_mlp, FAST, digits_accuracy, torch.randn(2, 3), t["calib"], tmp_path / "b")  # wrong input shape

@@ -12,7 +12,6 @@ then ``results.json``, ``results.md`` (the table) and the report (``report.md``,
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ def run_demo(out: str | os.PathLike[str], model_name: str = "resnet18", tune_bud
              finetune_epochs: int = 3) -> dict[str, Any]:
     """Run the demo into ``out`` (see the module doc) and return ``results.json``'s content."""
     import slimkit as sk
+    from slimkit.core.files import write_atomic, write_json
     from slimkit.data import digits_accuracy, task
     from slimkit.export.peers import ort_quantize_static
     from slimkit.measure import measure, measure_onnx
@@ -70,8 +70,8 @@ def run_demo(out: str | os.PathLike[str], model_name: str = "resnet18", tune_bud
                "stages": [stage_row(kind, m, base) for kind, m in rows], "peers": [peer], "tuner": tuned.to_dict(),
                "layers": layer_table(copy.deepcopy(model), tuned.model, calib[:4]),
                "lint": rows[1][1]["extra"]["lint"]}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(markdown_table(results))
+    write_json(out / "results.json", results)
+    write_atomic(out / "results.md", markdown_table(results))
     write_report(out)
     return results
 

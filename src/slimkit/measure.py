@@ -23,7 +23,7 @@ from torch import nn
 
 from slimkit.core.batch import Batch
 
-__all__ = ["Measurement", "measure", "measure_onnx", "first_rows", "count_weights"]
+__all__ = ["Measurement", "EvaluationError", "measure", "measure_onnx", "first_rows", "count_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,25 @@ def first_rows(batch: Batch, n: int = 1) -> Batch:
     return tuple(t[:n] if isinstance(t, torch.Tensor) else t for t in batch)
 
 
+class EvaluationError(RuntimeError):
+    """The user's evaluation function raised or returned no finite number: a fault of the run, not
+    of one compressed model, so searches stop on it."""
+
+
 def _evaluate(evaluate: Evaluate, target: nn.Module, what: str) -> float:
     try:
         value = float(evaluate(target))
     except Exception as e:
-        raise RuntimeError(f"the evaluation function raised on {what}: {type(e).__name__}: {e}") from e
+        raise EvaluationError(f"the evaluation function raised on {what}: {type(e).__name__}: {e}") from e
     if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"the evaluation function returned {value} on {what}")
+        raise EvaluationError(f"the evaluation function returned {value} on {what}")
     return value
 
 
 def measure_onnx(path: str, label: str, example: Batch, evaluate: Evaluate, runs: int = 100,
                  params: int | None = None, started: float | None = None, min_seconds: float = 0.0,
-                 **extra: Any) -> Measurement:
-    """Measure an ONNX file that is already written (a peer's, say)."""
+                 parity_rel_l2: float | None = None, parity_ok: bool = True, **extra: Any) -> Measurement:
+    """Measure an ONNX file that is already written (a peer's, say); ``extra`` is kept with it."""
     import os
 
     from slimkit.export.runtime import OrtModule, measure_latency
@@ -107,8 +112,7 @@ def measure_onnx(path: str, label: str, example: Batch, evaluate: Evaluate, runs
     lat = measure_latency(path, first_rows(example, 1), threads=2, warmup=max(5, runs // 10), runs=runs,
                           min_seconds=min_seconds)
     return Measurement(label, str(path), metric, lat["median_ms"], lat["min_ms"], os.path.getsize(path), params,
-                       extra.pop("parity_rel_l2", None), bool(extra.pop("parity_ok", True)),
-                       time.perf_counter() - t0, extra)
+                       parity_rel_l2, parity_ok, time.perf_counter() - t0, extra)
 
 
 def measure(model: nn.Module, label: str, path: str, example: Batch, evaluate: Evaluate, runs: int = 100,

@@ -34,8 +34,6 @@ import importlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from slimkit.core.batch import Batch, check_batches, inputs_only
+from slimkit.core.files import atomic_dir, write_json
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "STAGE_KINDS", "import_path"]
 
@@ -308,14 +307,6 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def _state(recipe: Recipe) -> dict[str, Any]:
     """The run folder's state: a new run, or the one to resume (refusing one that is not ours)."""
     out = recipe.out
@@ -340,20 +331,6 @@ def _state(recipe: Recipe) -> dict[str, Any]:
             raise FileExistsError(f"{out} holds a run whose stage {i + 1} ({entry['kind']}) differs from this recipe's; "
                                   "give another out folder (nothing was overwritten)")
     return state
-
-
-@contextlib.contextmanager
-def _stage_dir(final: Path) -> Any:
-    """A temporary folder that becomes ``final`` only when the stage finished."""
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        yield tmp
-        if final.exists():  # a stage folder no run.json points at: left by an interrupted rename
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _run_stage(stage: Stage, model: nn.Module, original: nn.Module, data: _Data, evaluate: Callable[[nn.Module], float],
@@ -394,12 +371,12 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], report: bool = True) -> 
     out.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = state["done"]
     if not done:  # the baseline: the model as given, measured like every stage
-        with _stage_dir(out / "00-baseline") as tmp:
+        with atomic_dir(out / "00-baseline") as tmp:
             m = measure(original, "FP32", str(tmp / "model.onnx"), data.example, evaluate)
             metrics = {**m.to_dict(), "path": str(out / "00-baseline" / "model.onnx")}
-            _write_json(tmp / "metrics.json", metrics)
+            write_json(tmp / "metrics.json", metrics)
         done.append({"index": -1, "kind": "baseline", "config": None, "dir": "00-baseline", "metrics": metrics})
-        _write_json(out / "run.json", state)
+        write_json(out / "run.json", state)
     model = original
     if len(done) > 1:
         last = done[-1]
@@ -414,24 +391,24 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], report: bool = True) -> 
         name = f"{i + 1:02d}-{stage.kind}"
         log.info("stage %d/%d: %s", i + 1, len(recipe.stages), stage.kind)
         t0 = time.perf_counter()
-        with _stage_dir(out / name) as tmp:
+        with atomic_dir(out / name) as tmp:
             model, extra = _run_stage(stage, model, original, data, evaluate, sparse, tmp)
             save(model, tmp / "model")
             m = measure(model, f"{i + 1}. {stage.kind}", str(tmp / "model.onnx"), data.example, evaluate, started=t0)
             metrics = {**m.to_dict(), "path": str(out / name / "model.onnx")}
-            _write_json(tmp / "metrics.json", metrics)
+            write_json(tmp / "metrics.json", metrics)
         with contextlib.suppress(FileNotFoundError):
             os.remove(out / ".distill.ckpt")
         if extra is not None:  # the tuner wrote into the temporary folder; point at the final one
             extra = json.loads(json.dumps(extra, default=str).replace(str(tmp), str(out / name)))
         done.append({"index": i, "kind": stage.kind, "config": stage.raw, "dir": name, "metrics": metrics,
                      "tuner": extra})
-        _write_json(out / "run.json", state)
+        write_json(out / "run.json", state)
         bar.update(1)
         bar.set_postfix_str(f"{stage.kind}: metric {m.metric:.4g}, {m.latency_ms:.3f} ms")
     bar.close()
     results = _results(recipe, done, model, original, data)
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     if report:
         from slimkit.report import write_report
 

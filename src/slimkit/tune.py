@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ from torch import nn
 
 from slimkit.core.batch import Batch
 from slimkit.core.config import Config, check_choice, check_range
-from slimkit.measure import Measurement, measure, measure_onnx
+from slimkit.core.files import atomic_dir, write_json
+from slimkit.measure import EvaluationError, Measurement, measure, measure_onnx
 
 __all__ = ["TuneConfig", "TuneResult", "tune", "pareto_front"]
 
@@ -148,7 +148,7 @@ def pareto_front(points: Iterable[Measurement], objective: str) -> list[Measurem
     >>> [p.label for p in pareto_front([m("a", 1, 90), m("b", 2, 95), m("c", 3, 94), m("d", 1, 91)], "latency")]
     ['d', 'b']
     """
-    pts = sorted(points, key=lambda p: (_objective(p, objective), -p.metric))
+    pts = sorted(points, key=lambda p: _rank(p, objective))
     front: list[Measurement] = []
     for p in pts:
         if not front or p.metric > front[-1].metric:
@@ -158,6 +158,11 @@ def pareto_front(points: Iterable[Measurement], objective: str) -> list[Measurem
 
 def _objective(m: Measurement, objective: str) -> float:
     return m.latency_ms if objective == "latency" else float(m.size_bytes)
+
+
+def _rank(m: Measurement, objective: str) -> tuple[float, float]:
+    """Lower is better: the objective first, then the higher metric."""
+    return _objective(m, objective), -m.metric
 
 
 class _Search:
@@ -194,6 +199,11 @@ class _Search:
             return False
         return True
 
+    def failed(self, kind: str, label: str, error: Exception) -> None:
+        """A compressed model that could not be built, exported or measured: logged, recorded, skipped."""
+        log.warning("tuner: trial %r failed: %s", label, error)
+        self._append({"label": label, "kind": kind, "failed": f"{type(error).__name__}: {error}"})
+
     def trial(self, kind: str, label: str, build: Callable[[], nn.Module], **extra: Any) -> tuple[nn.Module, Measurement] | None:
         t0 = time.perf_counter()
         path = str(self.out / "trials" / f"{len(self.trials) + len(self.peers):02d}-{_slug(label)}.onnx")
@@ -201,11 +211,12 @@ class _Search:
             model = build()
             m = measure(model, label, path, self.example, self.evaluate, self.cfg.latency_runs, t0,
                         self.cfg.latency_seconds, kind=kind, **extra)
+        except EvaluationError:
+            raise  # the user's function is at fault, not this trial
         except (ValueError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and "evaluation function" in str(e):
-                raise
-            log.warning("tuner: trial %r failed: %s", label, e)
-            self._append({"label": label, "kind": kind, "failed": str(e)})
+            if self.reference is None:
+                raise ValueError(f"the FP32 model could not be exported or measured: {e}") from e
+            self.failed(kind, label, e)
             self.durations[kind] = time.perf_counter() - t0
             return None
         self.durations[kind] = m.seconds
@@ -215,8 +226,7 @@ class _Search:
             self.reference = m
         if self.feasible(m):
             self.kept[label] = model
-            fastest = sorted((t for t in self.trials if t.label in self.kept),
-                             key=lambda t: (_objective(t, self.cfg.objective), -t.metric))
+            fastest = sorted((t for t in self.trials if t.label in self.kept), key=lambda t: _rank(t, self.cfg.objective))
             for t in fastest[CONFIRM + 1:]:
                 if t is not self.reference:
                     self.kept.pop(t.label, None)
@@ -251,12 +261,11 @@ class _Search:
             assert self.best_model is not None
             self._save_best()
         else:
-            _write_json(self.out / "best" / "metrics.json", best.to_dict())
+            write_json(self.out / "best" / "metrics.json", best.to_dict())
         self._save_pareto()
 
     def _better(self, a: Measurement, b: Measurement) -> bool:
-        oa, ob = _objective(a, self.cfg.objective), _objective(b, self.cfg.objective)
-        return (oa, -a.metric) < (ob, -b.metric)
+        return _rank(a, self.cfg.objective) < _rank(b, self.cfg.objective)
 
     def _append(self, row: dict[str, Any]) -> None:
         with open(self.out / "trials.jsonl", "a") as f:
@@ -264,25 +273,17 @@ class _Search:
 
     def _save_pareto(self) -> None:
         front = pareto_front(self.trials, self.cfg.objective)
-        _write_json(self.out / "pareto.json", {"objective": self.cfg.objective, "front": [p.to_dict() for p in front],
+        write_json(self.out / "pareto.json", {"objective": self.cfg.objective, "front": [p.to_dict() for p in front],
                                                "peers": [p.to_dict() for p in self.peers]})
 
     def _save_best(self) -> None:
         from slimkit.io import save
 
         assert self.best is not None and self.best_model is not None
-        final = self.out / "best"
-        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".best."))
-        try:
+        with atomic_dir(self.out / "best") as tmp:
             save(self.best_model, tmp / "model")
             shutil.copyfile(self.best.path, tmp / "model.onnx")
-            _write_json(tmp / "metrics.json", self.best.to_dict())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            write_json(tmp / "metrics.json", self.best.to_dict())
         log.info("tuner: best so far %s (%.3f ms, %.1f kB, metric %.4g)", self.best.label, self.best.latency_ms,
                  self.best.size_bytes / 1e3, self.best.metric)
 
@@ -378,8 +379,7 @@ class _Search:
         try:
             made = make()
         except (ValueError, RuntimeError) as e:
-            log.warning("tuner: trial %r failed: %s", label, e)
-            self._append({"label": label, "kind": kind, "failed": str(e)})
+            self.failed(kind, label, e)
             return None
         kd = self.trial(kind, f"{label} (distilled)", lambda: self.finetune(copy.deepcopy(made), True), **extra,
                         distill=True)
@@ -439,26 +439,20 @@ class _Search:
                                 min_seconds=self.cfg.latency_seconds, kind="peer")
             self.peers.append(peer)
             self._append({**peer.to_dict(), "feasible": None})
+        except EvaluationError:
+            raise
         except Exception as e:  # a peer that fails is reported, never fatal
-            log.warning("tuner: the ONNX Runtime quantize_static peer failed: %s", e)
-            self._append({"label": "ORT quantize_static", "kind": "peer", "failed": f"{type(e).__name__}: {e}"})
+            self.failed("peer", "ORT quantize_static", e)
         self._save_pareto()
 
 
 def _pick(found: list[tuple[Measurement, dict[str, Any]]], objective: str) -> dict[str, Any] | None:
     """The config of the best metric (then the best objective) among the feasible trials."""
-    return max(found, key=lambda f: (f[0].metric, -_objective(f[0], objective)))[1] if found else None
+    return max(found, key=lambda f: (f[0].metric, -_objective(f[0], objective)))[1] if found else None  # metric first
 
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def tune(model: nn.Module, config: TuneConfig | dict[str, Any], evaluate: Callable[[nn.Module], float],
@@ -482,9 +476,7 @@ def tune(model: nn.Module, config: TuneConfig | dict[str, Any], evaluate: Callab
         log.warning("tuner: no train_data, so pruned and factorized models are not fine-tuned")
     original = copy.deepcopy(model).eval()
     s = _Search(original, cfg, evaluate, train, calib, example_inputs, out)
-    s.trial("fp32", "FP32", lambda: copy.deepcopy(original))
-    if s.reference is None:
-        raise ValueError("the FP32 model could not be exported or measured; see the log")
+    s.trial("fp32", "FP32", lambda: copy.deepcopy(original))  # raises rather than fail: nothing to compare with
     if cfg.peers:
         s.measure_peers()
     qcfg = s.choose_quant(original)
@@ -494,10 +486,10 @@ def tune(model: nn.Module, config: TuneConfig | dict[str, Any], evaluate: Callab
     if cfg.factorize_ratios and s.stopped == "finished":
         s.factorize_steps(base, qcfg)
     s.confirm()
-    assert s.best is not None and s.best_model is not None
+    assert s.best is not None and s.best_model is not None and s.reference is not None
     result = TuneResult(s.best_model, s.best, s.reference, s.trials, s.peers, pareto_front(s.trials, cfg.objective),
                         s.stopped, out, cfg)
-    _write_json(out / "tuner.json", {"seconds": time.perf_counter() - s.start, **result.to_dict()})
+    write_json(out / "tuner.json", {"seconds": time.perf_counter() - s.start, **result.to_dict()})
     log.info("tuner: picked %s: %.3f ms (%.2fx FP32), %.1f kB, metric %.4g (FP32 %.4g); %s", s.best.label,
              s.best.latency_ms, s.best.latency_ms / s.reference.latency_ms, s.best.size_bytes / 1e3, s.best.metric,
              s.reference.metric, s.stopped)

@@ -63,3 +63,5 @@ def test_exclude_and_bad_input(trained_resnet, trained_mlp, digits):
     with pytest.raises(ValueError, match="sparsity"):  # 1.0 means every removable block for depth only
         sk.PruneConfig(method="structured", sparsity=1.0)
     assert sk.PruneConfig(method="depth", sparsity=1.0).sparsity == 1.0
+    with pytest.raises(ValueError, match="NaN or infinite outputs"):
+        sk.prune(trained_resnet, {"method": "depth"}, example_inputs=torch.full_like(x, float("nan")))

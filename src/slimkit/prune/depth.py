@@ -116,6 +116,9 @@ def block_scores(model: nn.Module, names: Sequence[str], batches: list[Batch]) -
     model.eval()
     try:
         reference = [[t.clone() for t in tensors_of(call(model, b))] for b in batches]
+        if not all(torch.isfinite(t).all() for ts in reference for t in ts):
+            raise ValueError("depth pruning: the model gives NaN or infinite outputs on the data, so no block "
+                             "can be scored; check the weights and the data")
         scores = {}
         for name in names:
             old = _swap(model, name, nn.Identity())

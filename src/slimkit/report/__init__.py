@@ -12,9 +12,10 @@ import base64
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from slimkit.core.files import write_atomic
 
 __all__ = ["write_report", "markdown", "stage_row"]
 
@@ -26,13 +27,6 @@ def stage_row(stage: str, metrics: dict[str, Any], base: dict[str, Any], config:
             "latency_ms": metrics["latency_ms"], "latency_x": metrics["latency_ms"] / base["latency_ms"],
             "size_bytes": metrics["size_bytes"], "size_x": metrics["size_bytes"] / base["size_bytes"],
             "params": metrics["params"], "parity_rel_l2": metrics["parity_rel_l2"], "path": metrics["path"]}
-
-
-def _write(path: Path, data: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def _points(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -215,6 +209,6 @@ def write_report(folder: str | os.PathLike[str]) -> dict[str, Path]:
         raise ValueError(f"{src} is corrupt: {e}") from e
     images = _plots(results, out)
     md_text = markdown(results, images)
-    _write(out / "report.md", md_text)
-    _write(out / "report.html", _html(md_text, images))
+    write_atomic(out / "report.md", md_text)
+    write_atomic(out / "report.html", _html(md_text, images))
     return {"md": out / "report.md", "html": out / "report.html", **images}

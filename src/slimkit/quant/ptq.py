@@ -12,17 +12,16 @@ import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from slimkit.core.batch import Batch, call, check_batches, modes_kept, output_error, tensors_of
+from slimkit.core.batch import Batch, call, check_batches
 from slimkit.core.config import register
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
 from slimkit.core.plans import attach
-from slimkit.quant import mixed_precision
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.equalization import relu6_to_relu
@@ -247,74 +246,19 @@ def _quantize_biases(model: nn.Module) -> None:
 def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
                  inplace: bool = False) -> nn.Module:
     """Quantize ``model`` after training. Returns the quantized model with ``.slimkit_plan``."""
+    from slimkit.quant import choose  # the passes that measure to choose a config call back here
+
     if cfg.keep_float:
-        return _quantize_keep_float(model, cfg, calib_data, inplace)
+        return choose.keep_float(model, cfg, calib_data, inplace)
     if cfg.mixed_bits:
-        return _quantize_mixed(model, cfg, calib_data, inplace)
+        return choose.mixed_precision(model, cfg, calib_data, inplace)
     if cfg.equalize and calib_data is not None:
-        return _equalize_if_it_helps(model, cfg, calib_data)
-    return _quantize(model, cfg, calib_data, inplace)
+        return choose.equalization(model, cfg, calib_data)
+    return quantize_fixed(model, cfg, calib_data, inplace)
 
 
-def _quantize_keep_float(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
-    """The sensitivity pass: quantize each layer alone, measure how far the outputs move on the
-    calibration data, and keep the ``keep_float`` layers that move them most in float. The scan and
-    the choice, by name, are in ``plan.passes["keep_float"]``."""
-    data = check_batches(calib_data, "calib_data (the keep_float scan measures each layer on it)")
-    if cfg.calib_batches is not None:
-        data = data[: cfg.calib_batches]
-    fixed = cfg.replace(keep_float=0)
-    names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n not in cfg.exclude]
-    if len(names) <= cfg.keep_float:
-        raise ValueError(f"keep_float={cfg.keep_float} would keep every quantizable layer of {type(model).__name__} "
-                         f"({len(names)}) in float")
-    with modes_kept(model), torch.no_grad():
-        model.eval()
-        reference = [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
-    error: dict[str, float] = {}
-    for name in tqdm(names, desc="keep_float scan", leave=False, disable=None):
-        alone = quantize_ptq(model, fixed.replace(exclude=tuple(n for n in names if n != name) + cfg.exclude), data)
-        with torch.no_grad():
-            error[name] = output_error(alone, data, reference)
-    kept = sorted(names, key=lambda n: error[n], reverse=True)[: cfg.keep_float]
-    out = quantize_ptq(model, fixed.replace(exclude=(*cfg.exclude, *kept)), data, inplace)
-    with torch.no_grad():
-        final = output_error(out, data, reference)
-    plan = cast(QuantPlan, out.slimkit_plan)
-    plan.passes["keep_float"] = {"kept": kept, "sqnr_db_alone": {n: mixed_precision.sqnr_db(e) for n, e in error.items()},
-                                 "sqnr_db": mixed_precision.sqnr_db(final)}
-    log.info("keep_float: %s stay in float (each alone: %s dB); %.1f dB on the calibration data", ", ".join(kept),
-             ", ".join(f"{mixed_precision.sqnr_db(error[n]):.1f}" for n in kept), mixed_precision.sqnr_db(final))
-    return out
-
-
-def _equalize_if_it_helps(model: nn.Module, cfg: QuantConfig, calib_data: Any) -> nn.Module:
-    """Cross-layer equalization balances the weights' ranges but rescales the activations between
-    the pairs, which per-tensor activation grids can pay for: on one training of the digits
-    MobileNetV2 it lowers the per-tensor INT8 SQNR by 4 dB, on another it raises it by 4 dB. So the
-    model is quantized both ways and the one whose outputs on the calibration data are closer to the
-    float model's is kept; ``plan.passes["equalization"]`` records both and the decision."""
-    data = check_batches(calib_data)
-    if cfg.calib_batches is not None:
-        data = data[: cfg.calib_batches]
-    with modes_kept(model), torch.no_grad():
-        model.eval()
-        reference = [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
-    with_eq = _quantize(model, cfg, data, inplace=False)
-    without = _quantize(model, cfg.replace(equalize=False), data, inplace=False)
-    with torch.no_grad():
-        err_with, err_without = output_error(with_eq, data, reference), output_error(without, data, reference)
-    kept = err_with <= err_without
-    choice = with_eq if kept else without
-    report = {"kept": kept, "sqnr_db_with": mixed_precision.sqnr_db(err_with),
-              "sqnr_db_without": mixed_precision.sqnr_db(err_without)}
-    cast(QuantPlan, choice.slimkit_plan).passes["equalization"] = report
-    log.info("cross-layer equalization %s: %.1f dB with it, %.1f dB without (calibration data)",
-             "kept" if kept else "left out", report["sqnr_db_with"], report["sqnr_db_without"])
-    return choice
-
-
-def _quantize(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
+def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
+    """Quantize with exactly ``cfg``: no pass that measures to choose (``choose``) runs here."""
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     plan = QuantPlan(config=cfg)
@@ -347,21 +291,6 @@ def _quantize(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplac
     attach(out, model, plan)
     log.info("quantized %d layers, %d activation quantizers, %d kept in float",
              len(plan.quantized_layers), len(quantizers), len(plan.skipped))
-    return out
-
-
-def _quantize_mixed(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
-    """Search the per-layer widths (``mixed_precision.search``), then quantize with that choice."""
-    data = check_batches(calib_data, "calib_data (the mixed-precision search measures on it)")
-    if cfg.calib_batches is not None:
-        data = data[: cfg.calib_batches]
-    fixed = cfg.replace(mixed_bits=(), target_bits=None, target_sqnr_db=None)
-    # the weights PTQ rounds: BatchNorm folded and, if asked, equalized (no rounding yet)
-    prepared, _ = weight_passes(copy.deepcopy(model).eval(), fixed.replace(bias_correction=False), data)
-    chosen, report = mixed_precision.search(model, prepared, cfg, data, lambda c: quantize_ptq(model, c, data))
-    out = quantize_ptq(model, chosen, data, inplace)
-    plan = cast(QuantPlan, out.slimkit_plan)
-    plan.passes["mixed_precision"] = report
     return out
 
 

@@ -32,7 +32,14 @@ def test_tuner_keeps_the_best_within_budget_and_the_pareto_front_on_disk(tuned, 
     floor = r.reference.metric - 1.5
     feasible = [t for t in r.trials if t.metric >= floor and t.parity_ok]
     assert r.best.metric >= floor
-    assert r.best.latency_ms == min(t.latency_ms for t in feasible)
+    # the pick comes from the confirming round: FP32 and the fastest feasible trials timed again,
+    # interleaved; those were the fastest by their first timing, and the pick is the fastest of them now
+    confirmed = [t for t in feasible if "latency_single_ms" in t.extra]
+    assert r.reference in confirmed and r.best in confirmed
+    assert r.best.latency_ms == min(t.latency_ms for t in confirmed)
+    others = [t.latency_ms for t in feasible if t not in confirmed]
+    if others:
+        assert max(t.extra["latency_single_ms"] for t in confirmed if t is not r.reference) <= min(others)
     # the front: nothing on it is beaten on both axes by any trial
     for p in r.pareto:
         assert not any(t.latency_ms < p.latency_ms and t.metric > p.metric for t in r.trials)

@@ -15,9 +15,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def machine() -> str:
     """``x86_64, 2 cores, AVX2 without VNNI``: what decides how fast INT8 can be."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return f"{platform.machine()}, {os.cpu_count()} cores, " + (
-        "VNNI" if "vnni" in flags else "AVX2 without VNNI" if "avx2" in flags else "no AVX2")
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
+           else "AVX2 without VNNI" if "avx2" in flags else "no AVX2")
+    return f"{platform.machine()}, {os.cpu_count()} cores, {isa}" + (f", {model}" if model else "")
 
 
 def write_results(name: str, res: dict[str, Any], markdown: Callable[[dict[str, Any]], str],

@@ -6,7 +6,7 @@ top-1 agreement with FP32, every model run in ONNX Runtime. Peers in the same ru
 ``quantize_static`` (per-channel QDQ; min-max and entropy) and torch.ao's FX PTQ where it
 runs. Writes benchmarks/results/ptq_cnn.json and .md.
 
-    python benchmarks/ptq_cnn.py [--quick]
+    python benchmarks/ptq_cnn.py [--quick] [--name ptq_cnn_vnni]
 """
 
 from __future__ import annotations
@@ -141,6 +141,7 @@ def markdown(res):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--name", default="ptq_cnn", help="results file stem (a run on another machine keeps both)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     d = load_digits32()
@@ -148,8 +149,8 @@ def main():
         res = {"machine": machine(), "onnxruntime": ort.__version__, "torch": torch.__version__,
                "speed": speed(tmp, args.quick), "quality": [quality(n, d, tmp) for n in ("resnet18", "mobilenet_v2")]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ptq_cnn.json").write_text(json.dumps(res, indent=1))
-    (RESULTS / "ptq_cnn.md").write_text(markdown(res))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{args.name}.md").write_text(markdown(res))
     print(markdown(res))
 
 

@@ -6,8 +6,8 @@ torch.ao's dynamic INT8, all in one run.
 Sentences are the Python docstring corpus' paragraphs: 128 calibration ones from its start, 512
 evaluation ones from its end (disjoint). Fidelity is the cosine between each model's sentence
 embeddings and FP32's (the model's own mean pooling), on ONNX Runtime's outputs; size is the ONNX
-file; latency is ONNX Runtime's median at batch 1 and 8, sequence length 64, 2 threads, every model
-timed back to back after all the quantization.
+file; latency is ONNX Runtime's median at batch 1 and 8, sequence length 64, 2 threads, all models
+timed in interleaved rounds after all the quantization (``export.runtime.compare_latency``).
 
 Needs the ``transformers`` extra (``pip install -e '.[bench,transformers]'``).
 
@@ -31,20 +31,25 @@ from _common import machine, write_results
 
 import slimkit as sk
 from slimkit.data import docstring_sentences
-from slimkit.export import measure_latency
-from slimkit.export.runtime import feeds, session
+from slimkit.export.runtime import compare_latency, feeds, session
 
 log = logging.getLogger("transformer_quant")
 
 G32 = {"group_size": 32, "weight_symmetric": False}
+SQ = sk.presets()["int8-smoothquant"]
 OURS: list[tuple[str, Any]] = [
     ("slimkit int8-dynamic (int8 embeddings)", "int8-dynamic"),
+    ("slimkit int8-smoothquant (alpha 0.5)", "int8-smoothquant"),
     ("slimkit int4-weight (RTN, g128 sym)", "int4-weight"),
-    ("slimkit int8-dynamic, keep_float 2", {**sk.presets()["int8-dynamic"], "keep_float": 2}),
-    ("slimkit int8-dynamic, keep_float 6", {**sk.presets()["int8-dynamic"], "keep_float": 6}),
+    ("slimkit int8-smoothquant, keep_float 1", {**SQ, "keep_float": 1}),
+    ("slimkit int8-smoothquant, keep_float 2, 4-bit embeddings", {**SQ, "keep_float": 2, "embedding_bits": 4}),
+    ("slimkit int8-dynamic, keep_float 6 (7-bit weights)", {**sk.presets()["int8-dynamic"], "reduce_range": True,
+                                                           "keep_float": 6}),
     ("slimkit int4-weight (RTN, g32 asym)", {**sk.presets()["int4-weight"], **G32}),
     ("slimkit int4-gptq (g128 sym)", "int4-gptq"),
     ("slimkit int4-gptq (g32 asym, act-order)", {**sk.presets()["int4-gptq"], **G32, "gptq_act_order": True}),
+    ("slimkit int4-gptq (g32 asym, act-order), 4-bit embeddings",
+     {**sk.presets()["int4-gptq"], **G32, "gptq_act_order": True, "embedding_bits": 4}),
     ("slimkit int4-awq (g128 sym)", "int4-awq"),
     ("slimkit int4-awq (g32 asym)", {**sk.presets()["int4-awq"], **G32}),
 ]
@@ -59,6 +64,9 @@ def ort_peers(fp32: str, tmp: str) -> list[tuple[str, str]]:
     p = f"{tmp}/ort_dynamic.onnx"
     quantize_dynamic(fp32, p, per_channel=True, weight_type=QuantType.QInt8)
     out.append(("ORT quantize_dynamic (per-channel INT8)", p))
+    p = f"{tmp}/ort_dynamic_u8.onnx"
+    quantize_dynamic(fp32, p, per_channel=True, weight_type=QuantType.QUInt8)
+    out.append(("ORT quantize_dynamic (per-channel, uint8 weights)", p))
     for label, sym, block, ops in (("ORT MatMulNBits RTN (g128 sym)", True, 128, ("MatMul",)),
                                    ("ORT MatMulNBits RTN (g32 asym)", False, 32, ("MatMul",)),
                                    ("ORT MatMulNBits RTN (g32 asym) + Gather", False, 32, ("MatMul", "Gather"))):
@@ -102,7 +110,7 @@ def run(tmp: str, quick: bool) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 -- a peer that fails is reported, not fatal
             rows.append({"config": label, "path": None, "error": str(err)[-160:]})
     log.info("ORT peers done in %.0f s", time.time() - t)
-    for label, cfg in OURS[:3] + OURS[5:6] if quick else OURS:
+    for label, cfg in OURS[:3] + OURS[7:8] if quick else OURS:
         t = time.time()
         q = sk.quantize(model, cfg, calib_data=calib)
         seconds = time.time() - t
@@ -119,12 +127,14 @@ def run(tmp: str, quick: bool) -> dict[str, Any]:
         rows.append({"config": "torch.ao quantize_dynamic (INT8, PyTorch only)", "path": None, "seconds": None, **fidelity(e)})
     except Exception as err:  # noqa: BLE001 -- a peer that fails is reported, not fatal
         rows.append({"config": "torch.ao quantize_dynamic", "path": None, "error": str(err)[:200]})
-    runs = 10 if quick else 40
-    for r in rows:  # timed back to back, nothing else running
-        if r.get("path"):
-            r["size_mb"] = os.path.getsize(r["path"]) / 1e6
-            r["batch1_ms"] = measure_latency(r["path"], ex1, threads=2, warmup=5, runs=runs)["median_ms"]
-            r["batch8_ms"] = measure_latency(r["path"], ex8, threads=2, warmup=5, runs=runs)["median_ms"]
+    timed = [r for r in rows if r.get("path")]  # interleaved rounds after all the quantization, nothing else running
+    for b, ex in ((1, ex1), (8, ex8)):
+        lat = compare_latency([r["path"] for r in timed], ex, threads=2, warmup=5, rounds=2 if quick else 5,
+                              seconds=0.3 if quick else 1.5)
+        for r, t in zip(timed, lat, strict=True):
+            r[f"batch{b}_ms"] = t["median_ms"]
+    for r in timed:
+        r["size_mb"] = os.path.getsize(r["path"]) / 1e6
     base = rows[0]
     for r in rows:
         if r.get("path"):
@@ -139,7 +149,8 @@ def markdown(res: dict[str, Any]) -> str:
     m = [f"# transformer_quant: {res['model']} ({res['machine']}, ONNX Runtime, 2 threads)", "",
          f"Cosine of each model's sentence embeddings with FP32's on {res['eval_sentences']} held-out docstring "
          f"paragraphs; {res['calib_sentences']} other paragraphs calibrate. Times are ONNX Runtime medians, "
-         "as ratios to FP32's from the same run; size is the ONNX file.", "",
+         "as ratios to FP32's from the same run (5 interleaved rounds of 1.5 s per model); size is the ONNX file. "
+         "int8 rows use full 8-bit weights (uint8 with zero-point 128 in MatMulInteger) unless marked 7-bit.", "",
          "| config | cosine mean | cosine p05 | cosine min | size MB (x FP32) | batch 1 (x FP32) | batch 8 (x FP32) "
          "| quantize s |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

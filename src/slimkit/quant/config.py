@@ -28,7 +28,9 @@ class QuantConfig(Config):
     - ``reduce_range``: keep 8-bit weights to 7 bits. On x86 CPUs without VNNI the uint8 x int8
       kernels sum pairs of products in int16 and saturate; 7-bit weights cannot overflow (ONNX
       Runtime's own ``reduce_range`` advice). Costs about one bit of weight precision. Narrower
-      weights cannot overflow and are left alone.
+      weights cannot overflow and are left alone. Dynamic layers with full 8-bit weights export
+      them as uint8 with a zero-point of 128, which the uint8 x uint8 kernels multiply exactly, so
+      the dynamic presets turn it off.
     - ``calibrator``: one of ``minmax``, ``moving_average``, ``percentile``, ``entropy``, ``mse``.
       Known issue: ``entropy`` over-clips some CNN activations (benchmarks/results/ptq_cnn.md), so
       no preset uses it yet.
@@ -46,9 +48,14 @@ class QuantConfig(Config):
       each group a zero-point. ``rounding="gptq"`` chooses the integers with GPTQ (``gptq_damp``,
       ``gptq_act_order``) from ``calib_data``; ``rounding="awq"`` scales the salient input channels
       first (AWQ), dividing the input by the same scales at run time.
+    - ``smooth_alpha``: SmoothQuant before dynamic INT8 (``quant/smoothquant.py``): each Linear
+      layer's input channels are divided by ``s = max|X|^alpha / max|W|^(1-alpha)`` at run time and
+      its weight columns multiplied by it, measured on ``calib_data``. A layer keeps the smoothing
+      only if its simulated INT8 output error drops; ``plan.passes["smoothquant"]`` says which.
     - ``quantize_embeddings``: store ``nn.Embedding`` tables as int8 with a scale per row (a
-      transformer's word embeddings are often half its file). Tables tied to another layer's
-      weight are kept in float, and the plan says so.
+      transformer's word embeddings are often half its file), or with ``embedding_bits=4`` as
+      4-bit groups of 32 along each row with a scale and zero-point each. Tables tied to another
+      layer's weight are kept in float, and the plan says so.
     - ``layer_bits``: weight bits per layer (module name), overriding ``weight_bits``.
     - ``keep_float``: the sensitivity pass. Each layer is quantized alone and the outputs' change on
       ``calib_data`` measured; the ``keep_float`` layers that change them most stay in float (added
@@ -79,7 +86,9 @@ class QuantConfig(Config):
     weight_symmetric: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    smooth_alpha: float | None = None
     quantize_embeddings: bool = False
+    embedding_bits: int = 8
     layer_bits: dict[str, int] = field(default_factory=dict)
     mixed_bits: tuple[int, ...] = ()
     target_bits: float | None = None
@@ -108,6 +117,12 @@ class QuantConfig(Config):
             check_range(f"layer_bits[{name!r}]", bits, 2, 8)
         self._validate_mixed()
         self._validate_keep_float()
+        check_choice("embedding_bits", self.embedding_bits, (8, 4))
+        if self.smooth_alpha is not None:
+            check_range("smooth_alpha", self.smooth_alpha, 0.0, 1.0)
+            if self.activations != "dynamic":
+                raise ValueError("smooth_alpha (SmoothQuant) works with activations='dynamic' here: a static "
+                                 "input quantizer would see the unsmoothed input; use the 'int8-smoothquant' preset")
 
     def _validate_groups(self) -> None:
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
@@ -173,7 +188,11 @@ class QuantConfig(Config):
 PRESETS: dict[str, QuantConfig] = {
     # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights, per-tensor uint8 activations.
     "int8": QuantConfig(),
-    "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),
+    # Dynamic INT8: full 8-bit weights, which the dynamic kernels take as uint8 and cannot saturate.
+    "int8-dynamic": QuantConfig(activations="dynamic", reduce_range=False, quantize_embeddings=True),
+    # SmoothQuant (alpha 0.5, the paper's default for BERT-sized models) before dynamic INT8.
+    "int8-smoothquant": QuantConfig(activations="dynamic", reduce_range=False, smooth_alpha=0.5,
+                                    quantize_embeddings=True),
     "int8-percentile": QuantConfig(calibrator="percentile"),
     "int8-entropy": QuantConfig(calibrator="entropy"),
     # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).

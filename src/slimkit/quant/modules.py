@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from slimkit.core.affine import choose_qparams, qrange, quantize
 from slimkit.quant.calibrators import Observer
 
-__all__ = ["WEIGHTED_LAYERS", "ActQuant", "QuantLinear", "QuantConv", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
+__all__ = ["WEIGHTED_LAYERS", "ActQuant", "ScaleInput", "QuantLinear", "QuantConv", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
 
 
 WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the float layers slimkit quantizes
@@ -72,27 +72,58 @@ def dynamic_qparams(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _DynamicMatmul(torch.autograd.Function):
-    """``x @ W^T + b`` with x quantized at run time to uint8 (ONNX Runtime's dynamic INT8)."""
+    """``x @ W^T + b`` with x quantized at run time to uint8 (ONNX Runtime's dynamic INT8).
+
+    8-bit weights go to ``MatMulInteger`` as uint8 with a zero-point of 128 per column (the same
+    values as int8): the u8 x u8 kernels widen to 16 bits before multiplying, while the u8 x s8
+    kernels of x86 CPUs without VNNI add pairs of products in int16 and saturate on full-range
+    weights. Narrower weights cannot saturate and go as int8."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, wq: Tensor, ws: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, wq: Tensor, ws: Tensor, bias: Tensor, unsigned: bool) -> Tensor:  # type: ignore[override]
         s, z = dynamic_qparams(x)
         xq = torch.clamp(torch.round(x / s) + z, 0, 255)
         acc = (xq - z) @ wq.float().t()
         return acc * (s * ws) + bias
 
     @staticmethod
-    def symbolic(g: Any, x: Any, wq: Any, ws: Any, bias: Any) -> Any:
+    def symbolic(g: Any, x: Any, wq: Any, ws: Any, bias: Any, unsigned: bool) -> Any:
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-        acc = g.op("MatMulInteger", xq, g.op("Transpose", wq, perm_i=[1, 0]), xz)
+        if unsigned:
+            n = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
+            acc = g.op("MatMulInteger", xq, g.op("Transpose", _unsigned(g, wq), perm_i=[1, 0]), xz, n)
+        else:
+            acc = g.op("MatMulInteger", xq, g.op("Transpose", wq, perm_i=[1, 0]), xz)
         y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", xs, ws))
         return g.op("Add", y, bias)
+
+
+def _unsigned(g: Any, wq: Any) -> Any:
+    """int8 weights as uint8 ``q + 128`` (folded into one initializer at export)."""
+    return g.op("Cast", g.op("Add", g.op("Cast", wq, to_i=6), g.op("Constant", value_t=torch.tensor(128))), to_i=2)
+
+
+class ScaleInput(torch.autograd.Function):
+    """``x * inv_scale`` per input channel (the run-time division of AWQ and SmoothQuant); exports as
+    one Mul."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, inv_scale: Tensor) -> Tensor:  # type: ignore[override]
+        return x * inv_scale
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:  # type: ignore[override]
+        return g, None
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, inv_scale: Any) -> Any:
+        return g.op("Mul", x, inv_scale)
 
 
 class _DynamicConv(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, wq: Tensor, ws: Tensor, bias: Tensor, conv: dict[str, Any]
+        ctx: Any, x: Tensor, wq: Tensor, ws: Tensor, bias: Tensor, conv: dict[str, Any], unsigned: bool
     ) -> Tensor:
         s, z = dynamic_qparams(x)
         xq = torch.clamp(torch.round(x / s) + z, 0, 255)
@@ -101,10 +132,12 @@ class _DynamicConv(torch.autograd.Function):
         return acc * (s * ws).reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, wq: Any, ws: Any, bias: Any, conv: dict[str, Any]) -> Any:
+    def symbolic(g: Any, x: Any, wq: Any, ws: Any, bias: Any, conv: dict[str, Any], unsigned: bool) -> Any:
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
         p = conv["padding"]
-        acc = g.op("ConvInteger", xq, wq, xz, strides_i=list(conv["stride"]),
+        operands = [_unsigned(g, wq), xz, g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))] \
+            if unsigned else [wq, xz]  # as in _DynamicMatmul: 8-bit weights as uint8, zero-point 128
+        acc = g.op("ConvInteger", xq, *operands, strides_i=list(conv["stride"]),
                    pads_i=[p[0], p[1], p[0], p[1]], dilations_i=list(conv["dilation"]),
                    group_i=conv["groups"])
         shape = g.op("Constant", value_t=torch.tensor([1, -1, 1, 1]))
@@ -228,15 +261,32 @@ class _QuantWeighted(nn.Module):
 
 
 class QuantLinear(_QuantWeighted):
-    def __init__(self, linear: nn.Linear, bits: int = 8, narrow: bool = True,
-                 dynamic: bool = False, per_channel: bool = True, scale: Tensor | None = None) -> None:
-        super().__init__(linear.weight, linear.bias, bits, narrow, dynamic, per_channel, scale)
+    """Quantized ``nn.Linear``. ``input_scale`` (SmoothQuant's per-input-channel ``s``, dynamic mode
+    only) means the weight's columns were multiplied by ``s`` before rounding and the input is
+    divided by it at run time; all ones otherwise, and then not exported."""
+
+    input_scale: Tensor
+
+    def __init__(self, linear: nn.Linear, bits: int = 8, narrow: bool = True, dynamic: bool = False,
+                 per_channel: bool = True, scale: Tensor | None = None, input_scale: Tensor | None = None) -> None:
+        s = torch.ones(linear.in_features) if input_scale is None else input_scale.detach().float().reshape(-1)
+        if s.numel() != linear.in_features or not bool((s > 0).all()):
+            raise ValueError(f"input_scale must hold {linear.in_features} positive values")
+        if input_scale is not None and not dynamic:
+            raise ValueError("input_scale (SmoothQuant) needs dynamic activations: a static input quantizer "
+                             "sits before the layer and would see the unsmoothed input")
+        super().__init__(linear.weight * s if input_scale is not None else linear.weight, linear.bias, bits,
+                         narrow, dynamic, per_channel, scale)
+        self.register_buffer("input_scale", s.clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dynamic:
+            if not bool((self.input_scale == 1).all()):  # decided on the buffer's values, also when exporting
+                x = ScaleInput.apply(x, 1.0 / self.input_scale)
             shape = x.shape
-            y = _DynamicMatmul.apply(x.reshape(-1, shape[-1]), self.weight_q, self.weight_scale, self.bias)
+            y = _DynamicMatmul.apply(x.reshape(-1, shape[-1]), self.weight_q, self.weight_scale, self.bias,
+                                     self.bits == 8)
             return y.reshape(*shape[:-1], self.out_features)
         return F.linear(x, self.dequantized_weight(), self.effective_bias())
 
@@ -261,7 +311,7 @@ class QuantConv(_QuantWeighted):
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
         if self.dynamic:
-            return _DynamicConv.apply(x, self.weight_q, self.weight_scale, self.bias, c)
+            return _DynamicConv.apply(x, self.weight_q, self.weight_scale, self.bias, c, self.bits == 8)
         fn = F.conv2d if self.dims == 2 else F.conv1d
         return fn(x, self.dequantized_weight(), self.effective_bias(), c["stride"], c["padding"],
                   c["dilation"], c["groups"])

@@ -93,7 +93,7 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, QuantLinearNBits):  # quantized by a weight pass (GPTQ)
+            if isinstance(child, (QuantLinearNBits, QuantLinear)):  # quantized by a weight pass (GPTQ, SmoothQuant)
                 plan.quantized_layers.append(full)
                 continue
             if not isinstance(child, _WEIGHTED):
@@ -129,12 +129,12 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
             setattr(module, child_name, q)
             plan.quantized_layers.append(full)
     if cfg.quantize_embeddings:
-        _swap_embeddings(model, plan, owners)
+        _swap_embeddings(model, plan, owners, cfg.embedding_bits)
     for full, why in plan.skipped.items():
         log.info("kept in float: %s (%s)", full, why)
 
 
-def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[str]]) -> None:
+def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[str]], bits: int) -> None:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -145,7 +145,7 @@ def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[s
                 plan.skipped[full] = f"its weight is tied to {others[0]!r}; quantizing it apart would untie them"
                 continue
             try:
-                setattr(module, child_name, QuantEmbedding(child))
+                setattr(module, child_name, QuantEmbedding(child, bits))
             except ValueError as e:
                 plan.skipped[full] = str(e)
                 continue
@@ -265,6 +265,7 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
     if needs_weight_passes(cfg):
         if calib_data is None:
             wanted = [n for n, on in (("equalize", cfg.equalize), ("bias_correction", cfg.bias_correction),
+                                      ("smooth_alpha", cfg.smooth_alpha is not None),
                                       (f"rounding={cfg.rounding!r}", cfg.rounding != "nearest")) if on]
             raise ValueError(f"{', '.join(wanted)} need calib_data (batches of the model's inputs)")
         passes_data = check_batches(calib_data)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimkit.quant.modules import ScaleInput
+
 __all__ = ["group_qparams", "quantize_groups", "dequantize_groups", "rtn_groups", "pack_nibbles", "unpack_nibbles",
            "QuantLinearNBits", "QuantEmbedding", "EXPORT_BITS"]
 
@@ -92,18 +94,6 @@ def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
     """The first ``n`` 4-bit values of each row packed by ``pack_nibbles``."""
     low, high = packed & 0x0F, packed >> 4
     return torch.stack([low, high], -1).reshape(*packed.shape[:-1], -1)[..., :n]
-
-
-class _ScaleInput(torch.autograd.Function):
-    """``x * inv_scale`` per input channel (AWQ's run-time division); exports as one Mul."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, inv_scale: Tensor) -> Tensor:  # type: ignore[override]
-        return x * inv_scale
-
-    @staticmethod
-    def symbolic(g: Any, x: Any, inv_scale: Any) -> Any:
-        return g.op("Mul", x, inv_scale)
 
 
 class _MatMulNBits(torch.autograd.Function):
@@ -173,7 +163,7 @@ class QuantLinearNBits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not bool((self.input_scale == 1).all()):  # decided on the buffer's values, also when exporting
-            x = _ScaleInput.apply(x, 1.0 / self.input_scale)
+            x = ScaleInput.apply(x, 1.0 / self.input_scale)
         return _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, self.bias, self.meta())
 
     def extra_repr(self) -> str:
@@ -196,33 +186,55 @@ class _GatherRows(torch.autograd.Function):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding table stored as int8 with one symmetric scale per row (per token), so the
-    exported file holds 1 byte per value instead of 4; a lookup dequantizes only the rows it reads.
+    """An embedding table stored as integers, so the exported file holds 1 byte per value (int8,
+    one symmetric scale per row) or half a byte (``bits=4``: groups of ``group_size`` along each
+    row, each with a scale and a zero-point, two values per byte) instead of 4; a lookup
+    dequantizes only the rows it reads. The 4-bit lookup is plain ONNX (Gather, Cast, integer Div
+    and Mul to split the bytes), so any runtime runs it.
 
     >>> import torch
-    >>> e = torch.nn.Embedding(10, 4)
-    >>> q = QuantEmbedding(e)
+    >>> e = torch.nn.Embedding(10, 64)
+    >>> q, q4 = QuantEmbedding(e), QuantEmbedding(e, bits=4, group_size=32)
     >>> ids = torch.tensor([[1, 2, 9]])
     >>> bool((q(ids) - e(ids)).abs().max() <= q.scales.max() / 2 + 1e-7)
     True
+    >>> bool((q4(ids) - e(ids)).abs().max() <= q4.scales.abs().max() / 2 + 1e-6), q4.table.shape
+    (True, torch.Size([10, 32]))
     """
 
     table: Tensor
     scales: Tensor
+    zero_points: Tensor
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    def __init__(self, embedding: nn.Embedding, bits: int = 8, group_size: int = 32) -> None:
         super().__init__()
         if embedding.max_norm is not None:
             raise ValueError("an embedding with max_norm renormalizes rows at lookup time; it is kept in float")
+        if bits not in (4, 8):
+            raise ValueError(f"embedding tables are stored as 8 or 4 bits, got {bits}")
         w = embedding.weight.detach().float()
+        self.num_embeddings, self.embedding_dim = w.shape
+        self.bits, self.group_size = bits, group_size
+        if bits == 4:
+            q, scale, zp = rtn_groups(w, 4, group_size, symmetric=False)  # the group size must divide the width
+            self.register_buffer("table", pack_nibbles(q))
+            self.register_buffer("scales", scale.float())
+            self.register_buffer("zero_points", zp.to(torch.uint8))
+            return
         scale = w.abs().amax(1) / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.num_embeddings, self.embedding_dim = w.shape
         self.register_buffer("table", torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
         self.register_buffer("scales", scale)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return _GatherRows.apply(ids, self.table, self.scales)
+        if self.bits == 8:
+            return _GatherRows.apply(ids, self.table, self.scales)
+        packed = self.table[ids].to(torch.int32)  # [..., dim / 2]: Gather, then the nibbles apart
+        high = torch.div(packed, 16, rounding_mode="floor")
+        q = torch.stack([packed - 16 * high, high], -1).reshape(*ids.shape, -1, self.group_size).float()
+        zp, scale = self.zero_points[ids].float().unsqueeze(-1), self.scales[ids].unsqueeze(-1)
+        return ((q - zp) * scale).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+        kind = "int8 per row" if self.bits == 8 else f"uint4 in groups of {self.group_size}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kind}"

@@ -1,6 +1,6 @@
 """The weight passes that run on the float model before PTQ rounds it: cross-layer equalization,
-AdaRound and bias correction, in that order, each optional (``QuantConfig.equalize``,
-``rounding="adaround"``, ``bias_correction``).
+SmoothQuant, AdaRound / GPTQ / AWQ and bias correction, in that order, each optional
+(``QuantConfig.equalize``, ``smooth_alpha``, ``rounding``, ``bias_correction``).
 
 They leave a float model whose weights already sit on the quantization grid PTQ will use (the
 learned one for AdaRound, the nearest one otherwise) and whose biases absorb the expected output
@@ -14,9 +14,10 @@ the earlier layers already on their grid, so each layer corrects for the error i
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +34,86 @@ from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
 from .gptq import gptq, hessian
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
-from .modules import fake_quant_weight, weight_qparams
+from .modules import QuantLinear, fake_quant_weight, weight_qparams
+from .smoothquant import smooth_search
 from .weight_only import QuantLinearNBits, dequantize_groups, rtn_groups
 
-__all__ = ["weight_passes", "needs_weight_passes"]
+__all__ = ["weight_passes", "needs_weight_passes", "smooth"]
 
 log = logging.getLogger(__name__)
 
 
 
 def needs_weight_passes(cfg: QuantConfig) -> bool:
-    return cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest"
+    return cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest" or cfg.smooth_alpha is not None
+
+
+@torch.no_grad()
+def _all_inputs(model: nn.Module, names: list[str], batches: list[Batch]
+                ) -> tuple[dict[str, list[Tensor]], list[list[str]]]:
+    """Each named layer's input rows per batch (padding positions left out), in one pass, and the
+    layers grouped by the input tensor they share (a transformer's query, key and value)."""
+    seen: dict[str, list[Tensor]] = {n: [] for n in names}
+    source: dict[str, tuple[Any, ...]] = {}
+
+    def hook(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        if name not in source:
+            source[name] = (x.data_ptr(), tuple(x.shape), x.stride())
+        seen[name].append(x)
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(partial(hook, n)) for n in names]
+    try:
+        for b in batches:
+            call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for n in names:
+        groups.setdefault(source.get(n, (n,)), []).append(n)
+    rows = {n: [_token_rows([x], [b]) for x, b in zip(xs, batches, strict=True)] for n, xs in seen.items()}
+    return rows, list(groups.values())
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str, Any]:
+    """SmoothQuant: the Linear layers (not excluded) whose simulated INT8 output error drops with
+    smoothing become dynamic ``QuantLinear`` layers with their ``input_scale`` now. Layers reading
+    the same input share one scale, so that ONNX Runtime divides and quantizes that input once.
+    Returns, per layer, whether it was smoothed and its group's output SQNR without and with."""
+    assert cfg.smooth_alpha is not None
+    names = [n for n in _order(model, batches[0])
+             if isinstance(model.get_submodule(n), nn.Linear) and n not in cfg.exclude]
+    inputs, groups = _all_inputs(model, names, batches)
+    report: dict[str, Any] = {}
+    for group in tqdm(groups, desc="smoothquant", leave=False, disable=None):
+        layers = [cast(nn.Linear, model.get_submodule(n)) for n in group]
+        xs = inputs[group[0]]
+        seen = [x for x in xs if len(x)]
+        if not seen:
+            raise ValueError(f"SmoothQuant: layer {group[0]!r} saw no inputs (every position masked?)")
+        absmax = torch.stack([x.abs().amax(0) for x in seen]).amax(0)
+        bits = cfg.bits_for(group[0])
+        scale, _, errors = smooth_search([m.weight for m in layers], xs, absmax, (cfg.smooth_alpha,), bits)
+        power = float(sum(float((x @ m.weight.T).pow(2).mean()) * len(x) for x in xs for m in layers)) / max(
+            1, sum(len(x) for x in xs))  # summed over the group's layers, as the errors are
+        for name, layer in zip(group, layers, strict=True):
+            report[name] = {"smoothed": scale is not None, "shares_input_with": [n for n in group if n != name],
+                            "sqnr_db_without": _db(power, errors[None]),
+                            "sqnr_db_with": _db(power, errors[cfg.smooth_alpha])}
+            if scale is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        QuantLinear(layer, cfg.bits_for(name), dynamic=True, per_channel=cfg.per_channel,
+                                    input_scale=scale))
+    log.info("smoothquant: %d of %d Linear layers smoothed (alpha %.2f)",
+             sum(r["smoothed"] for r in report.values()), len(report), cfg.smooth_alpha)
+    return report
+
+
+def _db(power: float, error: float) -> float:
+    return float("inf") if error <= 0 else 10 * math.log10(max(power, 1e-30) / error)
 
 
 def _forward(layer: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
@@ -81,6 +151,14 @@ def _token_rows(xs: list[Tensor], batches: list[Batch]) -> Tensor:
     return torch.cat(rows)
 
 
+def _warn_unmasked(batches: list[Batch]) -> None:
+    for i, b in enumerate(batches):
+        if isinstance(b, Mapping) and "input_ids" in b and "attention_mask" not in b:
+            log.warning("calibration batch %d has input_ids but no attention_mask: any padding in it counts as "
+                        "text in the statistics (pass the tokenizer's attention_mask)", i)
+            return
+
+
 def _order(model: nn.Module, batch: Batch) -> list[str]:
     """Weighted layers in the order the forward pass runs them."""
     order: list[str] = []
@@ -98,6 +176,7 @@ def _order(model: nn.Module, batch: Batch) -> list[str]:
 def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> tuple[nn.Module, dict[str, Any]]:
     """Run the passes ``cfg`` asks for on ``model`` (owned by the caller: changed in place or
     replaced by its traced, BatchNorm-folded graph); returns the model and a summary for the plan."""
+    _warn_unmasked(batches)
     summary: dict[str, Any] = {}
     if cfg.equalize:
         summary["relu6_replaced"] = relu6_to_relu(model)
@@ -108,13 +187,15 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
         summary["folded_bn"] = fold_batchnorm(gm) if cfg.fold_bn else []
         summary["equalized_pairs"] = [list(p) for p in equalize(gm)]
         model = gm
-    elif cfg.fold_bn:  # the passes must see the weights PTQ will quantize: BatchNorm folded in
+    elif cfg.fold_bn and cfg.activations == "static":  # the weights PTQ will quantize: BatchNorm folded in
         try:
             gm = trace(model)
             summary["folded_bn"] = fold_batchnorm(gm)
             model = gm
         except TraceError as e:
             log.warning("%s; the weight passes see BatchNorm unfolded", e)
+    if cfg.smooth_alpha is not None:
+        summary["smoothquant"] = smooth(model, cfg, batches)
     if not (cfg.bias_correction or cfg.rounding != "nearest"):
         return model, summary
     modules = dict(model.named_modules())

@@ -1,11 +1,13 @@
 """Benchmark: pruning (slimkit.prune) -- parameters, ONNX Runtime latency and accuracy.
 
 1. **Speed** (random weights; speed does not depend on them): the ResNet-18 and MobileNetV2 shapes
-   at 3x224x224, structured pruning at 30/50/70% of the channels (l1), batch 1, 2 threads, against
-   the unpruned model; plus 50% structured then slimkit INT8, and unstructured 80% (dense kernels:
-   expect no gain). Targets: structured 50% at most 0.55x latency and 35% of the parameters;
+   at 3x224x224, structured pruning at 30/50/70% of the channels, batch 1, 2 threads, against
+   the unpruned model, one latency curve per criterion: l1 with every channel group losing the same
+   fraction, and l1 and l2 with one global threshold (``scope: global``); plus 50% structured then
+   slimkit INT8, and unstructured 80% (dense kernels: expect no gain). All files of a net are timed
+   in interleaved rounds (``compare_latency``). Targets: structured 50% at most 0.55x latency and 35% of the parameters;
    structured then INT8 at most 0.2x FP32.
-2. **Accuracy** (the digits-trained nets): structured 50% (l1 and taylor), unstructured 80% and 2:4,
+2. **Accuracy** (the digits-trained nets): structured 50% (l1 and taylor, uniform and global), unstructured 80% and 2:4,
    before and after a fine-tune with distillation from the original, and structured 50% + INT8,
    every model run in ONNX Runtime. Target: within 1 point of FP32 after fine-tuning (1.5 with INT8).
    Also: structured 50% with only the BatchNorm statistics re-estimated (no training).
@@ -38,7 +40,7 @@ from torch import nn
 import slimkit as sk
 from slimkit.data import batches, load_digits32
 from slimkit.export import measure_latency
-from slimkit.export.runtime import feeds, session
+from slimkit.export.runtime import compare_latency, feeds, session
 from slimkit.prune import sensitivity_scan
 from slimkit.prune.masks import hold_zeros
 from slimkit.train import fit
@@ -58,32 +60,37 @@ def ort_accuracy(path: str, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def speed(tmp: str, quick: bool) -> list[dict[str, Any]]:
-    runs = 10 if quick else 40
     out = []
+    sparsities = (0.5,) if quick else (0.3, 0.5, 0.7)
     for net, make in (("resnet18", lambda: resnet18(width=64)), ("mobilenet_v2", lambda: mobilenet_v2())):
         torch.manual_seed(0)
         model = make().eval()
         x = torch.randn(1, 3, 224, 224)
         calib = [torch.randn(4, 3, 224, 224) for _ in range(2 if quick else 4)]
-        base = sk.export_onnx(model, f"{tmp}/{net}.onnx", x).path
-        base_ms = measure_latency(base, x, threads=2, warmup=3, runs=runs)["median_ms"]
-        out.append({"net": net, "config": "FP32", "params": n_params(model), "params_x": 1.0, "ms": base_ms, "ms_x": 1.0})
-        configs: list[tuple[str, dict[str, Any], bool]] = [
-            (f"structured l1 {int(100 * s)}%", {"method": "structured", "sparsity": s, "round_to": 8}, False)
-            for s in ((0.5,) if quick else (0.3, 0.5, 0.7))]
+        rows = [{"net": net, "config": "FP32", "params": n_params(model), "params_x": 1.0,
+                 "path": sk.export_onnx(model, f"{tmp}/{net}.onnx", x).path}]
+        configs: list[tuple[str, dict[str, Any], bool]] = []
+        for criterion, scope in (("l1", None), ("l1", "global"), ("l2", "global")):  # a latency curve per criterion
+            configs += [(f"structured {criterion}{' global' if scope else ''} {int(100 * s)}%",
+                         {"method": "structured", "sparsity": s, "round_to": 8, "importance": criterion, "scope": scope},
+                         False) for s in sparsities]
         configs += [("structured l1 50% + slimkit int8", {"method": "structured", "sparsity": 0.5, "round_to": 8}, True),
                     ("FP32 + slimkit int8 (unpruned)", {}, True),
                     ("unstructured 80%", {"method": "unstructured", "sparsity": 0.8}, False)]
-        for label, cfg, q in configs:
+        for i, (label, cfg, q) in enumerate(configs):
             pruned = sk.prune(model, cfg, example_inputs=x) if cfg else model
             p = sk.quantize(pruned, "int8", calib_data=calib) if q else pruned
-            path = sk.export_onnx(p, f"{tmp}/{net}_p.onnx", x).path
-            ms = measure_latency(path, x, threads=2, warmup=3, runs=runs)["median_ms"]
-            row = {"net": net, "config": label, "params": n_params(pruned), "ms": ms, "ms_x": ms / base_ms,
-                   "size_mb": os.path.getsize(path) / 1e6}
-            row["params_x"] = row["params"] / n_params(model)
-            log.info("%s %s: %.2f ms (%.2fx), params %.3fx", net, label, ms, row["ms_x"], row["params_x"])
-            out.append(row)
+            path = sk.export_onnx(p, f"{tmp}/{net}_p{i}.onnx", x).path
+            rows.append({"net": net, "config": label, "params": n_params(pruned),
+                         "params_x": n_params(pruned) / n_params(model), "size_mb": os.path.getsize(path) / 1e6,
+                         "path": path})
+        lat = compare_latency([r["path"] for r in rows], x, threads=2, warmup=3, rounds=2 if quick else 5,
+                              seconds=0.3 if quick else 1.0)  # interleaved: drift hits every file alike
+        for r, t in zip(rows, lat, strict=True):
+            r["ms"], r["ms_x"] = t["median_ms"], t["median_ms"] / lat[0]["median_ms"]
+            del r["path"]
+            log.info("%s %s: %.2f ms (%.2fx), params %.3fx", net, r["config"], r["ms"], r["ms_x"], r["params_x"])
+        out += rows
     return out
 
 
@@ -102,6 +109,9 @@ def accuracy_rows(tmp: str, quick: bool) -> list[dict[str, Any]]:
         configs: list[tuple[str, dict[str, Any], bool]] = [
             ("structured l1 50%", {"method": "structured", "sparsity": 0.5, "round_to": 4}, False),
             ("structured taylor 50%", {"method": "structured", "sparsity": 0.5, "importance": "taylor", "round_to": 4}, False),
+            ("structured l1 global 50%", {"method": "structured", "sparsity": 0.5, "scope": "global", "round_to": 4}, False),
+            ("structured taylor global 50%", {"method": "structured", "sparsity": 0.5, "importance": "taylor",
+                                              "scope": "global", "round_to": 4}, False),
             ("structured l1 50% + int8", {"method": "structured", "sparsity": 0.5, "round_to": 4}, True),
             ("unstructured 80% (global)", {"method": "unstructured", "sparsity": 0.8}, False),
             ("2:4", {"method": "nm"}, False)]
@@ -183,8 +193,9 @@ def minilm_rows(tmp: str, quick: bool) -> dict[str, Any]:
 
 def markdown(res: dict[str, Any]) -> str:
     m = [f"# pruning: slimkit.prune in ONNX Runtime ({res['machine']})", "",
-         f"onnxruntime {res['onnxruntime']}, torch {res['torch']}, 2 threads, batch 1, median latency. Ratios are "
-         "against the unpruned FP32 model in the same run.", "",
+         f"onnxruntime {res['onnxruntime']}, torch {res['torch']}, 2 threads, batch 1, median latency over 5 interleaved "
+         "rounds. Ratios are against the unpruned FP32 model in the same run. `global`: one threshold over all channel "
+         "groups (`scope: global`); otherwise every group loses the same fraction.", "",
          "## Speed and parameters at 3x224x224 (random weights)", "",
          "| net | config | params x | ms | vs FP32 | file MB |", "|---|---|---|---|---|---|"]
     for r in res["speed"]:
@@ -236,12 +247,12 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax2.set(xlabel="fraction of the group's channels removed", ylabel="relative output error",
             title="Sensitivity scan, digits ResNet (one group at a time)")
     ax2.legend(fontsize=6)
-    for net in ("resnet18", "mobilenet_v2"):
-        rows = [r for r in res["speed"] if r["net"] == net and (r["config"] == "FP32" or r["config"].startswith("structured l1")
-                                                                 and "int8" not in r["config"])]
-        xs = [0.0] + [int(r["config"].split()[-1].rstrip("%")) / 100 for r in rows[1:]]
-        ax.plot(xs, [r["ms_x"] for r in rows], "o-", label=f"{net}, structured")
-        ax.plot(xs, [r["params_x"] for r in rows], "x--", label=f"{net}, parameters")
+    for net, style in (("resnet18", "-"), ("mobilenet_v2", ":")):
+        for family in ("structured l1", "structured l1 global", "structured l2 global"):
+            rows = [r for r in res["speed"] if r["net"] == net and r["config"].rsplit(" ", 1)[0] == family]
+            xs = [0.0] + [int(r["config"].split()[-1].rstrip("%")) / 100 for r in rows]
+            ax.plot(xs, [1.0] + [r["ms_x"] for r in rows], "o" + style, label=f"{net}, {family.split(' ', 1)[1]}")
+    ax.set(ylabel="latency vs unpruned FP32")
     ax.set(xlabel="fraction of channels removed", ylabel="vs unpruned FP32", title="Structured pruning, 224x224, batch 1")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -364,7 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", default="structured", choices=["structured", "unstructured", "nm"])
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction removed")
     p.add_argument("--importance", default="l1", choices=["l1", "l2", "taylor"])
-    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--scope", default=None, choices=["global", "layer"],
+                   help="structured: one threshold over all groups (global) or the same fraction in each (default); "
+                        "unstructured: global (default) or per layer")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
     p.add_argument("--exclude", help="comma-separated module names to leave whole")
     _finish_args(p, "data for scores, BatchNorm statistics and fine-tuning")

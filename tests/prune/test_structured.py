@@ -76,6 +76,38 @@ def test_pruning_dead_channels_is_exact():
     assert net.mix.out_channels == 12  # the caller's model is untouched
 
 
+def test_global_allocation_takes_the_dead_channels_wherever_they_are():
+    """Two groups of 12 channels; half of mix's are dead, stem's all work. Removing a quarter of all
+    channels globally takes exactly the dead ones (the output does not move); the uniform default
+    takes a quarter of each, live stem channels too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(12 * 8 * 8, 4)).eval()
+    _kill(net, "2", list(range(0, 12, 2)))
+    x = torch.randn(4, 3, 8, 8)
+    glob = sk.prune(net, {"method": "structured", "sparsity": 0.25, "scope": "global"}, example_inputs=x)
+    assert (glob[0].out_channels, glob[2].out_channels) == (12, 6)
+    with torch.no_grad():
+        assert torch.allclose(glob(x), net(x), atol=1e-5)
+    uniform = sk.prune(net, {"method": "structured", "sparsity": 0.25}, example_inputs=x)
+    assert (uniform[0].out_channels, uniform[2].out_channels) == (9, 9)
+    few = sk.prune(net, {"method": "structured", "sparsity": 0.9, "scope": "global", "round_to": 4}, example_inputs=x)
+    assert min(few[0].out_channels, few[2].out_channels) >= 4  # never fewer than round_to (or one) channels
+
+
+def test_global_allocation_on_a_trained_resnet_saves_and_reloads(trained_resnet, digits, tmp_path):
+    x = digits.test_x[:2]
+    p = sk.prune(trained_resnet, {"method": "structured", "sparsity": 0.5, "scope": "global"}, example_inputs=x)
+    groups = [g for g in p.slimkit_plan.groups_ if "frozen" not in g]
+    kept = [g["kept"] / g["channels"] for g in groups]
+    removed = 1 - sum(g["kept"] for g in groups) / sum(g["channels"] for g in groups)
+    assert removed == pytest.approx(0.5, abs=0.02) and max(kept) - min(kept) > 0.2  # not uniform
+    sk.save(p, tmp_path / "global")
+    torch.testing.assert_close(sk.load(tmp_path / "global", trained_resnet)(x), p(x))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        sk.PruneConfig(scope="everywhere")
+
+
 def test_whole_branchy_net_shrinks_and_runs():
     net = Branchy().eval()
     x = torch.randn(2, 3, 8, 8)

@@ -21,8 +21,12 @@ class PruneConfig(Config):
       right slice of a concatenation, depthwise convs, flatten into linear), found by tracing the
       model with torch.fx. The result is a smaller dense model. ``round_to`` keeps channel counts
       multiples of 8 or 16 (what SIMD kernels like).
+      ``scope="global"`` lets the fraction differ per channel group: one threshold runs over every
+      group's scores (normalized to mean 1 per group), so groups whose channels are unequal give up
+      more and uniform ones less; each group keeps at least one channel. By default (``scope``
+      unset) every group loses the same fraction.
     - ``method="unstructured"``: zero individual weights, one threshold over all chosen layers
-      (``scope="global"``) or the same fraction in each (``scope="layer"``).
+      (``scope="global"``, the default) or the same fraction in each (``scope="layer"``).
     - ``method="nm"``: keep the ``n`` largest of every ``m`` consecutive weights along the input
       channels (2:4 by default), the pattern sparse tensor cores run.
     - ``method="depth"``: remove whole blocks whose output has their input's shape (identity-shortcut
@@ -41,7 +45,7 @@ class PruneConfig(Config):
     method: str = "structured"
     sparsity: float = 0.5
     importance: str = "l1"
-    scope: str = "global"
+    scope: str | None = None
     round_to: int = 1
     n: int = 2
     m: int = 4
@@ -52,7 +56,7 @@ class PruneConfig(Config):
     def validate(self) -> None:
         check_choice("method", self.method, METHODS)
         check_choice("importance", self.importance, IMPORTANCE)
-        check_choice("scope", self.scope, ("global", "layer"))
+        check_choice("scope", self.scope, (None, "global", "layer"))
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=self.method != "depth")  # depth: 1 = every removable block

@@ -165,6 +165,27 @@ def _keep_count(size: int, sparsity: float, round_to: int) -> int:
     return max(1, keep)
 
 
+def _global_counts(candidates: list[tuple[Any, dict[str, Any], Tensor, int]], sparsity: float) -> list[int]:
+    """Channels kept per group when one threshold runs over every group's scores (each group's
+    scores normalized to mean 1, so groups compare by how unequal their channels are, not by the
+    size of their weights): the least important ``sparsity`` of all channels go, wherever they are.
+    A group keeps at least one channel (``round_to`` channels when rounding)."""
+    if not candidates:
+        return []
+    pooled = torch.cat([t for _, _, t, _ in candidates])
+    n_remove = math.floor(sparsity * pooled.numel() + 1e-9)
+    if n_remove == 0:
+        return [g.size for g, _, _, _ in candidates]
+    threshold = torch.kthvalue(pooled.double(), n_remove).values
+    counts = []
+    for g, _, total, round_to in candidates:
+        keep = int((total.double() > threshold).sum())
+        if round_to > 1:
+            keep = math.ceil(keep / round_to) * round_to
+        counts.append(min(g.size, max(keep, round_to, 1)))
+    return counts
+
+
 def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads: dict[str, Tensor] | None) -> PrunePlan:
     plan = PrunePlan(config=cfg)
     modules = dict(model.named_modules())
@@ -172,6 +193,7 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
     blocks = transformer_blocks(model)
     groups = transformer_groups(model, cfg.exclude) if blocks else dependency_groups(model, example, cfg.exclude)
     masks: dict[tuple[str, str], Tensor] = {}
+    candidates: list[tuple[Any, dict[str, Any], Tensor, int]] = []  # group, its entry, scores, rounding
     for g in groups:
         names = sorted({mb.module for mb in g.members})
         entry: dict[str, Any] = {"channels": g.size, "kept": g.size, "members": names,
@@ -194,10 +216,13 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
             continue
         total = torch.stack(scores).sum(0)
         whole_units = any(mb.repeat > 1 and mb.role == "out" for mb in g.members)  # heads: round_to is in features
-        k = _keep_count(g.size, cfg.sparsity, 1 if whole_units else cfg.round_to)
+        candidates.append((g, entry, total / total.mean().clamp_min(1e-12), 1 if whole_units else cfg.round_to))
+        plan.groups_.append(entry)
+    counts = _global_counts(candidates, cfg.sparsity) if cfg.scope == "global" else \
+        [_keep_count(g.size, cfg.sparsity, r) for g, _, _, r in candidates]
+    for (g, entry, total, _), k in zip(candidates, counts, strict=True):
         kept = torch.sort(torch.topk(total, k, sorted=False).indices).values if k < g.size else torch.arange(g.size)
         entry["kept"] = int(kept.numel())
-        plan.groups_.append(entry)
         if k == g.size:
             continue
         keep = torch.zeros(g.size, dtype=torch.bool)

@@ -74,7 +74,7 @@ def dynamic_qparams(x: Tensor) -> tuple[Tensor, Tensor]:
 class _DynamicMatmul(torch.autograd.Function):
     """``x @ W^T + b`` with x quantized at run time to uint8 (ONNX Runtime's dynamic INT8).
 
-    8-bit weights go to ``MatMulInteger`` as uint8 with a zero-point of 128 per column (the same
+    8-bit weights go to ``MatMulInteger`` as uint8 with a zero-point of 128 (the same
     values as int8): the u8 x u8 kernels widen to 16 bits before multiplying, while the u8 x s8
     kernels of x86 CPUs without VNNI add pairs of products in int16 and saturate on full-range
     weights. Narrower weights cannot saturate and go as int8."""

@@ -151,6 +151,8 @@ def test_4bit_embedding_tables_export_as_plain_onnx_and_reload(tmp_path):
     assert "group_size 32 does not divide the input dimension 48" in odd.slimkit_plan.skipped["emb"]
     with pytest.raises(ValueError, match="embedding_bits must be one of"):
         sk.QuantConfig(embedding_bits=6)
+    with pytest.raises(ValueError, match="it needs quantize_embeddings=True"):
+        sk.QuantConfig(activations="dynamic", embedding_bits=4)
 
 
 def test_the_swapping_keep_float_scan_measures_what_requantizing_measures(outlier_mlp, digits):

@@ -25,7 +25,19 @@ __all__ = ["keep_float", "mixed_precision", "equalization"]
 
 log = logging.getLogger(__name__)
 
-SCAN_BATCHES = 4  # the keep_float scan's data: enough to rank layers, and MiniLM's scan stays near 20 s
+SCAN_BATCHES = 4  # the keep_float scan's data: enough to rank layers; MiniLM's scan takes about 30 s
+
+
+def _data(calib_data: Any, cfg: QuantConfig, what: str = "calib_data") -> list[Any]:
+    data = check_batches(calib_data, what)
+    return data[: cfg.calib_batches] if cfg.calib_batches is not None else data
+
+
+def _reference(model: nn.Module, data: list[Any]) -> list[list[torch.Tensor]]:
+    """The float model's outputs on ``data``, in eval mode (its modes restored after)."""
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        return [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
 
 
 def keep_float(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
@@ -33,17 +45,13 @@ def keep_float(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: boo
     calibration data (its first ``SCAN_BATCHES`` batches: one pass over them per layer), and keep
     the ``keep_float`` layers that move them most in float. The scan and the choice, by name, are
     in ``plan.passes["keep_float"]``."""
-    data = check_batches(calib_data, "calib_data (the keep_float scan measures each layer on it)")
-    if cfg.calib_batches is not None:
-        data = data[: cfg.calib_batches]
+    data = _data(calib_data, cfg, "calib_data (the keep_float scan measures each layer on it)")
     fixed = cfg.replace(keep_float=0)
     names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n not in cfg.exclude]
     if len(names) <= cfg.keep_float:
         raise ValueError(f"keep_float={cfg.keep_float} would keep every quantizable layer of {type(model).__name__} "
                          f"({len(names)}) in float")
-    with modes_kept(model), torch.no_grad():
-        model.eval()
-        reference = [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
+    reference = _reference(model, data)
     scan, scan_ref = data[:SCAN_BATCHES], reference[:SCAN_BATCHES]
     error = _scan_swapping(model, fixed, names, data, scan, scan_ref) if cfg.activations != "static" else {}
     for name in tqdm([n for n in names if n not in error], desc="keep_float scan", leave=False, disable=None):
@@ -87,9 +95,7 @@ def _scan_swapping(model: nn.Module, cfg: QuantConfig, names: list[str], data: l
 
 def mixed_precision(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
     """Search the per-layer widths (``mixed_precision.search``), then quantize with that choice."""
-    data = check_batches(calib_data, "calib_data (the mixed-precision search measures on it)")
-    if cfg.calib_batches is not None:
-        data = data[: cfg.calib_batches]
+    data = _data(calib_data, cfg, "calib_data (the mixed-precision search measures on it)")
     fixed = cfg.replace(mixed_bits=(), target_bits=None, target_sqnr_db=None)
     # the weights PTQ rounds: BatchNorm folded and, if asked, equalized (no rounding yet)
     prepared, _ = weight_passes(copy.deepcopy(model).eval(), fixed.replace(bias_correction=False), data)
@@ -106,12 +112,8 @@ def equalization(model: nn.Module, cfg: QuantConfig, calib_data: Any) -> nn.Modu
     MobileNetV2 it lowers the per-tensor INT8 SQNR by 4 dB, on another it raises it by 4 dB. So the
     model is quantized both ways and the one whose outputs on the calibration data are closer to the
     float model's is kept; ``plan.passes["equalization"]`` records both and the decision."""
-    data = check_batches(calib_data)
-    if cfg.calib_batches is not None:
-        data = data[: cfg.calib_batches]
-    with modes_kept(model), torch.no_grad():
-        model.eval()
-        reference = [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
+    data = _data(calib_data, cfg)
+    reference = _reference(model, data)
     with_eq = quantize_fixed(model, cfg, data, inplace=False)
     without = quantize_fixed(model, cfg.replace(equalize=False), data, inplace=False)
     with torch.no_grad():

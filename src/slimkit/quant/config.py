@@ -118,6 +118,8 @@ class QuantConfig(Config):
         self._validate_mixed()
         self._validate_keep_float()
         check_choice("embedding_bits", self.embedding_bits, (8, 4))
+        if self.embedding_bits != 8 and not self.quantize_embeddings:
+            raise ValueError("embedding_bits sets how embedding tables are stored; it needs quantize_embeddings=True")
         if self.smooth_alpha is not None:
             check_range("smooth_alpha", self.smooth_alpha, 0.0, 1.0)
             if self.activations != "dynamic":

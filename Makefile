@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lowrank.py
 	$(BIN)/python benchmarks/pruning.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/causal_lm.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

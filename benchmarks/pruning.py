@@ -4,7 +4,8 @@
    at 3x224x224, structured pruning at 30/50/70% of the channels, batch 1, 2 threads, against
    the unpruned model, one latency curve per criterion: l1 with every channel group losing the same
    fraction, and l1 and l2 with one global threshold (``scope: global``); plus 50% structured then
-   slimkit INT8, and unstructured 80% (dense kernels: expect no gain). All files of a net are timed
+   slimkit INT8 (and 70%), depth pruning (half the removable residual blocks) alone and with 50% of
+   the channels and INT8, and unstructured 80% (dense kernels: expect no gain). All files of a net are timed
    in interleaved rounds (``compare_latency``). Targets: structured 50% at most 0.55x latency and 35% of the parameters;
    structured then INT8 at most 0.2x FP32.
 2. **Accuracy** (the digits-trained nets): structured 50% (l1 and taylor, uniform and global), unstructured 80% and 2:4,
@@ -12,7 +13,10 @@
    every model run in ONNX Runtime. Target: within 1 point of FP32 after fine-tuning (1.5 with INT8).
    Also: structured 50% with only the BatchNorm statistics re-estimated (no training).
 3. **Sensitivity scan** of the digits ResNet: each channel group pruned alone at 25/50/75%.
-4. **all-MiniLM-L6-v2** (the ``transformers`` extra; skipped with a note otherwise): attention heads
+4. **Run-time pruning**: the digits ResNet with two early exits (self-distilled), exported stage by
+   as one ONNX file (``export_early_exit``) and run in ONNX Runtime at several confidence thresholds: accuracy,
+   where the inputs leave, and time per input against the whole network.
+5. **all-MiniLM-L6-v2** (the ``transformers`` extra; skipped with a note otherwise): attention heads
    and FFN neurons, cosine with the FP32 embeddings before and after a short feature-distillation
    fine-tune, and ONNX Runtime latency.
 
@@ -39,7 +43,7 @@ from torch import nn
 
 import slimkit as sk
 from slimkit.data import batches, load_digits32
-from slimkit.export import measure_latency
+from slimkit.export import EarlyExitSession, OrtModule, export_early_exit
 from slimkit.export.runtime import compare_latency, feeds, session
 from slimkit.prune import sensitivity_scan
 from slimkit.prune.masks import hold_zeros
@@ -69,16 +73,23 @@ def speed(tmp: str, quick: bool) -> list[dict[str, Any]]:
         calib = [torch.randn(4, 3, 224, 224) for _ in range(2 if quick else 4)]
         rows = [{"net": net, "config": "FP32", "params": n_params(model), "params_x": 1.0,
                  "path": sk.export_onnx(model, f"{tmp}/{net}.onnx", x).path}]
-        configs: list[tuple[str, dict[str, Any], bool]] = []
+        configs: list[tuple[str, Any, bool]] = []
         for criterion, scope in (("l1", None), ("l1", "global"), ("l2", "global")):  # a latency curve per criterion
             configs += [(f"structured {criterion}{' global' if scope else ''} {int(100 * s)}%",
                          {"method": "structured", "sparsity": s, "round_to": 8, "importance": criterion, "scope": scope},
                          False) for s in sparsities]
+        depth = {"method": "depth", "sparsity": 0.5}
         configs += [("structured l1 50% + slimkit int8", {"method": "structured", "sparsity": 0.5, "round_to": 8}, True),
+                    ("structured l1 70% + slimkit int8", {"method": "structured", "sparsity": 0.7, "round_to": 8}, True),
+                    ("depth 50% of removable blocks", depth, False),
+                    ("depth 50% + structured l1 50% + slimkit int8",
+                     [depth, {"method": "structured", "sparsity": 0.5, "round_to": 8}], True),
                     ("FP32 + slimkit int8 (unpruned)", {}, True),
                     ("unstructured 80%", {"method": "unstructured", "sparsity": 0.8}, False)]
         for i, (label, cfg, q) in enumerate(configs):
-            pruned = sk.prune(model, cfg, example_inputs=x) if cfg else model
+            pruned = model
+            for c in cfg if isinstance(cfg, list) else [cfg] if cfg else []:
+                pruned = sk.prune(pruned, c, example_inputs=x, data=calib if c["method"] == "depth" else None)
             p = sk.quantize(pruned, "int8", calib_data=calib) if q else pruned
             path = sk.export_onnx(p, f"{tmp}/{net}_p{i}.onnx", x).path
             rows.append({"net": net, "config": label, "params": n_params(pruned),
@@ -106,13 +117,17 @@ def accuracy_rows(tmp: str, quick: bool) -> list[dict[str, Any]]:
         fp32 = sk.export_onnx(model, f"{tmp}/{net}.onnx", d.test_x[:4]).path
         base = ort_accuracy(fp32, d.test_x, d.test_y)
         out.append({"net": net, "config": "FP32", "params_x": 1.0, "accuracy": base})
-        configs: list[tuple[str, dict[str, Any], bool]] = [
+        configs: list[tuple[str, Any, bool]] = [
             ("structured l1 50%", {"method": "structured", "sparsity": 0.5, "round_to": 4}, False),
             ("structured taylor 50%", {"method": "structured", "sparsity": 0.5, "importance": "taylor", "round_to": 4}, False),
             ("structured l1 global 50%", {"method": "structured", "sparsity": 0.5, "scope": "global", "round_to": 4}, False),
             ("structured taylor global 50%", {"method": "structured", "sparsity": 0.5, "importance": "taylor",
                                               "scope": "global", "round_to": 4}, False),
             ("structured l1 50% + int8", {"method": "structured", "sparsity": 0.5, "round_to": 4}, True),
+            ("structured l1 70% + int8", {"method": "structured", "sparsity": 0.7, "round_to": 4}, True),
+            ("depth 50% of removable blocks", {"method": "depth", "sparsity": 0.5}, False),
+            ("depth 50% + structured l1 50% + int8",
+             [{"method": "depth", "sparsity": 0.5}, {"method": "structured", "sparsity": 0.5, "round_to": 4}], True),
             ("unstructured 80% (global)", {"method": "unstructured", "sparsity": 0.8}, False),
             ("2:4", {"method": "nm"}, False)]
         if quick:
@@ -126,7 +141,10 @@ def accuracy_rows(tmp: str, quick: bool) -> list[dict[str, Any]]:
         out[-1]["drop"] = base - out[-1]["accuracy"]
         for label, cfg, q in configs:
             t = time.time()
-            p = sk.prune(model, cfg, example_inputs=d.test_x[:2], data=taylor_data if cfg.get("importance") == "taylor" else None)
+            p = model
+            for c in cfg if isinstance(cfg, list) else [cfg]:
+                data = taylor_data if c.get("importance") == "taylor" else calib if c["method"] == "depth" else None
+                p = sk.prune(p, c, example_inputs=d.test_x[:2], data=data)
             seconds = time.time() - t
             before = ort_accuracy(sk.export_onnx(p, f"{tmp}/{net}_p0.onnx", d.test_x[:4]).path, d.test_x, d.test_y)
             with hold_zeros(p):  # unstructured / 2:4: the zeros stay zeros while fine-tuning
@@ -143,6 +161,50 @@ def accuracy_rows(tmp: str, quick: bool) -> list[dict[str, Any]]:
             log.info("%s %s: %s", net, label, row)
             out.append(row)
     return out
+
+
+def early_exit_rows(tmp: str, quick: bool) -> dict[str, Any]:
+    """Run-time pruning: the digits ResNet with exits after its first and second stages, trained with
+    the network by self-distillation, exported stage by stage and run in ONNX Runtime, where each
+    input stops at the first exit sure of its answer."""
+    d = load_digits32()
+    model = trained("resnet18")
+    exits, epochs = ["layers.1", "layers.3"], 1 if quick else 6
+    t = time.time()
+    ee = sk.distill(model, None, batches(d.train_x, d.train_y, 32),
+                    {"mode": "self", "exits": exits, "epochs": epochs, "lr": 0.01, "seed": 0, "exit_threshold": 0.9})
+    train_s = time.time() - t
+    fp32 = sk.export_onnx(model, f"{tmp}/ee_fp32.onnx", d.test_x[:4]).path
+    whole = sk.export_onnx(ee.model, f"{tmp}/ee_whole.onnx", d.test_x[:4]).path
+    path = export_early_exit(ee, f"{tmp}/ee.onnx", d.test_x[:64]).path
+    thresholds = (0.5, 0.9, 0.99) if quick else (0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+    runners: list[Any] = [OrtModule(fp32), OrtModule(whole)] + [EarlyExitSession(path, threshold=t) for t in thresholds]
+    rows: list[dict[str, Any]] = [{"config": "FP32 (the trained ResNet)", "accuracy": ort_accuracy(fp32, d.test_x, d.test_y)},
+                                  {"config": "whole network after exit training", "accuracy": ort_accuracy(whole, d.test_x, d.test_y)}]
+    for t, r in zip(thresholds, runners[2:], strict=True):
+        logits, took = r(d.test_x)
+        rows.append({"config": f"early exit, threshold {t}", "threshold": t,
+                     "accuracy": float(100 * np.mean(logits.argmax(1) == d.test_y.numpy())),
+                     "exit_shares": [float(np.mean(took == k)) for k in range(len(exits) + 1)]})
+    n = 60 if quick else len(d.test_x)
+    for bs in (1, 8):
+        xs = [d.test_x[i:i + bs] for i in range(0, n - bs + 1, bs)]
+        times: list[list[float]] = [[] for _ in runners]
+        for r in runners:  # warm-up: a session's first runs allocate
+            for x in xs[:20]:
+                r(x)
+        for _ in range(2 if quick else 5):  # interleaved rounds: drift hits every runner alike
+            for j, r in enumerate(runners):
+                t0 = time.perf_counter()
+                for x in xs:
+                    r(x)
+                times[j].append(1000 * (time.perf_counter() - t0) / len(xs))
+        for row, ts in zip(rows, times, strict=True):
+            row[f"b{bs}_ms"] = float(np.median(ts))
+            row[f"b{bs}_x"] = row[f"b{bs}_ms"] / float(np.median(times[0]))
+    for row in rows:
+        log.info("early exit %s", row)
+    return {"exits": exits, "epochs": epochs, "train_seconds": train_s, "rows": rows}
 
 
 def minilm_rows(tmp: str, quick: bool) -> dict[str, Any]:
@@ -163,11 +225,8 @@ def minilm_rows(tmp: str, quick: bool) -> dict[str, Any]:
         s = session(path)
         return np.concatenate([s.run(None, feeds(s, b))[0] for b in test])
 
-    def lat(path: str) -> float:
-        return measure_latency(path, ex1, threads=2, warmup=5, runs=20 if quick else 60)["median_ms"]
-
     fp32 = sk.export_onnx(model, f"{tmp}/minilm.onnx", ex8).path
-    ref, base_ms = emb(fp32), lat(fp32)
+    ref = emb(fp32)
 
     def cos(e: np.ndarray) -> float:
         return float(((e * ref).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))).mean())
@@ -176,18 +235,21 @@ def minilm_rows(tmp: str, quick: bool) -> dict[str, Any]:
     configs: list[tuple[str, dict[str, Any]]] = [("FFN neurons 50%", {"sparsity": 0.5, "layers": ffn}),
                                                  ("heads + FFN neurons 25%", {"sparsity": 0.25}),
                                                  ("heads + FFN neurons 50%", {"sparsity": 0.5})]
-    rows: list[dict[str, Any]] = [{"config": "FP32", "params_x": 1.0, "cosine": 1.0, "ms": base_ms, "ms_x": 1.0}]
-    for label, cfg in configs[1:2] if quick else configs:
+    rows: list[dict[str, Any]] = [{"config": "FP32", "params_x": 1.0, "cosine": 1.0}]
+    paths = [fp32]
+    for i, (label, cfg) in enumerate(configs[1:2] if quick else configs):
         p = sk.prune(model, cfg, example_inputs=ex8)
-        path = sk.export_onnx(p, f"{tmp}/minilm_p.onnx", ex8).path
-        row: dict[str, Any] = {"config": label, "params_x": n_params(p) / n_params(model), "cosine": cos(emb(path))}
-        row["ms"] = lat(path)
-        row["ms_x"] = row["ms"] / base_ms
+        paths.append(sk.export_onnx(p, f"{tmp}/minilm_p{i}.onnx", ex8).path)
+        row: dict[str, Any] = {"config": label, "params_x": n_params(p) / n_params(model), "cosine": cos(emb(paths[-1]))}
         fit(p, train, epochs=1 if quick else 2, lr=1e-4, optimizer="adamw", weight_decay=0.0, teacher=model,
             loss=lambda a, b: (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean())
         row["cosine_after_finetune"] = cos(emb(sk.export_onnx(p, f"{tmp}/minilm_ft.onnx", ex8).path))
         log.info("minilm %s: %s", label, row)
         rows.append(row)
+    lat = compare_latency(paths, ex1, threads=2, warmup=3, rounds=2 if quick else 5,
+                          seconds=0.3 if quick else 1.0)  # interleaved: drift hits every file alike
+    for r, t in zip(rows, lat, strict=True):
+        r["ms"], r["ms_x"] = t["median_ms"], t["median_ms"] / lat[0]["median_ms"]
     return {"rows": rows, "train_sentences": n_train, "test_sentences": n_test}
 
 
@@ -219,6 +281,21 @@ def markdown(res: dict[str, Any]) -> str:
           "|---|" + "---|" * len(next(iter(res["sensitivity"].values())))]
     for name, curve in res["sensitivity"].items():
         m.append(f"| {name} | " + " | ".join(f"{c:.3f}" for _, c in curve) + " |")
+    ee = res["early_exit"]
+    m += ["", "## Run-time pruning: early exit, digits ResNet, one ONNX file in ONNX Runtime", "",
+          f"Exits after {ee['exits']} (a pooled linear head each), trained with the network by self-distillation "
+          f"({ee['epochs']} epochs from the trained ResNet, SGD lr 0.01, {ee['train_seconds']:.0f} s). "
+          "`export_early_exit` writes one ONNX file in which each input stops at the first exit whose top softmax "
+          "probability reaches the threshold (`If` nodes: only the undecided rows run the next stage). Time per input "
+          "over the 360 test digits (batch 8: per batch of 8), median of 5 interleaved rounds, against the trained "
+          "ResNet's own ONNX file. Threshold 1.0: every input runs the whole network and every exit head, the "
+          "overhead of the exits.", "",
+          "| config | accuracy % | leave at exit 1 / 2 / end % | batch 1 ms | vs FP32 | batch 8 ms | vs FP32 |",
+          "|---|---|---|---|---|---|---|"]
+    for r in ee["rows"]:
+        shares = " / ".join(f"{100 * s:.0f}" for s in r["exit_shares"]) if "exit_shares" in r else "-"
+        m.append(f"| {r['config']} | {r['accuracy']:.2f} | {shares} | {r['b1_ms']:.3f} | {r['b1_x']:.2f}x | "
+                 f"{r['b8_ms']:.3f} | {r['b8_x']:.2f}x |")
     mm = res["minilm"]
     m += ["", "## all-MiniLM-L6-v2: attention heads and FFN neurons (structured, l1)", ""]
     if "skipped" in mm:
@@ -226,7 +303,8 @@ def markdown(res: dict[str, Any]) -> str:
     else:
         m += [f"Mean cosine of the sentence embeddings with FP32's on {mm['test_sentences']} held-out standard-library "
               f"docstrings (sequence length 64); fine-tune: 2 epochs over {mm['train_sentences']} other docstrings, "
-              "AdamW lr 1e-4, loss 1 - cosine to the FP32 embedding. Latency: batch 1 in ONNX Runtime.", "",
+              "AdamW lr 1e-4, loss 1 - cosine to the FP32 embedding. Latency: batch 1 in ONNX Runtime, median of 5 "
+              "interleaved rounds.", "",
               "| config | params x | cosine | cosine after fine-tune | batch 1 ms | vs FP32 |", "|---|---|---|---|---|---|"]
         for r in mm["rows"]:
             ft = f"{r['cosine_after_finetune']:.4f}" if "cosine_after_finetune" in r else "-"
@@ -272,6 +350,7 @@ def main() -> None:
                                "quick": args.quick, "finetune_epochs": 1 if args.quick else 4}
         res["speed"] = speed(tmp, args.quick)
         res["accuracy"] = accuracy_rows(tmp, args.quick)
+        res["early_exit"] = early_exit_rows(tmp, args.quick)
         res["minilm"] = minilm_rows(tmp, args.quick)
         d = load_digits32()
         res["sensitivity"] = sensitivity_scan(trained("resnet18"), d.test_x[:2], batches(d.train_x[:256], None, 128),

@@ -76,8 +76,10 @@ def test_unstructured_then_quantize_chain(trained_mlp, digits, tmp_path):
 
 
 def test_sparse_bad_input(trained_mlp):
-    with pytest.raises(ValueError, match="data batch 0: taylor importance needs"):
-        sk.prune(trained_mlp, {"method": "unstructured", "importance": "taylor"}, data=[torch.randn(2, 1, 32, 32)])
+    with pytest.raises(ValueError, match=r"data batch 0: taylor importance with labels needs \[N, classes\] logits and N "
+                                         r"labels; the model returned shape \(2, 10\) for \(3,\) labels"):
+        sk.prune(trained_mlp, {"method": "unstructured", "importance": "taylor"},
+                 data=[(torch.randn(2, 1, 32, 32), torch.tensor([1, 2, 3]))])
     with pytest.raises(ValueError, match="is a Flatten; pruning takes Linear and Conv2d"):
         sk.prune(trained_mlp, {"method": "unstructured", "layers": ["0"]})
     with pytest.raises(ValueError, match="no Linear or Conv2d"):

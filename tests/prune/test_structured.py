@@ -168,6 +168,50 @@ def test_taylor_importance_prefers_channels_that_matter(digits):
         assert not torch.allclose(l1(seen), net(seen), atol=1e-2)
 
 
+def test_label_free_taylor_ranks_by_output_sensitivity(digits):
+    """Inputs alone (no labels): |w x grad| of a random projection of the output. It sees through
+    the large useless weights as the labelled score does, and ranks the live units as it does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(1024, 32), nn.ReLU(), nn.Linear(32, 10))
+    fit(net, batches(digits.train_x, digits.train_y, 64), epochs=3, lr=0.05)
+    with torch.no_grad():
+        net[1].weight[:8] *= 5
+        net[3].weight[:, :8] = 0
+    x = digits.train_x[:256]
+    free = sk.prune(net, {"sparsity": 0.25, "importance": "taylor"}, example_inputs=x[:2], data=batches(x, None, 64))
+    assert free[1].out_features == 24
+    with torch.no_grad():  # only units that change nothing went: the useless 8, or ReLU units dead on the data
+        assert torch.allclose(free(x), net(x), atol=1e-5)
+
+
+class _MaskedTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.ffn = nn.Embedding(30, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.ffn(self.embed(input_ids)))  # padded positions get outputs too, as in BERT
+
+
+def test_label_free_taylor_ignores_padding():
+    """A tokenizer batch without labels: the outputs at padded positions add nothing to the scores,
+    whatever token ids sit there."""
+    from slimkit.prune.importance import taylor_importance
+
+    torch.manual_seed(0)
+    net = _MaskedTokens()
+    ids = torch.randint(0, 30, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[:, 4:] = 0
+    other = ids.clone()
+    other[:, 4:] = (other[:, 4:] + 7) % 30
+    a = taylor_importance(net, [{"input_ids": ids, "attention_mask": mask}])
+    b = taylor_importance(net, [{"input_ids": other, "attention_mask": mask}])
+    assert a["ffn.weight"].sum() > 0 and torch.allclose(a["ffn.weight"], b["ffn.weight"])
+    unmasked = taylor_importance(net, [{"input_ids": other, "attention_mask": torch.ones_like(mask)}])
+    assert not torch.allclose(unmasked["ffn.weight"], b["ffn.weight"])
+
+
 def test_plan_round_trip_and_mismatch(digits):
     net = digits_model("resnet18")
     p = sk.prune(net, {"sparsity": 0.5}, example_inputs=digits.test_x[:2])

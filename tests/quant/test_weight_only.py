@@ -89,8 +89,8 @@ def test_group_wise_bad_input_and_unsupported_layers(trained_mlp, trained_resnet
         sk.QuantConfig(weight_bits=4, group_size=128)
     with pytest.raises(ValueError, match="rounding='gptq' works on group-wise weights"):
         sk.QuantConfig(rounding="gptq")
-    with pytest.raises(ValueError, match="exported as 4-bit MatMulNBits; got weight_bits=3"):
-        sk.QuantConfig(activations="none", weight_bits=3, group_size=128)
+    with pytest.raises(ValueError, match="group-wise weights are 2, 3 or 4 bits"):
+        sk.QuantConfig(activations="none", weight_bits=5, group_size=128)
     with pytest.raises(ValueError, match="rounding='gptq' need calib_data"):
         sk.quantize(trained_mlp, "int4-gptq")
     # a group size that does not divide a layer's width: that layer stays float, and the plan says why
@@ -121,6 +121,24 @@ class _TinyLM(nn.Module):
         return self.head(torch.relu(self.body(self.emb(ids) + self.pos(torch.arange(ids.shape[1])))))
 
 
+def test_three_and_two_bit_groups_measure_in_pytorch_and_refuse_to_export(trained_mlp, digits, tmp_path):
+    calib = batches(digits.train_x[:256], None, 128)
+    sqnr = {}
+    for bits in (4, 3, 2):
+        q = sk.quantize(trained_mlp, {**sk.presets()["int4-gptq"], "weight_bits": bits, "group_size": 32}, calib_data=calib)
+        assert q.get_submodule("3").bits == bits
+        codes = unpack_nibbles(q.get_submodule("3").packed.reshape(q.get_submodule("3").out_features, -1), 128)
+        assert int(codes.max()) < 2**bits  # the integers fit the width
+        sqnr[bits] = _sqnr(trained_mlp, q, digits.test_x)
+    assert sqnr[4] > sqnr[3] + 3 > sqnr[2] + 6  # about 6 dB a bit
+    with pytest.raises(ValueError, match=r"layer '1' cannot be exported: 2-bit group-wise weights are not "
+                                         r"exported: .* quantize with weight_bits=4 to export"):
+        sk.export_onnx(q, tmp_path / "q2.onnx", example_inputs=digits.test_x[:4])
+    assert not (tmp_path / "q2.onnx").exists()
+    sk.save(q, tmp_path / "q2")  # saved and reloaded like any plan
+    torch.testing.assert_close(sk.load(tmp_path / "q2", trained_mlp)(digits.test_x[:16]), q(digits.test_x[:16]))
+
+
 def test_embedding_tables_shrink_to_int8_rows_and_tied_ones_stay_float(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(0, 500, (4, 16))
@@ -137,10 +155,17 @@ def test_embedding_tables_shrink_to_int8_rows_and_tied_ones_stay_float(tmp_path)
     assert report.size_bytes < 0.25 * fp32.size_bytes
     sk.save(q, tmp_path / "lm")
     torch.testing.assert_close(sk.load(tmp_path / "lm", m)(ids), q(ids))
-    tied = sk.quantize(_TinyLM(tie=True).eval(), cfg)
+    # tied to a head that stays float: the table stays float too, one table shared in the file
+    tied_model = _TinyLM(tie=True).eval()
+    tied = sk.quantize(tied_model, {**cfg, "exclude": ["head"]})
     assert "emb" not in tied.slimkit_plan.quantized_layers
-    assert tied.slimkit_plan.skipped["emb"] == "its weight is tied to 'head'; quantizing it apart would untie them"
-    assert isinstance(tied.emb, nn.Embedding)
+    assert tied.slimkit_plan.skipped["emb"] == ("its weight is tied to 'head', which stays float; quantizing it apart "
+                                                "would untie them")
+    assert isinstance(tied.emb, nn.Embedding) and tied.head.weight is tied.emb.weight
+    # tied to a head that is quantized: the two are apart anyway, and the table is quantized as well
+    both = sk.quantize(tied_model, cfg)
+    assert {"emb", "head"} <= set(both.slimkit_plan.quantized_layers)
+    assert tied_model.head.weight is tied_model.emb.weight  # the caller's model keeps its tie
 
 
 def test_awq_lowers_the_output_error_on_the_trained_mlp(trained_mlp, digits, tmp_path):

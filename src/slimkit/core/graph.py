@@ -20,7 +20,8 @@ from torch import Tensor, fx, nn
 
 from slimkit.core.batch import Batch
 
-__all__ = ["TraceError", "trace", "fold_batchnorm", "batchnorm_pairs", "fuse_conv_bn_weights", "float_tensor_nodes"]
+__all__ = ["TraceError", "trace", "fold_batchnorm", "batchnorm_pairs", "fuse_conv_bn_weights", "float_tensor_nodes",
+           "split_after"]
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +139,68 @@ def float_tensor_nodes(gm: fx.GraphModule, batch: Batch) -> set[str]:
         else:
             interp.run(*batch)
     return found
+
+
+def split_after(model: nn.Module, names: list[str]) -> list[fx.GraphModule]:
+    """``model`` cut into ``len(names) + 1`` consecutive graphs, one cut right after the call of each
+    named module (in the order the forward pass reaches them). Stage 0 takes the model's inputs;
+    stage ``i > 0`` takes, in order, the values that cross cut ``i - 1`` (computed before it and used
+    after it). Stage ``i < len(names)`` returns those crossing cut ``i`` followed by the named module's
+    output; the last stage returns the model's output. Parameters and buffers are not passed along:
+    a stage that reads one reads it itself. Chained, the stages compute what ``model`` computes.
+
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> first, last = split_after(net, ["1"])
+    >>> x = torch.randn(2, 4)
+    >>> *carry, feature = first(x)
+    >>> bool(torch.equal(last(*carry), net(x)))
+    True
+    """
+    gm = trace(model, leaves=tuple(names))
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    cuts = []
+    for name in names:
+        calls = [n for n in nodes if n.op == "call_module" and n.target == name]
+        if len(calls) != 1:
+            raise ValueError(f"layer {name!r} is called {len(calls)} times in the traced forward pass; "
+                             "a cut needs a layer called exactly once")
+        cuts.append(calls[0])
+    if [pos[c] for c in cuts] != sorted(pos[c] for c in cuts):
+        raise ValueError(f"layers {names} are not in the order the forward pass calls them")
+
+    def crossing(p: int) -> list[fx.Node]:
+        return [n for n in nodes[:p + 1] if n.op != "get_attr" and any(pos[u] > p for u in n.users)]
+
+    bounds = [-1] + [pos[c] for c in cuts] + [len(nodes) - 1]
+    stages = []
+    for k in range(len(bounds) - 1):
+        inputs = crossing(bounds[k]) if k > 0 else []
+        outputs = crossing(bounds[k + 1]) + [cuts[k]] if k < len(cuts) else None
+        g = _subgraph(nodes[bounds[k] + 1:bounds[k + 1] + 1], inputs, outputs)
+        stage = fx.GraphModule(gm, g, f"{type(model).__name__}Stage{k}")
+        stage.delete_all_unused_submodules()
+        stages.append(stage)
+    return stages
+
+
+def _subgraph(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node] | None) -> fx.Graph:
+    """A graph of ``nodes`` taking ``inputs`` (computed elsewhere) as placeholders and returning
+    ``outputs`` as a tuple (None: the original graph's own output, which is then among ``nodes``)."""
+    g = fx.Graph()
+    env = {n: g.placeholder(n.name) for n in inputs}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env and a.op == "get_attr":  # a parameter read again where it is needed
+            env[a] = g.node_copy(a)
+        return env[a]
+
+    for n in nodes:
+        if n.op == "output":
+            g.output(fx.map_arg(n.args[0], arg))
+        else:
+            env[n] = g.node_copy(n, arg)
+    if outputs is not None:
+        g.output(tuple(env[n] for n in outputs))
+    g.lint()
+    return g

@@ -1,8 +1,9 @@
 """The only layer that knows ONNX: export, running in ONNX Runtime, parity, latency and lint."""
 
+from .early_exit import EarlyExitReport, EarlyExitSession, export_early_exit
 from .lint import LintReport, lint
 from .onnx import ExportReport, ParityError, export_onnx
 from .runtime import OrtModule, Parity, check_parity, measure_latency, session
 
-__all__ = ["ExportReport", "LintReport", "Parity", "ParityError", "check_parity", "export_onnx",
+__all__ = ["EarlyExitReport", "EarlyExitSession", "export_early_exit", "ExportReport", "LintReport", "Parity", "ParityError", "check_parity", "export_onnx",
            "lint", "measure_latency", "OrtModule", "session"]

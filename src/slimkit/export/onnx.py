@@ -85,9 +85,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     dynamic quantization, whose run-time rounding lets deep models drift by the quantization noise).
     The file is written atomically: a failed export leaves no partial file behind.
     """
-    for m in model.modules():
+    for name, m in model.named_modules():
         if getattr(m, "calibrating", False):
             raise ValueError(f"{type(m).__name__} is still calibrating; quantize with calib_data first")
+        why = getattr(m, "export_error", None)
+        if why:
+            raise ValueError(f"layer {name!r} cannot be exported: {why}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"the output path should end in .onnx, got {path}")

@@ -34,7 +34,8 @@ class PruneConfig(Config):
       by how much the outputs change without it, on ``data`` (else ``example_inputs``). See
       ``slimkit.prune.depth``. Fewer layers is what makes small inputs faster.
     - ``sparsity`` is the fraction removed, in [0, 1). ``importance``: ``l1`` or ``l2`` magnitude,
-      or ``taylor`` (|weight x gradient|, from ``data`` batches of (inputs, labels)).
+      or ``taylor`` (|weight x gradient|, from ``data``: the cross-entropy's gradient for (inputs,
+      labels) batches, that of a random projection of the output for batches of inputs alone).
     - ``recalibrate_bn``: when ``data`` is given, re-estimate every BatchNorm's statistics on it
       after pruning (the cut changes what they normalise; without this, accuracy before
       fine-tuning can fall to chance).

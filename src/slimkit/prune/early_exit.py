@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from slimkit.core.batch import Batch, call, modes_kept
+from slimkit.core.graph import split_after
 
 __all__ = ["EarlyExit"]
 
@@ -54,6 +55,19 @@ def _head(feature: Tensor, classes: int, name: str) -> nn.Module:
         return nn.Linear(feature.shape[-1], classes)
     raise ValueError(f"exit layer {name!r} outputs shape {tuple(feature.shape)}; an exit needs [N, C, H, W], "
                      "[N, L, D] or [N, D] features")
+
+
+class _Stage(nn.Module):
+    """One stage of an early-exit network: the layers up to an exit and that exit's head. Returns
+    the values the next stage needs, then the exit's logits."""
+
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+        *carry, feature = self.body(*args, **kwargs)
+        return (*carry, self.head(feature))
 
 
 class EarlyExit(nn.Module):
@@ -100,6 +114,15 @@ class EarlyExit(nn.Module):
             raise ValueError(f"threshold must be in [0, 1] or None, got {value!r}")
         self._threshold = None if value is None else float(value)
 
+    def stages(self) -> list[nn.Module]:
+        """The network cut after each exit layer, for a runtime that runs one stage at a time and
+        stops per input (``slimkit.export.export_early_exit``). Stage ``i < len(exits)`` returns the
+        tensors the rest of the network needs, then exit ``i``'s logits; the last stage returns the
+        model's output. The stages share this model's parameters."""
+        bodies = split_after(self.model, self.exits)
+        heads = [self.heads[self._key(n)] for n in self.exits]
+        return [_Stage(b, h) for b, h in zip(bodies, heads, strict=False)] + [bodies[-1]]
+
     @staticmethod
     def _key(name: str) -> str:
         return name.replace(".", "__")
@@ -116,8 +139,9 @@ class EarlyExit(nn.Module):
         logits: list[Tensor] = []
         early = not self.training and self.threshold is not None
         if early and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
-            raise RuntimeError("an early-exit model decides per input where to stop, which a traced graph cannot; "
-                               "export .model (the whole network), or set threshold=None to export every exit's output")
+            raise RuntimeError("an early-exit model decides per input where to stop, which one traced graph cannot; "
+                               "slimkit.export.export_early_exit writes it as one ONNX file that stops each input "
+                               "at its first sure exit, or set threshold=None to export every exit's output")
         state: dict[str, Tensor] = {}
 
         def at_exit(i: int) -> Any:

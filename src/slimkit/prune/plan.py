@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimkit.core.batch import Batch, call, check_batches, model_inputs, tensors_of
@@ -32,11 +31,11 @@ from slimkit.core.plans import attach
 
 from .config import PruneConfig
 from .dependency import Member, dependency_groups
-from .importance import taylor_scores, weight_scores
+from .importance import taylor_importance, weight_scores
 from .masks import fraction_mask, global_masks, nm_mask
 from .transformer import HEAD_ATTRS, transformer_blocks, transformer_groups
 
-__all__ = ["PrunePlan", "search", "apply_plan", "prune_model", "gradients"]
+__all__ = ["PrunePlan", "search", "apply_plan", "prune_model"]
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +109,6 @@ def _prunable(model: nn.Module, cfg: PruneConfig) -> dict[str, nn.Module]:
     if not out:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to prune")
     return out
-
-
-def gradients(model: nn.Module, data: Iterable[Batch]) -> dict[str, Tensor]:
-    """Per parameter, the sum over ``data`` batches of ``|w * dL/dw|`` for cross-entropy on
-    ``(inputs, labels)`` batches (first-order Taylor importance, accumulated per batch)."""
-    batches = check_batches(data, "data")
-    work = copy.deepcopy(model).eval()
-    acc: dict[str, Tensor] = {}
-    for i, b in enumerate(batches):
-        if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[1], Tensor) and not b[1].is_floating_point()):
-            raise ValueError(f"data batch {i}: taylor importance needs (inputs, integer labels) pairs")
-        work.zero_grad()
-        out = call(work, b[0])
-        F.cross_entropy(out, b[1]).backward()
-        for n, p in work.named_parameters():
-            if p.grad is not None:
-                s = taylor_scores(p, p.grad)
-                acc[n] = acc[n] + s if n in acc else s
-    return acc
 
 
 def _scores(m: nn.Module, name: str, cfg: PruneConfig, grads: dict[str, Tensor] | None) -> Tensor | None:
@@ -311,8 +291,8 @@ def search(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None = No
     grads = None
     if cfg.importance == "taylor":
         if data is None:
-            raise ValueError("importance 'taylor' needs data: (inputs, labels) batches for the gradients")
-        grads = gradients(model, data)
+            raise ValueError("importance 'taylor' needs data: batches of inputs, or (inputs, labels), for the gradients")
+        grads = taylor_importance(model, data)
     if cfg.method == "structured":
         if example_inputs is None:
             raise ValueError("structured pruning needs example_inputs (a batch the model is called with) to trace it")

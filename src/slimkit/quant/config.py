@@ -44,7 +44,9 @@ class QuantConfig(Config):
       layer, ``adaround_iterations`` steps each). Equalization, AdaRound and bias correction need
       ``calib_data`` and compose in that order.
     - ``group_size``: group-wise weights for Linear layers, weight-only (``activations="none"``),
-      stored 4-bit and exported as ONNX Runtime's MatMulNBits; ``weight_symmetric=False`` gives
+      ``weight_bits`` 4 (exported as ONNX Runtime's MatMulNBits), or 3 or 2 (the same half-byte
+      layout, for measuring in PyTorch: ONNX Runtime's CPU kernel has no 3-bit form and slimkit does
+      not write the 2-bit packing, so exporting one is an error naming the layer); ``weight_symmetric=False`` gives
       each group a zero-point. ``rounding="gptq"`` chooses the integers with GPTQ (``gptq_damp``,
       ``gptq_act_order``) from ``calib_data``; ``rounding="awq"`` scales the salient input channels
       first (AWQ), dividing the input by the same scales at run time.
@@ -54,8 +56,9 @@ class QuantConfig(Config):
       only if its simulated INT8 output error drops; ``plan.passes["smoothquant"]`` says which.
     - ``quantize_embeddings``: store ``nn.Embedding`` tables as int8 with a scale per row (a
       transformer's word embeddings are often half its file), or with ``embedding_bits=4`` as
-      4-bit groups of 32 along each row with a scale and zero-point each. Tables tied to another
-      layer's weight are kept in float, and the plan says so.
+      4-bit groups of 32 along each row with a scale and zero-point each. A table tied to another
+      layer's weight is quantized when that layer is, and kept in float (still shared) when it is
+      not; the plan says so.
     - ``layer_bits``: weight bits per layer (module name), overriding ``weight_bits``.
     - ``keep_float``: the sensitivity pass. Each layer is quantized alone and the outputs' change on
       ``calib_data`` measured; the ``keep_float`` layers that change them most stay in float (added
@@ -141,8 +144,9 @@ class QuantConfig(Config):
         if self.activations != "none":
             raise ValueError("group_size quantizes weights only (MatMulNBits keeps activations in float): "
                              "set activations='none'")
-        if self.weight_bits != 4:
-            raise ValueError(f"group-wise weights are exported as 4-bit MatMulNBits; got weight_bits={self.weight_bits}")
+        if self.weight_bits not in (2, 3, 4):
+            raise ValueError(f"group-wise weights are 2, 3 or 4 bits (stored as half bytes; 4 bits export as "
+                             f"MatMulNBits); got weight_bits={self.weight_bits}")
         if self.rounding == "adaround":
             raise ValueError("AdaRound learns per-channel grids; for group-wise weights use rounding='gptq'")
         if self.mixed_bits or self.layer_bits:

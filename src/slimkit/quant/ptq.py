@@ -140,9 +140,12 @@ def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[s
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Embedding):
                 continue
-            others = [o for o in owners.get(id(child.weight), []) if o != full]
+            # a table tied to a layer that stays float keeps the tie (one shared table in the file);
+            # tied to a layer that was quantized, the two are apart already and the table is quantized too
+            others = [o for o in owners.get(id(child.weight), []) if o != full and o not in plan.quantized_layers]
             if others:
-                plan.skipped[full] = f"its weight is tied to {others[0]!r}; quantizing it apart would untie them"
+                plan.skipped[full] = (f"its weight is tied to {others[0]!r}, which stays float; quantizing it apart "
+                                      "would untie them")
                 continue
             try:
                 setattr(module, child_name, QuantEmbedding(child, bits))

@@ -134,9 +134,8 @@ class QuantLinearNBits(nn.Module):
     def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
                  grid: tuple[Tensor, Tensor, Tensor] | None = None, input_scale: Tensor | None = None) -> None:
         super().__init__()
-        if bits not in EXPORT_BITS:
-            raise ValueError(f"group-wise weights are stored as MatMulNBits, which runs {EXPORT_BITS}-bit "
-                             f"weights here; got weight_bits={bits}")
+        if bits not in (2, 3, 4):
+            raise ValueError(f"group-wise weights are 2, 3 or 4 bits (half bytes); got weight_bits={bits}")
         if group_size < 16 or group_size & (group_size - 1):
             raise ValueError(f"MatMulNBits needs a group size that is a power of two, at least 16; got {group_size}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -155,6 +154,15 @@ class QuantLinearNBits(nn.Module):
 
     def meta(self) -> dict[str, int]:
         return {"N": self.out_features, "K": self.in_features, "bits": self.bits, "block_size": self.group_size}
+
+    @property
+    def export_error(self) -> str | None:
+        """Why this layer cannot be exported (``export_onnx`` asks every module), or None."""
+        if self.bits in EXPORT_BITS:
+            return None
+        return (f"{self.bits}-bit group-wise weights are not exported: slimkit writes MatMulNBits at "
+                f"{' and '.join(map(str, EXPORT_BITS))} bits (ONNX Runtime's CPU kernel has no 3-bit form, and "
+                "the 2-bit packing is not written); quantize with weight_bits=4 to export")
 
     def dequantized_weight(self) -> Tensor:
         q = unpack_nibbles(self.packed.reshape(self.out_features, -1), self.in_features)

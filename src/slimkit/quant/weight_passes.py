@@ -35,6 +35,7 @@ from .equalization import equalize, relu6_to_relu
 from .gptq import gptq, hessian
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import QuantLinear, fake_quant_weight, weight_qparams
+from .sequential import sequential_inputs
 from .smoothquant import smooth_search
 from .weight_only import QuantLinearNBits, dequantize_groups, rtn_groups
 
@@ -125,18 +126,6 @@ def _forward(layer: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda x, w: conv(x, w, None, c.stride, c.padding, c.dilation, c.groups)
 
 
-@torch.no_grad()
-def _inputs(model: nn.Module, layer: nn.Module, batches: list[Batch]) -> list[Tensor]:
-    seen: list[Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    try:
-        for b in batches:
-            call(model, b)
-    finally:
-        handle.remove()
-    return seen
-
-
 def _token_rows(xs: list[Tensor], batches: list[Batch]) -> Tensor:
     """A layer's calibration inputs as rows ``[n, features]``. For tokenizer batches, the rows of
     padding positions (``attention_mask == 0``) are left out: they are not text, and padded to a
@@ -199,19 +188,21 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
     if not (cfg.bias_correction or cfg.rounding != "nearest"):
         return model, summary
     modules = dict(model.named_modules())
-    names = [n for n in _order(model, batches[0]) if n not in cfg.exclude]
+
+    def takes(n: str) -> bool:  # group-wise weight-only: Linear layers whose width the groups divide
+        m = modules[n]
+        return cfg.group_size is None or isinstance(m, nn.Linear) and m.in_features % cfg.group_size == 0
+
+    names = [n for n in _order(model, batches[0]) if n not in cfg.exclude and takes(n)]
     corrected, rounded, grouped = [], [], []
     alphas: dict[str, float] = {}
     with torch.no_grad():
-        for name in tqdm(names, desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction", leave=False,
-                         disable=None):
-            layer = modules[name]
+        for name, xs in tqdm(sequential_inputs(model, names, batches), total=len(names),
+                             desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction", leave=False,
+                             disable=None):
+            layer = cast(nn.Linear | nn.Conv1d | nn.Conv2d, model.get_submodule(name))
             bits = cfg.bits_for(name)
             grid, input_scale = None, None
-            if cfg.group_size is not None:  # group-wise weight-only: Linear layers whose width the groups divide
-                if not isinstance(layer, nn.Linear) or layer.in_features % cfg.group_size:
-                    continue
-            xs = _inputs(model, layer, batches)
             fwd = _forward(layer)
             w = layer.weight.detach().clone()
             if cfg.rounding == "gptq":

@@ -1,7 +1,7 @@
 """Benchmark: 4- and 3-bit weight-only quantization of a small causal language model, by perplexity.
 
 The model is ``slimkit.zoo.gpt.trained_gpt()``: a byte-level GPT-2-style model (4 blocks, width
-128, tied input and output embeddings) trained for a few minutes on the standard library's
+128, tied input and output embeddings) trained once (about ten minutes, then cached) on the standard library's
 docstrings, the last 10% of whose paragraphs are held out as test text. Calibration uses 256
 training windows of 128 bytes. Every Linear layer is quantized in groups along its input, by
 round-to-nearest, GPTQ (with and without act-order) and AWQ, at 4 and 3 bits, groups of 32 and

@@ -4,7 +4,7 @@
    at 3x224x224, structured pruning at 30/50/70% of the channels, batch 1, 2 threads, against
    the unpruned model, one latency curve per criterion: l1 with every channel group losing the same
    fraction, and l1 and l2 with one global threshold (``scope: global``); plus 50% structured then
-   slimkit INT8 (and 70%), depth pruning (half the removable residual blocks) alone and with 50% of
+   slimkit INT8 (and 70%, beside ONNX Runtime's own ``quantize_static`` of the same pruned model), depth pruning (half the removable residual blocks) alone and with 50% of
    the channels and INT8, and unstructured 80% (dense kernels: expect no gain). All files of a net are timed
    in interleaved rounds (``compare_latency``). Targets: structured 50% at most 0.55x latency and 35% of the parameters;
    structured then INT8 at most 0.2x FP32.
@@ -44,6 +44,7 @@ from torch import nn
 import slimkit as sk
 from slimkit.data import batches, load_digits32
 from slimkit.export import EarlyExitSession, OrtModule, export_early_exit
+from slimkit.export.peers import ort_quantize_static
 from slimkit.export.runtime import compare_latency, feeds, session
 from slimkit.prune import sensitivity_scan
 from slimkit.prune.masks import hold_zeros
@@ -73,7 +74,7 @@ def speed(tmp: str, quick: bool) -> list[dict[str, Any]]:
         calib = [torch.randn(4, 3, 224, 224) for _ in range(2 if quick else 4)]
         rows = [{"net": net, "config": "FP32", "params": n_params(model), "params_x": 1.0,
                  "path": sk.export_onnx(model, f"{tmp}/{net}.onnx", x).path}]
-        configs: list[tuple[str, Any, bool]] = []
+        configs: list[tuple[str, Any, bool | str]] = []
         for criterion, scope in (("l1", None), ("l1", "global"), ("l2", "global")):  # a latency curve per criterion
             configs += [(f"structured {criterion}{' global' if scope else ''} {int(100 * s)}%",
                          {"method": "structured", "sparsity": s, "round_to": 8, "importance": criterion, "scope": scope},
@@ -81,6 +82,8 @@ def speed(tmp: str, quick: bool) -> list[dict[str, Any]]:
         depth = {"method": "depth", "sparsity": 0.5}
         configs += [("structured l1 50% + slimkit int8", {"method": "structured", "sparsity": 0.5, "round_to": 8}, True),
                     ("structured l1 70% + slimkit int8", {"method": "structured", "sparsity": 0.7, "round_to": 8}, True),
+                    ("structured l1 70% + ORT quantize_static (peer)",
+                     {"method": "structured", "sparsity": 0.7, "round_to": 8}, "ort"),
                     ("depth 50% of removable blocks", depth, False),
                     ("depth 50% + structured l1 50% + slimkit int8",
                      [depth, {"method": "structured", "sparsity": 0.5, "round_to": 8}], True),
@@ -90,8 +93,10 @@ def speed(tmp: str, quick: bool) -> list[dict[str, Any]]:
             pruned = model
             for c in cfg if isinstance(cfg, list) else [cfg] if cfg else []:
                 pruned = sk.prune(pruned, c, example_inputs=x, data=calib if c["method"] == "depth" else None)
-            p = sk.quantize(pruned, "int8", calib_data=calib) if q else pruned
+            p = sk.quantize(pruned, "int8", calib_data=calib) if q is True else pruned
             path = sk.export_onnx(p, f"{tmp}/{net}_p{i}.onnx", x).path
+            if q == "ort":  # the peer: ONNX Runtime's own static INT8 of the same pruned model
+                path = ort_quantize_static(path, f"{tmp}/{net}_p{i}_ort.onnx", calib)
             rows.append({"net": net, "config": label, "params": n_params(pruned),
                          "params_x": n_params(pruned) / n_params(model), "size_mb": os.path.getsize(path) / 1e6,
                          "path": path})

@@ -5,8 +5,8 @@ causal self-attention (one fused ``qkv`` Linear, an output ``proj``) and a GELU 
 ``out``), a final LayerNorm, and an output head that shares the token embedding's weights (tied
 embeddings, as GPT-2 does). The vocabulary is the 256 byte values, so no tokenizer is needed.
 
-``trained_gpt()`` trains it on the standard library's docstrings (``slimkit.data.text``) for a few
-minutes on two cores and caches the weights; ``lm_windows`` and ``perplexity`` are the data and the
+``trained_gpt()`` trains it on the standard library's docstrings (``slimkit.data.text``) for about
+ten minutes on two cores and caches the weights; ``lm_windows`` and ``perplexity`` are the data and the
 measure that go with it.
 
 >>> import torch

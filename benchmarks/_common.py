@@ -1,11 +1,14 @@
-"""What every benchmark script shares: the machine line and writing its results."""
+"""What every benchmark script shares: the machine line, writing its results, and its main."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,3 +38,23 @@ def write_results(name: str, res: dict[str, Any], markdown: Callable[[dict[str, 
     (out / f"{name}.md").write_text(text)
     print(text)  # noqa: T201 -- a script's report
     return out
+
+
+def bench_main(name: str, run: Callable[[str, bool], dict[str, Any]], markdown: Callable[[dict[str, Any]], str],
+               plot: Callable[[dict[str, Any], Path], None] | None = None) -> None:
+    """A benchmark script's ``main``: ``--quick``, logging, 2 torch threads, ``run(tmp, quick)`` in a
+    temporary folder, then the results with the machine, library versions and seconds taken."""
+    import onnxruntime as ort
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(2)
+    t = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = {"machine": machine(), "onnxruntime": ort.__version__, "torch": torch.__version__, "quick": args.quick,
+               **run(tmp, args.quick)}
+    res["seconds"] = time.time() - t
+    write_results(name, res, markdown, plot, args.quick)

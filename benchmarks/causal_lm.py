@@ -18,16 +18,12 @@ Writes benchmarks/results/causal_lm.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
-import onnxruntime as ort
-import torch
-from _common import machine, write_results
+from _common import bench_main
 
 import slimkit as sk
 from slimkit.export import OrtModule
@@ -114,17 +110,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(2)
-    t = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = {"machine": machine(), "onnxruntime": ort.__version__, "torch": torch.__version__, "quick": args.quick,
-               **run(tmp, args.quick)}
-    res["seconds"] = time.time() - t
-    write_results("causal_lm", res, markdown, None, args.quick)
+    bench_main("causal_lm", run, markdown)
 
 
 if __name__ == "__main__":

@@ -27,18 +27,15 @@ Writes benchmarks/results/pruning.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
-from _common import machine, write_results
+from _common import bench_main
 from torch import nn
 
 import slimkit as sk
@@ -343,25 +340,16 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def run(tmp: str, quick: bool) -> dict[str, Any]:
+    d = load_digits32()
+    return {"finetune_epochs": 1 if quick else 4, "speed": speed(tmp, quick), "accuracy": accuracy_rows(tmp, quick),
+            "early_exit": early_exit_rows(tmp, quick), "minilm": minilm_rows(tmp, quick),
+            "sensitivity": sensitivity_scan(trained("resnet18"), d.test_x[:2], batches(d.train_x[:256], None, 128),
+                                            ratios=(0.25, 0.5, 0.75) if not quick else (0.5,))}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(2)
-    t = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        res: dict[str, Any] = {"machine": machine(), "onnxruntime": ort.__version__, "torch": torch.__version__,
-                               "quick": args.quick, "finetune_epochs": 1 if args.quick else 4}
-        res["speed"] = speed(tmp, args.quick)
-        res["accuracy"] = accuracy_rows(tmp, args.quick)
-        res["early_exit"] = early_exit_rows(tmp, args.quick)
-        res["minilm"] = minilm_rows(tmp, args.quick)
-        d = load_digits32()
-        res["sensitivity"] = sensitivity_scan(trained("resnet18"), d.test_x[:2], batches(d.train_x[:256], None, 128),
-                                              ratios=(0.25, 0.5, 0.75) if not args.quick else (0.5,))
-    res["seconds"] = time.time() - t
-    write_results("pruning", res, markdown, plot, args.quick)
+    bench_main("pruning", run, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ def test_no_threshold_wrong_files_and_bad_thresholds_are_named(resnet_exits, tmp
     torch.onnx.export(nn.Linear(4, 3), (torch.randn(2, 4),), str(plain), dynamo=False)
     with pytest.raises(ValueError, match="is not an early-exit model: its outputs are"):
         EarlyExitSession(plain)
+    with pytest.raises(ValueError, match="example_inputs: batch 0 holds NaN or inf"):
+        export_early_exit(ee, tmp_path / "ee.onnx", torch.full_like(x[:4], float("nan")), threshold=0.9)
+    assert not (tmp_path / "ee.onnx").exists()
+    with pytest.raises(FileNotFoundError, match="no early-exit model at .*missing.onnx"):
+        EarlyExitSession(tmp_path / "missing.onnx")
     export_early_exit(ee, tmp_path / "ee.onnx", x[:4], threshold=0.9)
     with pytest.raises(ValueError, match="threshold must be in"):
         EarlyExitSession(tmp_path / "ee.onnx", threshold=1.5)

@@ -33,7 +33,7 @@ import onnx
 import torch
 from onnx import TensorProto, compose, helper, numpy_helper
 
-from slimkit.core.batch import Batch, call, modes_kept, tensors_of
+from slimkit.core.batch import Batch, call, check_batches, modes_kept, tensors_of
 from slimkit.core.files import write_atomic
 from slimkit.export.onnx import OPSET, ParityError, export_onnx
 from slimkit.export.runtime import feeds, session
@@ -169,6 +169,7 @@ def export_early_exit(model: EarlyExit, path: str | os.PathLike[str], example_in
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"the output path should end in .onnx, got {path}")
+    check_batches([example_inputs], "example_inputs")  # NaN would pass every parity check silently
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp, modes_kept(model), \
             torch.no_grad():
@@ -206,6 +207,8 @@ class EarlyExitSession:
     def __init__(self, path: str | os.PathLike[str], threads: int = 2, threshold: float | None = None) -> None:
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no early-exit model at {path}")
         self.sess = session(str(path), threads)
         names = [o.name for o in self.sess.get_outputs()]
         if names != ["logits", "exit"]:

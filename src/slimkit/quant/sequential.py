@@ -27,7 +27,8 @@ model, and the next layer's inputs are computed from the model as it is then.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,17 +41,6 @@ from .modules import WEIGHTED_LAYERS as _WEIGHTED
 __all__ = ["repeated_blocks", "sequential_inputs"]
 
 log = logging.getLogger(__name__)
-
-
-class _Called(nn.Module):
-    """``call(model, batch)`` behind ``module(batch)``: the whole model as one more runnable."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Batch) -> Any:
-        return call(self.model, batch)
 
 
 class _Stop(Exception):
@@ -112,13 +102,13 @@ def _catch(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tup
 
 
 @torch.no_grad()
-def _record(layer: nn.Module, module: nn.Module, inputs: list[tuple[Any, Any]]) -> list[Tensor]:
-    """``layer``'s inputs while ``module`` runs on each ``(args, kwargs)`` of ``inputs``."""
+def _record(layer: nn.Module, run: Callable[..., Any], inputs: list[tuple[Any, Any]]) -> list[Tensor]:
+    """``layer``'s inputs while ``run`` (a block, or the whole model) runs on each ``(args, kwargs)``."""
     seen: list[Tensor] = []
     handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     try:
         for args, kwargs in inputs:
-            module(*args, **kwargs)
+            run(*args, **kwargs)
     finally:
         handle.remove()
     return seen
@@ -140,7 +130,7 @@ def sequential_inputs(model: nn.Module, names: list[str], batches: list[Batch]) 
             yield name, _record(layer, model.get_submodule(block), caught[1])
             runs["block"] += 1
         else:
-            yield name, _record(layer, _Called(model), [((b,), {}) for b in batches])
+            yield name, _record(layer, partial(call, model), [((b,), {}) for b in batches])
             runs["model"] += 1
     log.debug("sequential calibration: %d passes of one block, %d (partial) passes of the model",
               runs["block"], runs["model"])

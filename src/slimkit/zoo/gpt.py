@@ -113,6 +113,8 @@ def lm_data(context: int = 128) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def perplexity(model: Callable[[Tensor], Tensor], windows: Tensor, batch: int = 32) -> float:
     """``exp`` of the mean next-byte cross-entropy of ``model`` on ``windows`` ``[n, L + 1]``."""
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"perplexity needs windows of shape [n >= 1, L + 1 >= 2], got {tuple(windows.shape)}")
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch]

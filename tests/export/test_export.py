@@ -8,6 +8,7 @@ from torch import nn
 import slimkit as sk
 from slimkit.data import batches
 from slimkit.export import measure_latency
+from slimkit.export.onnx import ParityError
 from slimkit.export.runtime import session
 
 
@@ -108,6 +109,9 @@ def test_default_parity_tolerance_follows_how_the_model_is_quantized(trained_mlp
     assert _default_tolerance(sk.quantize(trained_mlp, "int8", calib_data=calib)) == 2e-2
     assert _default_tolerance(sk.quantize(trained_mlp, "int4-weight")) == 2e-2
     assert _default_tolerance(sk.quantize(trained_mlp, "int8-dynamic")) == 0.15
+    normed = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+    assert _default_tolerance(sk.quantize(normed, "int8", calib_data=[torch.randn(16, 16)])) == 0.15
+    assert _default_tolerance(sk.quantize(normed, {**sk.presets()["int4-weight"], "group_size": 16})) == 2e-2
 
 
 class _Tokens(nn.Module):
@@ -140,3 +144,61 @@ def test_token_batches_export_with_a_dynamic_sequence_axis(tmp_path):
             got = s.run(None, feeds(s, b))[0]
             assert got.shape == (5, 8)
             assert float(abs(got - want).max()) < 1e-4
+
+
+class _Attends(nn.Module):
+    """Stands in for a Hugging Face model: ``config._attn_implementation`` and
+    ``set_attn_implementation``, with a forward that records which one it ran under."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+        self.lin = nn.Linear(4, 2)
+        self.ran_with: list[str] = []
+
+    def set_attn_implementation(self, name):
+        self.config._attn_implementation = name
+
+    def forward(self, x):
+        self.ran_with.append(self.config._attn_implementation)
+        return self.lin(x)
+
+
+def test_hf_attention_is_traced_eager_and_restored(tmp_path):
+    model = _Attends().eval()
+    sk.export_onnx(model, tmp_path / "a.onnx", torch.randn(2, 4))
+    assert "eager" in model.ran_with
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="should end in .onnx"):  # restored on the way out of a failure too
+        sk.export_onnx(model, tmp_path / "a.txt", torch.randn(2, 4))
+    model.ran_with.clear()
+    with pytest.raises(ParityError):  # and out of a failed parity check
+        sk.export_onnx(model, tmp_path / "b.onnx", torch.randn(2, 4), tolerance=-1.0)
+    assert "eager" in model.ran_with and model.config._attn_implementation == "sdpa"
+
+
+def test_bert_exports_without_the_sdpa_mask_guards(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from slimkit.export.runtime import feeds
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, attn_implementation="sdpa")
+    bert = transformers.BertModel(cfg).eval()
+    ex = {"input_ids": torch.randint(0, 100, (2, 9)), "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
+    r = sk.export_onnx(bert, tmp_path / "bert.onnx", ex)
+    ops = {n.op_type for n in onnx.load(r.path).graph.node}
+    assert "IsNaN" not in ops and "Softmax" in ops
+    assert bert.config._attn_implementation == "sdpa"
+    s = session(r.path)
+    b = {"input_ids": torch.randint(0, 100, (3, 17)), "attention_mask": torch.ones(3, 17, dtype=torch.long)}
+    b["attention_mask"][1, 10:] = 0
+    with torch.no_grad():
+        want = bert(**b).last_hidden_state.numpy()  # the sdpa path in PyTorch
+    got = s.run(None, feeds(s, b))[0]
+    assert float(abs(got - want)[b["attention_mask"].bool().numpy()].max()) < 1e-4
+    calib = [{"input_ids": torch.randint(0, 100, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+             for _ in range(2)]
+    for preset in ("int8", "int8-dynamic"):  # the presets export a Hugging Face model with default tolerances
+        q = sk.quantize(bert, preset, calib_data=calib)
+        assert sk.export_onnx(q, tmp_path / f"{preset}.onnx", ex).parity.ok

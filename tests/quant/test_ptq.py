@@ -70,6 +70,32 @@ def test_dynamic_needs_no_calibration(trained_mlp, digits):
     assert accuracy(q, digits.test_x, digits.test_y) >= accuracy(trained_mlp, digits.test_x, digits.test_y) - 1
 
 
+def test_dynamic_layers_take_sequences_whole_and_fuse_in_onnx_runtime(trained_mlp, digits, tmp_path):
+    """[batch, sequence, features] goes straight into MatMulInteger: no reshapes around each layer,
+    which cost shape ops per layer and hid transformers' residual adds from ONNX Runtime's fusions."""
+    import onnx
+    import onnxruntime as ort
+
+    from slimkit.export.runtime import session
+
+    q = sk.quantize(nn.Sequential(*list(trained_mlp)[1:]), "int8-dynamic")  # without its Flatten
+    seqs = digits.test_x[:60].reshape(12, 5, -1)  # 12 "sequences" of 5 images
+    path = sk.export_onnx(q, tmp_path / "seq.onnx", seqs[:4]).path
+    assert "Reshape" not in {n.op_type for n in onnx.load(path).graph.node}
+    s = session(path)
+    with torch.no_grad():
+        want = q(seqs)
+    got = torch.from_numpy(s.run(None, {"input": seqs.numpy()})[0])
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+    assert (got.argmax(-1).flatten() == digits.test_y[:60]).float().mean() >= 0.9
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    linears = sum(isinstance(m, QuantLinear) for m in q.modules())
+    assert ops.count("DynamicQuantizeMatMul") == linears, ops
+
+
 @pytest.mark.parametrize("calibrator", ["minmax", "moving_average", "percentile", "entropy", "mse"])
 def test_every_calibrator_quantizes_a_trained_model(trained_mlp, digits, calibrator):
     q = sk.quantize(trained_mlp, {"calibrator": calibrator}, calib_data=_calib(digits))

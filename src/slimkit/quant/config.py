@@ -30,7 +30,7 @@ class QuantConfig(Config):
       Runtime's own ``reduce_range`` advice). Costs about one bit of weight precision. Narrower
       weights cannot overflow and are left alone. Dynamic layers with full 8-bit weights export
       them as uint8 with a zero-point of 128, which the uint8 x uint8 kernels multiply exactly but
-      more slowly (benchmarks/results/transformer_quant.md); ``int8-smoothquant`` does so.
+      more slowly (benchmarks/results/transformer_quant.md).
     - ``calibrator``: one of ``minmax``, ``moving_average``, ``percentile``, ``entropy``, ``mse``.
       Known issue: ``entropy`` over-clips some CNN activations (benchmarks/results/ptq_cnn.md), so
       no preset uses it yet.
@@ -196,10 +196,10 @@ PRESETS: dict[str, QuantConfig] = {
     "int8": QuantConfig(),
     # Dynamic INT8 with 7-bit int8 weights (the fast uint8 x int8 kernels, no saturation).
     "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),
-    # SmoothQuant (alpha 0.5, the paper's default for BERT-sized models) before dynamic INT8, with full
-    # 8-bit weights (uint8 with zero-point 128: exact, about 15% slower than 7-bit on an AVX2 CPU).
-    "int8-smoothquant": QuantConfig(activations="dynamic", reduce_range=False, smooth_alpha=0.5,
-                                    quantize_embeddings=True),
+    # SmoothQuant (alpha 0.5, the paper's default for BERT-sized models) before dynamic INT8, with 7-bit
+    # weights: full 8-bit ones go as uint8 (zero-point 128), exact but slower on an AVX2 CPU than the
+    # fidelity they buy is worth (benchmarks/results/transformer_quant.md).
+    "int8-smoothquant": QuantConfig(activations="dynamic", smooth_alpha=0.5, quantize_embeddings=True),
     "int8-percentile": QuantConfig(calibrator="percentile"),
     "int8-entropy": QuantConfig(calibrator="entropy"),
     # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).

@@ -284,10 +284,9 @@ class QuantLinear(_QuantWeighted):
         if self.dynamic:
             if not bool((self.input_scale == 1).all()):  # decided on the buffer's values, also when exporting
                 x = ScaleInput.apply(x, 1.0 / self.input_scale)
-            shape = x.shape
-            y = _DynamicMatmul.apply(x.reshape(-1, shape[-1]), self.weight_q, self.weight_scale, self.bias,
-                                     self.bits == 8)
-            return y.reshape(*shape[:-1], self.out_features)
+            # N-d straight into MatMulInteger: a reshape to 2-d and back costs shape ops per layer and
+            # hides the residual Add from ONNX Runtime's SkipLayerNormalization fusion
+            return _DynamicMatmul.apply(x, self.weight_q, self.weight_scale, self.bias, self.bits == 8)
         return F.linear(x, self.dequantized_weight(), self.effective_bias())
 
     def extra_repr(self) -> str:

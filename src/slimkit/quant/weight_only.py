@@ -197,7 +197,7 @@ class QuantEmbedding(nn.Module):
     """An embedding table stored as integers, so the exported file holds 1 byte per value (int8,
     one symmetric scale per row) or half a byte (``bits=4``: groups of ``group_size`` along each
     row, each with a scale and a zero-point, two values per byte) instead of 4; a lookup
-    dequantizes only the rows it reads. The 4-bit lookup is plain ONNX (Gather, Cast, integer Div
+    dequantizes only the rows it reads. The 4-bit lookup is plain ONNX (Gather, Cast, Div, Floor
     and Mul to split the bytes), so any runtime runs it.
 
     >>> import torch
@@ -237,10 +237,15 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if self.bits == 8:
             return _GatherRows.apply(ids, self.table, self.scales)
-        packed = self.table[ids].to(torch.int32)  # [..., dim / 2]: Gather, then the nibbles apart
-        high = torch.div(packed, 16, rounding_mode="floor")
-        q = torch.stack([packed - 16 * high, high], -1).reshape(*ids.shape, -1, self.group_size).float()
-        zp, scale = self.zero_points[ids].float().unsqueeze(-1), self.scales[ids].unsqueeze(-1)
+        # Gather rows of a flat id list, split the nibbles in float (Div, Floor; an integer floor
+        # division exports as a sign-correcting chain of Mod, Xor, Where...), reshape with constant
+        # shapes and restore the ids' shape once at the end: fewer nodes for ONNX Runtime to run
+        flat = ids.reshape(-1)
+        packed = self.table[flat].float()  # [n, dim / 2]
+        high = torch.floor(packed / 16)
+        q = torch.stack([packed - 16 * high, high], -1).reshape(-1, self.embedding_dim // self.group_size,
+                                                                 self.group_size)
+        zp, scale = self.zero_points[flat].float().unsqueeze(-1), self.scales[flat].unsqueeze(-1)
         return ((q - zp) * scale).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,8 @@ from slimkit.data import batches
 from slimkit.quant.modules import QuantLinear
 from slimkit.quant.smoothquant import smooth_search, smoothing_scales
 
+SMOOTH_ONLY = {**sk.presets()["int8-smoothquant"], "outlier_threshold": None}  # the preset also splits outliers
+
 
 def _sqnr(ref_model, q, x):
     with torch.no_grad():
@@ -57,7 +59,7 @@ def test_smoothquant_recovers_the_outlier_channels_of_a_trained_mlp(outlier_mlp,
     calib = batches(digits.train_x[:512], None, 128)
     x = digits.test_x
     dyn = sk.quantize(outlier_mlp, "int8-dynamic")
-    smooth = sk.quantize(outlier_mlp, "int8-smoothquant", calib_data=calib)
+    smooth = sk.quantize(outlier_mlp, SMOOTH_ONLY, calib_data=calib)
     report = smooth.slimkit_plan.passes["smoothquant"]
     assert report["3"]["smoothed"] and report["3"]["sqnr_db_with"] > report["3"]["sqnr_db_without"] + 6
     assert _sqnr(outlier_mlp, smooth, x) > _sqnr(outlier_mlp, dyn, x) + 3
@@ -88,17 +90,20 @@ def test_layers_reading_one_input_share_one_scale_and_one_quantization(tmp_path)
     torch.manual_seed(0)
     m = _SharedInput().eval()
     calib = [torch.randn(8, 64) for _ in range(4)]
-    q = sk.quantize(m, "int8-smoothquant", calib_data=calib)
-    report = q.slimkit_plan.passes["smoothquant"]
-    assert report["q"]["shares_input_with"] == ["k", "v"] and report["q"]["smoothed"]
-    torch.testing.assert_close(q.q.input_scale, q.v.input_scale, rtol=0, atol=0)
-    path = sk.export_onnx(q, tmp_path / "qkv.onnx", example_inputs=calib[0]).path
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
-    quantizations = ops.count("DynamicQuantizeLinear") + ops.count("DynamicQuantizeMatMul")
-    assert quantizations == 1, ops  # the input is divided and quantized once for the three
+    for cfg in (SMOOTH_ONLY, "int8-smoothquant"):  # smoothing alone, and with the LayerNorm's outlier channels
+        q = sk.quantize(m, cfg, calib_data=calib)
+        report = q.slimkit_plan.passes["smoothquant"]
+        assert report["q"]["shares_input_with"] == ["k", "v"]
+        torch.testing.assert_close(q.q.input_multiplier, q.v.input_multiplier, rtol=0, atol=0)
+        split = q.slimkit_plan.passes.get("outlier_channels", {})
+        assert report["q"]["smoothed"] or split["q"] == split["k"] == split["v"] == [0, 1, 2, 3]
+        path = sk.export_onnx(q, tmp_path / "qkv.onnx", example_inputs=calib[0]).path
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+        quantizations = ops.count("DynamicQuantizeLinear") + ops.count("DynamicQuantizeMatMul")
+        assert quantizations == 1, ops  # the input is divided and quantized once for the three
 
 
 def test_full_range_8bit_weights_do_not_saturate_in_onnx_runtime(tmp_path):
@@ -180,7 +185,7 @@ def test_smoothquant_bad_input(outlier_mlp, digits):
         sk.QuantConfig(smooth_alpha=0.5)
     with pytest.raises(ValueError, match=r"smooth_alpha must be in \[0.0, 1.0\]"):
         sk.QuantConfig(activations="dynamic", smooth_alpha=1.5)
-    with pytest.raises(ValueError, match="smooth_alpha need calib_data"):
+    with pytest.raises(ValueError, match="smooth_alpha, outlier_threshold need calib_data"):
         sk.quantize(outlier_mlp, "int8-smoothquant")
     nan = [digits.train_x[:8].clone()]
     nan[0][0, 0, 0, 0] = float("inf")
@@ -208,3 +213,46 @@ def test_tokenizer_batches_without_attention_mask_are_named(caplog):
         q = sk.quantize(m, "int8-smoothquant", calib_data=[{"input_ids": ids}])
     assert "calibration batch 0 has input_ids but no attention_mask" in caplog.text
     assert q.slimkit_plan.quantized_layers == ["proj", "emb"]
+
+
+def test_outlier_channels_multiply_in_float_beside_the_int8_product(outlier_mlp, digits, tmp_path):
+    """LLM.int8()'s decomposition: the 8 outlier channels leave the INT8 grid and run in float."""
+    calib = batches(digits.train_x[:512], None, 128)
+    x = digits.test_x
+    dyn = sk.quantize(outlier_mlp, "int8-dynamic")
+    split = sk.quantize(outlier_mlp, {**sk.presets()["int8-dynamic"], "outlier_threshold": 8}, calib_data=calib)
+    chans = split.slimkit_plan.passes["outlier_channels"]
+    assert list(chans) == ["3"] and set(chans["3"]) <= set(range(8)) and len(chans["3"]) >= 6, chans
+    layer, idx = split.get_submodule("3"), chans["3"]
+    assert bool((layer.weight_q[:, idx] == 0).all()) and bool((layer.input_multiplier[idx] == 0).all())
+    assert bool((layer.input_multiplier[8:] == 1).all())
+    torch.testing.assert_close(layer.outlier_weight, outlier_mlp[3].weight[:, idx])
+    assert _sqnr(outlier_mlp, split, x) > _sqnr(outlier_mlp, dyn, x) + 6
+    with_smoothing = sk.quantize(outlier_mlp, {**sk.presets()["int8-smoothquant"], "outlier_threshold": 8},
+                                 calib_data=calib)
+    assert with_smoothing.slimkit_plan.passes["outlier_channels"] == chans
+    assert _sqnr(outlier_mlp, with_smoothing, x) > _sqnr(outlier_mlp, dyn, x) + 6
+    exported = sk.export_onnx(split, tmp_path / "split.onnx", example_inputs=x[:16])
+    assert exported.parity.rel_l2 < 1e-3
+    ops = [n.op_type for n in onnx.load(exported.path).graph.node]
+    assert ops.count("MatMulInteger") == 3 and ops.count("MatMul") == 1 and "Gather" in ops, ops
+    sk.save(split, tmp_path / "split")
+    torch.testing.assert_close(sk.load(tmp_path / "split", outlier_mlp)(x[:32]), split(x[:32]))
+
+
+def test_outlier_channels_bad_input(outlier_mlp, digits):
+    from slimkit.quant.llm_int8 import outlier_channels
+
+    with pytest.raises(ValueError, match="outlier_threshold .* works with activations='dynamic'"):
+        sk.QuantConfig(outlier_threshold=8)
+    with pytest.raises(ValueError, match="outlier_threshold must be in"):
+        sk.QuantConfig(activations="dynamic", outlier_threshold=1.0)
+    with pytest.raises(ValueError, match="outlier_threshold need calib_data"):
+        sk.quantize(outlier_mlp, {**sk.presets()["int8-dynamic"], "outlier_threshold": 8})
+    with pytest.raises(ValueError, match="NaN or inf"):
+        outlier_channels(torch.tensor([1.0, float("nan"), 3.0]), 4.0)
+    with pytest.raises(ValueError, match="distinct indices below 4"):
+        QuantLinear(nn.Linear(4, 2), dynamic=True, outliers=torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="need dynamic activations"):
+        QuantLinear(nn.Linear(4, 2), outliers=torch.tensor([1]))
+    assert outlier_channels(torch.zeros(6), 4.0).numel() == 0  # a layer that saw only zeros has none

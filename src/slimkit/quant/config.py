@@ -54,6 +54,11 @@ class QuantConfig(Config):
       layer's input channels are divided by ``s = max|X|^alpha / max|W|^(1-alpha)`` at run time and
       its weight columns multiplied by it, measured on ``calib_data``. A layer keeps the smoothing
       only if its simulated INT8 output error drops; ``plan.passes["smoothquant"]`` says which.
+    - ``outlier_threshold``: mixed-precision decomposition (LLM.int8(), ``quant/llm_int8.py``) for
+      dynamic INT8: a Linear layer's input channels whose max ``|x|`` on ``calib_data`` exceeds
+      ``outlier_threshold`` times its median channel's (at most 8 per layer, the largest) are
+      multiplied in float beside the INT8 product, which no longer sizes its grid for them.
+      ``plan.passes["outlier_channels"]`` names them per layer.
     - ``quantize_embeddings``: store ``nn.Embedding`` tables as int8 with a scale per row (a
       transformer's word embeddings are often half its file), or with ``embedding_bits=4`` as
       4-bit groups of 32 along each row with a scale and zero-point each. A table tied to another
@@ -90,6 +95,7 @@ class QuantConfig(Config):
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     smooth_alpha: float | None = None
+    outlier_threshold: float | None = None
     quantize_embeddings: bool = False
     embedding_bits: int = 8
     layer_bits: dict[str, int] = field(default_factory=dict)
@@ -128,6 +134,11 @@ class QuantConfig(Config):
             if self.activations != "dynamic":
                 raise ValueError("smooth_alpha (SmoothQuant) works with activations='dynamic' here: a static "
                                  "input quantizer would see the unsmoothed input; use the 'int8-smoothquant' preset")
+        if self.outlier_threshold is not None:
+            check_range("outlier_threshold", self.outlier_threshold, 1.0, float("inf"), lo_open=True)
+            if self.activations != "dynamic":
+                raise ValueError("outlier_threshold (float outlier channels) works with activations='dynamic': "
+                                 "a static input quantizer would see the outliers before the layer")
 
     def _validate_groups(self) -> None:
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
@@ -196,10 +207,12 @@ PRESETS: dict[str, QuantConfig] = {
     "int8": QuantConfig(),
     # Dynamic INT8 with 7-bit int8 weights (the fast uint8 x int8 kernels, no saturation).
     "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),
-    # SmoothQuant (alpha 0.5, the paper's default for BERT-sized models) before dynamic INT8, with 7-bit
-    # weights: full 8-bit ones go as uint8 (zero-point 128), exact but slower on an AVX2 CPU than the
-    # fidelity they buy is worth (benchmarks/results/transformer_quant.md).
-    "int8-smoothquant": QuantConfig(activations="dynamic", smooth_alpha=0.5, quantize_embeddings=True),
+    # Calibrated dynamic INT8 for transformers: SmoothQuant (alpha 0.5, the paper's default for
+    # BERT-sized models) and LLM.int8()'s float outlier channels (over 8x the median channel's range),
+    # with 7-bit weights: full 8-bit ones go as uint8 (zero-point 128), exact but slower on an AVX2
+    # CPU than the fidelity they buy is worth (benchmarks/results/transformer_quant.md).
+    "int8-smoothquant": QuantConfig(activations="dynamic", smooth_alpha=0.5, outlier_threshold=8.0,
+                                    quantize_embeddings=True),
     "int8-percentile": QuantConfig(calibrator="percentile"),
     "int8-entropy": QuantConfig(calibrator="entropy"),
     # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).

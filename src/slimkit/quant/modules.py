@@ -261,36 +261,76 @@ class _QuantWeighted(nn.Module):
 
 
 class QuantLinear(_QuantWeighted):
-    """Quantized ``nn.Linear``. ``input_scale`` (SmoothQuant's per-input-channel ``s``, dynamic mode
-    only) means the weight's columns were multiplied by ``s`` before rounding and the input is
-    divided by it at run time; all ones otherwise, and then not exported."""
+    """Quantized ``nn.Linear``. Dynamic mode only:
+
+    - ``input_scale`` (SmoothQuant's per-input-channel ``s``): the weight's columns were multiplied
+      by ``s`` before rounding and the input is divided by it at run time; all ones otherwise, and
+      then not exported.
+    - ``outliers`` (input channel indices, ``quant/llm_int8.py``): those channels leave the INT8
+      product (their weight columns and input values zeroed there) and are multiplied in float
+      with the layer's original columns, ``outlier_weight``, beside it.
+    """
 
     input_scale: Tensor
+    input_multiplier: Tensor
+    outliers: Tensor
+    outlier_weight: Tensor
 
     def __init__(self, linear: nn.Linear, bits: int = 8, narrow: bool = True, dynamic: bool = False,
-                 per_channel: bool = True, scale: Tensor | None = None, input_scale: Tensor | None = None) -> None:
+                 per_channel: bool = True, scale: Tensor | None = None, input_scale: Tensor | None = None,
+                 outliers: Tensor | None = None) -> None:
         s = torch.ones(linear.in_features) if input_scale is None else input_scale.detach().float().reshape(-1)
         if s.numel() != linear.in_features or not bool((s > 0).all()):
             raise ValueError(f"input_scale must hold {linear.in_features} positive values")
-        if input_scale is not None and not dynamic:
-            raise ValueError("input_scale (SmoothQuant) needs dynamic activations: a static input quantizer "
-                             "sits before the layer and would see the unsmoothed input")
-        super().__init__(linear.weight * s if input_scale is not None else linear.weight, linear.bias, bits,
-                         narrow, dynamic, per_channel, scale)
+        idx = torch.empty(0, dtype=torch.long) if outliers is None else outliers.detach().long().reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= linear.in_features
+                            or idx.unique().numel() != idx.numel()):
+            raise ValueError(f"outlier channels must be distinct indices below {linear.in_features}; got {idx.tolist()}")
+        if (input_scale is not None or idx.numel()) and not dynamic:
+            raise ValueError("input_scale (SmoothQuant) and outlier channels need dynamic activations: a static "
+                             "input quantizer sits before the layer and would see the whole input")
+        w = linear.weight.detach() * s if input_scale is not None else linear.weight.detach()
+        if idx.numel():
+            w = w.clone()
+            w[:, idx] = 0.0
+        super().__init__(w, linear.bias, bits, narrow, dynamic, per_channel, scale)
+        multiplier = 1.0 / s
+        multiplier[idx] = 0.0
         self.register_buffer("input_scale", s.clone())
+        self.register_buffer("input_multiplier", multiplier)
+        self.register_buffer("outliers", idx.clone())
+        self.register_buffer("outlier_weight", linear.weight.detach()[:, idx].float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # a saved layer's outlier set has its own size: take the saved shapes before loading; files
+        # written before outlier channels existed have none, and their multiplier follows input_scale
+        if prefix + "input_scale" in state_dict and prefix + "input_multiplier" not in state_dict:
+            state_dict[prefix + "input_multiplier"] = 1.0 / state_dict[prefix + "input_scale"]
+            state_dict.setdefault(prefix + "outliers", torch.empty(0, dtype=torch.long))
+            state_dict.setdefault(prefix + "outlier_weight", torch.empty(self.out_features, 0))
+        for name in ("outliers", "outlier_weight"):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dynamic:
-            if not bool((self.input_scale == 1).all()):  # decided on the buffer's values, also when exporting
-                x = ScaleInput.apply(x, 1.0 / self.input_scale)
             # N-d straight into MatMulInteger: a reshape to 2-d and back costs shape ops per layer and
             # hides the residual Add from ONNX Runtime's SkipLayerNormalization fusion
-            return _DynamicMatmul.apply(x, self.weight_q, self.weight_scale, self.bias, self.bits == 8)
+            xq = x
+            if not bool((self.input_multiplier == 1).all()):  # decided on the buffer's values, also when exporting
+                xq = ScaleInput.apply(x, self.input_multiplier)
+            y = _DynamicMatmul.apply(xq, self.weight_q, self.weight_scale, self.bias, self.bits == 8)
+            if self.outliers.numel():
+                y = y + x.index_select(-1, self.outliers) @ self.outlier_weight.t()
+            return y
         return F.linear(x, self.dequantized_weight(), self.effective_bias())
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bits={self.bits}, dynamic={self.dynamic}"
+        extra = f", float channels={self.outliers.tolist()}" if self.outliers.numel() else ""
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, dynamic={self.dynamic}{extra}"
 
 
 class QuantConv(_QuantWeighted):

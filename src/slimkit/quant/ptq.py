@@ -269,6 +269,7 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
         if calib_data is None:
             wanted = [n for n, on in (("equalize", cfg.equalize), ("bias_correction", cfg.bias_correction),
                                       ("smooth_alpha", cfg.smooth_alpha is not None),
+                                      ("outlier_threshold", cfg.outlier_threshold is not None),
                                       (f"rounding={cfg.rounding!r}", cfg.rounding != "nearest")) if on]
             raise ValueError(f"{', '.join(wanted)} need calib_data (batches of the model's inputs)")
         passes_data = check_batches(calib_data)

@@ -1,6 +1,7 @@
 """The weight passes that run on the float model before PTQ rounds it: cross-layer equalization,
-SmoothQuant, AdaRound / GPTQ / AWQ and bias correction, in that order, each optional
-(``QuantConfig.equalize``, ``smooth_alpha``, ``rounding``, ``bias_correction``).
+SmoothQuant with outlier channels, AdaRound / GPTQ / AWQ and bias correction, in that order, each
+optional (``QuantConfig.equalize``, ``smooth_alpha``, ``outlier_threshold``, ``rounding``,
+``bias_correction``).
 
 They leave a float model whose weights already sit on the quantization grid PTQ will use (the
 learned one for AdaRound, the nearest one otherwise) and whose biases absorb the expected output
@@ -33,6 +34,7 @@ from .bias_correction import output_shift
 from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
 from .gptq import gptq, hessian
+from .llm_int8 import outlier_channels
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import QuantLinear, fake_quant_weight, weight_qparams
 from .sequential import sequential_inputs
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 
 def needs_weight_passes(cfg: QuantConfig) -> bool:
-    return cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest" or cfg.smooth_alpha is not None
+    return (cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest" or cfg.smooth_alpha is not None
+            or cfg.outlier_threshold is not None)
 
 
 @torch.no_grad()
@@ -79,38 +82,64 @@ def _all_inputs(model: nn.Module, names: list[str], batches: list[Batch]
 
 @torch.no_grad()
 def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str, Any]:
-    """SmoothQuant: the Linear layers (not excluded) whose simulated INT8 output error drops with
-    smoothing become dynamic ``QuantLinear`` layers with their ``input_scale`` now. Layers reading
-    the same input share one scale, so that ONNX Runtime divides and quantizes that input once.
-    Returns, per layer, whether it was smoothed and its group's output SQNR without and with."""
-    assert cfg.smooth_alpha is not None
+    """SmoothQuant and outlier channels, the passes that make dynamic ``QuantLinear`` layers before
+    PTQ. The Linear layers (not excluded) with outlier input channels (``cfg.outlier_threshold``,
+    ``quant/llm_int8.py``) take them out of the INT8 product; then, with ``cfg.smooth_alpha``, those
+    whose simulated INT8 output error drops with smoothing (outlier channels left out) get their
+    ``input_scale``. Layers reading the same input share one scale and one outlier set, so that ONNX
+    Runtime divides and quantizes that input once. Returns the plan's entries: per layer, whether
+    it was smoothed and its group's output SQNR without and with (``"smoothquant"``), and the float
+    channels of each layer that has some (``"outlier_channels"``)."""
     names = [n for n in _order(model, batches[0])
              if isinstance(model.get_submodule(n), nn.Linear) and n not in cfg.exclude]
     inputs, groups = _all_inputs(model, names, batches)
     report: dict[str, Any] = {}
-    for group in tqdm(groups, desc="smoothquant", leave=False, disable=None):
+    split: dict[str, list[int]] = {}
+    for group in tqdm(groups, desc="smoothquant" if cfg.smooth_alpha is not None else "outlier channels",
+                      leave=False, disable=None):
         layers = [cast(nn.Linear, model.get_submodule(n)) for n in group]
         xs = inputs[group[0]]
         seen = [x for x in xs if len(x)]
         if not seen:
-            raise ValueError(f"SmoothQuant: layer {group[0]!r} saw no inputs (every position masked?)")
+            raise ValueError(f"layer {group[0]!r} saw no calibration inputs (every position masked?)")
         absmax = torch.stack([x.abs().amax(0) for x in seen]).amax(0)
-        bits = cfg.bits_for(group[0])
-        scale, _, errors = smooth_search([m.weight for m in layers], xs, absmax, (cfg.smooth_alpha,), bits)
-        power = float(sum(float((x @ m.weight.T).pow(2).mean()) * len(x) for x in xs for m in layers)) / max(
-            1, sum(len(x) for x in xs))  # summed over the group's layers, as the errors are
+        outliers, keep = None, torch.ones_like(absmax)
+        if cfg.outlier_threshold is not None:
+            outliers = outlier_channels(absmax, cfg.outlier_threshold)
+            if outliers.numel():
+                split.update({n: outliers.tolist() for n in group})
+                keep[outliers] = 0.0
+                xs, absmax = [x * keep for x in xs], absmax * keep  # what the INT8 product will see
+            else:
+                outliers = None
+        scale = None
+        if cfg.smooth_alpha is not None:
+            weights = [m.weight * keep for m in layers]
+            bits = cfg.bits_for(group[0])
+            scale, _, errors = smooth_search(weights, xs, absmax, (cfg.smooth_alpha,), bits)
+            power = float(sum(float((x @ w.T).pow(2).mean()) * len(x) for x in xs for w in weights)) / max(
+                1, sum(len(x) for x in xs))  # summed over the group's layers, as the errors are
+            for name in group:
+                report[name] = {"smoothed": scale is not None, "shares_input_with": [n for n in group if n != name],
+                                "sqnr_db_without": _db(power, errors[None]),
+                                "sqnr_db_with": _db(power, errors[cfg.smooth_alpha])}
+        if scale is None and outliers is None:
+            continue
         for name, layer in zip(group, layers, strict=True):
-            report[name] = {"smoothed": scale is not None, "shares_input_with": [n for n in group if n != name],
-                            "sqnr_db_without": _db(power, errors[None]),
-                            "sqnr_db_with": _db(power, errors[cfg.smooth_alpha])}
-            if scale is not None:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child,
-                        QuantLinear(layer, cfg.bits_for(name), dynamic=True, per_channel=cfg.per_channel,
-                                    input_scale=scale))
-    log.info("smoothquant: %d of %d Linear layers smoothed (alpha %.2f)",
-             sum(r["smoothed"] for r in report.values()), len(report), cfg.smooth_alpha)
-    return report
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    QuantLinear(layer, cfg.bits_for(name), dynamic=True, per_channel=cfg.per_channel,
+                                input_scale=scale, outliers=outliers))
+    out: dict[str, Any] = {}
+    if cfg.smooth_alpha is not None:
+        out["smoothquant"] = report
+        log.info("smoothquant: %d of %d Linear layers smoothed (alpha %.2f)",
+                 sum(r["smoothed"] for r in report.values()), len(report), cfg.smooth_alpha)
+    if cfg.outlier_threshold is not None:
+        out["outlier_channels"] = split
+        log.info("outlier channels: %d of %d Linear layers multiply %d input channels in float", len(split),
+                 len(names), sum(len(v) for v in split.values()))
+    return out
 
 
 def _db(power: float, error: float) -> float:
@@ -183,8 +212,8 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
             model = gm
         except TraceError as e:
             log.warning("%s; the weight passes see BatchNorm unfolded", e)
-    if cfg.smooth_alpha is not None:
-        summary["smoothquant"] = smooth(model, cfg, batches)
+    if cfg.smooth_alpha is not None or cfg.outlier_threshold is not None:
+        summary.update(smooth(model, cfg, batches))
     if not (cfg.bias_correction or cfg.rounding != "nearest"):
         return model, summary
     modules = dict(model.named_modules())

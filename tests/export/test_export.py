@@ -146,6 +146,19 @@ def test_token_batches_export_with_a_dynamic_sequence_axis(tmp_path):
             assert float(abs(got - want).max()) < 1e-4
 
 
+def test_static_int8_stores_embedding_tables_as_int8(tmp_path):
+    from slimkit.quant.weight_only import QuantEmbedding
+
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ex = {"input_ids": torch.randint(0, 50, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    q = sk.quantize(model, "int8", calib_data=[ex])
+    assert isinstance(q.get_submodule("emb"), QuantEmbedding)
+    r = sk.export_onnx(q, tmp_path / "tok8.onnx", ex)
+    tables = [i for i in onnx.load(r.path).graph.initializer if list(i.dims) == [50, 16]]
+    assert r.parity.ok and [t.data_type for t in tables] == [onnx.TensorProto.INT8]
+
+
 class _Attends(nn.Module):
     """Stands in for a Hugging Face model: ``config._attn_implementation`` and
     ``set_attn_implementation``, with a forward that records which one it ran under."""

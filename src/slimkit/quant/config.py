@@ -203,8 +203,9 @@ class QuantConfig(Config):
 
 
 PRESETS: dict[str, QuantConfig] = {
-    # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights, per-tensor uint8 activations.
-    "int8": QuantConfig(),
+    # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights, per-tensor uint8 activations,
+    # embedding tables (if any) as int8 rows.
+    "int8": QuantConfig(quantize_embeddings=True),
     # Dynamic INT8 with 7-bit int8 weights (the fast uint8 x int8 kernels, no saturation).
     "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),
     # Calibrated dynamic INT8 for transformers: SmoothQuant (alpha 0.5, the paper's default for

@@ -219,6 +219,7 @@ def test_outlier_channels_multiply_in_float_beside_the_int8_product(outlier_mlp,
     """LLM.int8()'s decomposition: the 8 outlier channels leave the INT8 grid and run in float."""
     calib = batches(digits.train_x[:512], None, 128)
     x = digits.test_x
+    before = {k: v.clone() for k, v in outlier_mlp.state_dict().items()}
     dyn = sk.quantize(outlier_mlp, "int8-dynamic")
     split = sk.quantize(outlier_mlp, {**sk.presets()["int8-dynamic"], "outlier_threshold": 8}, calib_data=calib)
     chans = split.slimkit_plan.passes["outlier_channels"]
@@ -238,6 +239,20 @@ def test_outlier_channels_multiply_in_float_beside_the_int8_product(outlier_mlp,
     assert ops.count("MatMulInteger") == 3 and ops.count("MatMul") == 1 and "Gather" in ops, ops
     sk.save(split, tmp_path / "split")
     torch.testing.assert_close(sk.load(tmp_path / "split", outlier_mlp)(x[:32]), split(x[:32]))
+    for k, v in outlier_mlp.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_quant_linear_state_dicts_saved_before_outlier_channels_still_load(outlier_mlp, digits):
+    calib = batches(digits.train_x[:512], None, 128)
+    smooth = sk.quantize(outlier_mlp, SMOOTH_ONLY, calib_data=calib).get_submodule("3")
+    old = {k: v for k, v in smooth.state_dict().items() if k not in ("input_multiplier", "outliers", "outlier_weight")}
+    old["input_scale"] = smooth.input_scale.clone()  # the earlier format: the scale itself, no outlier buffers
+    fresh = QuantLinear(outlier_mlp[3], 7, dynamic=True)
+    fresh.load_state_dict(old)
+    x = torch.relu(outlier_mlp[1](digits.test_x[:32].flatten(1)))
+    torch.testing.assert_close(fresh(x), smooth(x))
+    torch.testing.assert_close(fresh.input_scale, smooth.input_scale)
 
 
 def test_outlier_channels_bad_input(outlier_mlp, digits):

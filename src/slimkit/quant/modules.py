@@ -269,9 +269,10 @@ class QuantLinear(_QuantWeighted):
     - ``outliers`` (input channel indices, ``quant/llm_int8.py``): those channels leave the INT8
       product (their weight columns and input values zeroed there) and are multiplied in float
       with the layer's original columns, ``outlier_weight``, beside it.
+
+    Both live in one buffer, ``input_multiplier``: ``1 / s``, and 0 on the outlier channels.
     """
 
-    input_scale: Tensor
     input_multiplier: Tensor
     outliers: Tensor
     outlier_weight: Tensor
@@ -296,17 +297,23 @@ class QuantLinear(_QuantWeighted):
         super().__init__(w, linear.bias, bits, narrow, dynamic, per_channel, scale)
         multiplier = 1.0 / s
         multiplier[idx] = 0.0
-        self.register_buffer("input_scale", s.clone())
         self.register_buffer("input_multiplier", multiplier)
         self.register_buffer("outliers", idx.clone())
         self.register_buffer("outlier_weight", linear.weight.detach()[:, idx].float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    @property
+    def input_scale(self) -> Tensor:
+        """SmoothQuant's ``s`` per input channel (1 where not smoothed, and on outlier channels)."""
+        m = self.input_multiplier
+        return torch.where(m > 0, 1.0 / torch.where(m > 0, m, torch.ones_like(m)), torch.ones_like(m))
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # a saved layer's outlier set has its own size: take the saved shapes before loading; files
-        # written before outlier channels existed have none, and their multiplier follows input_scale
-        if prefix + "input_scale" in state_dict and prefix + "input_multiplier" not in state_dict:
-            state_dict[prefix + "input_multiplier"] = 1.0 / state_dict[prefix + "input_scale"]
+        # written before outlier channels existed stored ``input_scale`` instead of the multiplier
+        old = state_dict.pop(prefix + "input_scale", None)
+        if old is not None and prefix + "input_multiplier" not in state_dict:
+            state_dict[prefix + "input_multiplier"] = 1.0 / old
             state_dict.setdefault(prefix + "outliers", torch.empty(0, dtype=torch.long))
             state_dict.setdefault(prefix + "outlier_weight", torch.empty(self.out_features, 0))
         for name in ("outliers", "outlier_weight"):

@@ -101,3 +101,131 @@ def test_gptq_and_awq_leave_tied_embeddings_alone():
         with torch.no_grad():
             rel = float((q(ids) - model(ids)).norm() / model(ids).norm())
         assert rel < 0.2
+
+
+class _Scaled(_Encoder):
+    """Something runs between the blocks: block i + 1 does not take block i's output as it is."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        h = self.embed(input_ids)
+        for layer in self.layer:
+            h = 0.5 * layer(h, attention_mask=attention_mask)[0]
+        return self.pool(h)
+
+
+def _encoder(cls: type[_Encoder]) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().eval()
+
+
+def _token_batches(n: int = 3) -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 40, (4, 12), generator=g), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+            for _ in range(n)]
+
+
+def _catches(monkeypatch) -> list[int]:
+    count = [0]
+    catch = sequential._catch
+
+    def counted(*a, **k):
+        count[0] += 1
+        return catch(*a, **k)
+
+    monkeypatch.setattr(sequential, "_catch", counted)
+    return count
+
+
+@pytest.mark.parametrize("cls, chains", [(_Encoder, True), (_Scaled, False)])
+def test_blocks_take_the_previous_blocks_output_where_the_model_chains_them(cls, chains, monkeypatch):
+    """Block i + 1's inputs are block i's quantized outputs (two catches from the model, whatever
+    the depth) where that is what the model does; where something runs between the blocks, the
+    check on the second block sees it and every block's inputs are caught from the model. GPTQ's
+    result is the same either way as with every layer's inputs from the whole model."""
+    cfg = {"activations": "none", "weight_bits": 4, "group_size": 32, "rounding": "gptq"}
+    model, calib = _encoder(cls), _token_batches()
+    catches = _catches(monkeypatch)
+    fast = sk.quantize(model, cfg, calib_data=calib)
+    assert catches[0] == (2 if chains else 3)
+    monkeypatch.setattr(sequential, "repeated_blocks", lambda m: [])
+    slow = sk.quantize(model, cfg, calib_data=calib)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**calib[0]), slow(**calib[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_driver_runs_each_block_once_for_all_its_layers():
+    model, calib = _encoder(_Encoder), _token_batches()
+    names = [f"layer.{i}.{p}" for i in range(3) for p in ("q", "o")] + ["pool"]
+    runs = [_calls(b) for b in model.layer]
+    got = dict(sequential.sequential_inputs(model, names, calib, frozen=True))
+    # per batch, each block runs once to record both its layers, its output giving the next block's
+    # inputs; blocks 0 and 1 are reached from the model to catch their inputs (block 0 runs through
+    # for the second catch, the check that the blocks chain), and all run for the pool's inputs
+    assert [r[0] for r in runs] == [len(calib) * k for k in (1 + 2 + 1, 1 + 1 + 1, 1 + 1)]
+    h = {}
+    for n in names:
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: h.setdefault(n, []).append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            model(**b)
+    for n in names:
+        assert len(got[n]) == len(calib)
+        for x, y in zip(got[n], h[n], strict=True):
+            torch.testing.assert_close(x, y)
+
+
+class _QKVLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, h: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor]:
+        a = torch.tanh(self.q(h)) * torch.sigmoid(self.k(h)) + self.v(h)
+        return (h + self.o(a),)
+
+
+class _QKVEncoder(_Encoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(_QKVLayer() for _ in range(3))
+        with torch.no_grad():
+            self.embed.weight[:, :2] *= 20.0  # outlier channels in the hidden states
+
+
+def test_smoothquant_calibrates_one_block_at_a_time(monkeypatch):
+    """SmoothQuant and outlier channels take their inputs from the driver (group leaders only, one
+    block's inputs at a time) and choose exactly what they choose from whole-model passes."""
+    from slimkit.quant import weight_passes
+
+    model, calib = _encoder(_QKVEncoder), _token_batches()
+    asked = []
+    driver = weight_passes.sequential_inputs
+
+    def spy(m, names, batches, frozen=False):
+        asked.append((list(names), frozen))
+        return driver(m, names, batches, frozen=frozen)
+
+    monkeypatch.setattr(weight_passes, "sequential_inputs", spy)
+    fast = sk.quantize(model, "int8-smoothquant", calib_data=calib)
+    assert asked == [([f"layer.{i}.{p}" for i in range(3) for p in ("q", "o")] + ["pool"], True)]
+    passes = fast.slimkit_plan.passes
+    assert passes["smoothquant"]["layer.0.k"]["shares_input_with"] == ["layer.0.q", "layer.0.v"]
+    assert passes["outlier_channels"]["layer.0.v"] == [0, 1]
+    monkeypatch.setattr(sequential, "repeated_blocks", lambda m: [])
+    slow = sk.quantize(model, "int8-smoothquant", calib_data=calib)
+    assert slow.slimkit_plan.passes == passes
+    a, b = fast.state_dict(), slow.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Twice(_Encoder):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.pool(self.pool(self.embed(input_ids)))
+
+
+def test_smoothquant_rejects_a_layer_that_runs_twice_per_pass():
+    with pytest.raises(ValueError, match=r"'pool' ran 6 times on 3 calibration batches.*exclude"):
+        sk.quantize(_encoder(_Twice), "int8-smoothquant", calib_data=_token_batches())
+    q = sk.quantize(_encoder(_Twice), {**sk.presets()["int8-smoothquant"], "exclude": ["pool"]},
+                    calib_data=_token_batches())
+    assert "pool" not in q.slimkit_plan.passes["smoothquant"]

@@ -5,9 +5,14 @@ GPTQ (Frantar et al. 2022, "the full algorithm") and AWQ quantize a model one la
 layer seeing the outputs of the layers before it as they will be after quantization. Run naively,
 that is one forward pass of the whole model per layer. ``sequential_inputs`` finds the model's stack
 of repeated blocks (the transformer layers, the residual blocks of a ResNet), catches the inputs
-of block ``i`` once (a forward pass that stops as soon as block ``i`` is called), and then runs only
-block ``i`` on them for each of its layers. Layers outside the stack (an embedding projection, an
-output head) get their inputs from the whole model, as before.
+of the first block (a forward pass that stops as soon as it is called), and then runs only block
+``i`` on them for each of its layers. Block ``i + 1`` then takes block ``i``'s output, computed
+with block ``i`` already quantized, in place of its first argument (the hidden states), and the
+same other arguments (the attention mask). That the model chains its blocks this way is checked
+once, on the second block, against its inputs caught from the model; where it does not (something
+runs between blocks, or a block gets arguments of its own), each block's inputs are caught from
+the model. Layers outside the stack (an embedding projection, an output head) get their inputs
+from the whole model.
 
 It is a generator: the caller takes ``(name, inputs)``, quantizes or replaces that layer in the
 model, and the next layer's inputs are computed from the model as it is then.
@@ -102,35 +107,98 @@ def _catch(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tup
 
 
 @torch.no_grad()
-def _record(layer: nn.Module, run: Callable[..., Any], inputs: list[tuple[Any, Any]]) -> list[Tensor]:
-    """``layer``'s inputs while ``run`` (a block, or the whole model) runs on each ``(args, kwargs)``."""
-    seen: list[Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+def _record(layers: list[nn.Module], run: Callable[..., Any], inputs: list[tuple[Any, Any]]
+            ) -> tuple[list[list[Tensor]], list[Any]]:
+    """Each of ``layers``' inputs while ``run`` (a block, or the whole model) runs on each
+    ``(args, kwargs)``, and what ``run`` returned for each."""
+    seen: list[list[Tensor]] = [[] for _ in layers]
+    handles = [layer.register_forward_pre_hook(partial(lambda got, m, args: got.append(args[0].detach().clone()), got))
+               for layer, got in zip(layers, seen, strict=True)]
     try:
-        for args, kwargs in inputs:
-            run(*args, **kwargs)
+        outputs = [run(*args, **kwargs) for args, kwargs in inputs]
     finally:
-        handle.remove()
-    return seen
+        for h in handles:
+            h.remove()
+    return seen, outputs
 
 
-def sequential_inputs(model: nn.Module, names: list[str], batches: list[Batch]) -> Iterator[tuple[str, list[Tensor]]]:
+def _chained(inputs: list[tuple[Any, Any]], outputs: list[Any]) -> list[tuple[Any, Any]] | None:
+    """The next block's ``(args, kwargs)`` if it takes this block's output (a tensor, or the first
+    element of a tuple) as its hidden states and the same other arguments; None when the output
+    or the arguments have another form."""
+    chained = []
+    for (args, kwargs), out in zip(inputs, outputs, strict=True):
+        h = out if isinstance(out, Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
+        if not isinstance(h, Tensor):
+            return None
+        if args:
+            chained.append(((h, *args[1:]), kwargs))
+        elif "hidden_states" in kwargs:
+            chained.append(((), {**kwargs, "hidden_states": h}))
+        else:
+            return None
+    return chained
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                                                  if a.is_floating_point() else torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (isinstance(a, (bool, int, float, str)) and type(a) is type(b) and a == b)
+
+
+def sequential_inputs(model: nn.Module, names: list[str], batches: list[Batch], frozen: bool = False
+                      ) -> Iterator[tuple[str, list[Tensor]]]:
     """For each layer of ``names`` (in forward order), its inputs on ``batches`` (one tensor per
-    call), computed when the caller asks for them: after it has dealt with the layers before."""
+    call), computed when the caller asks for them: after it has dealt with the layers before.
+
+    ``frozen``: the caller leaves the model as it is until the end (it only collects statistics),
+    so one run of a block records all of that block's layers in ``names`` and gives the next
+    block's inputs; memory then holds one block's inputs instead of one layer's."""
     stack = repeated_blocks(model)
-    caught: tuple[str, list[tuple[Any, Any]] | None] | None = None
+    held: tuple[int, list[tuple[Any, Any]] | None] | None = None  # a block of the stack, its inputs
+    outputs: list[Any] | None = None  # the held block's outputs, from a frozen run
+    chains: bool | None = None  # whether block i + 1 takes block i's output; checked once
     runs = {"block": 0, "model": 0}
-    for name in names:
-        block = next((b for b in stack if name.startswith(b + ".")), None)
-        if block is not None and (caught is None or caught[0] != block):
-            caught = (block, _catch(model, model.get_submodule(block), batches))
-            runs["model"] += 1
-        layer = model.get_submodule(name)
-        if block is not None and caught is not None and caught[1] is not None:
-            yield name, _record(layer, model.get_submodule(block), caught[1])
+    ready: dict[str, list[Tensor]] = {}
+    for i, name in enumerate(names):
+        if name in ready:
+            yield name, ready.pop(name)
+            continue
+        b = next((k for k, blk in enumerate(stack) if name.startswith(blk + ".")), None)
+        if b is not None and (held is None or held[0] != b):
+            nxt = None
+            if held is not None and held[1] is not None and held[0] < b and chains is not False:
+                nxt = held[1]
+                for k in range(held[0], b):  # the blocks between, with their layers as they are now
+                    if k != held[0] or outputs is None:
+                        outputs = _record([], model.get_submodule(stack[k]), nxt)[1]
+                        runs["block"] += 1
+                    nxt = _chained(nxt, outputs)
+                    if nxt is None:
+                        break
+            if nxt is None or chains is None:
+                caught = _catch(model, model.get_submodule(stack[b]), batches)
+                runs["model"] += 1
+                if chains is None and held is not None:
+                    chains = nxt is not None and caught is not None and _same(nxt, caught)
+                    log.debug("sequential calibration: %s", "each block takes the one before's output" if chains else
+                              "the blocks do not chain; each block's inputs are caught from the model")
+                nxt = caught
+            held, outputs = (b, nxt), None
+        if b is not None and held is not None and held[1] is not None:
+            together = [n for n in names[i:] if n.startswith(stack[b] + ".")] if frozen else [name]
+            recorded, outs = _record([model.get_submodule(n) for n in together], model.get_submodule(stack[b]), held[1])
+            ready.update(zip(together, recorded, strict=True))
+            outputs = outs if frozen else None
             runs["block"] += 1
         else:
-            yield name, _record(layer, partial(call, model), [((b,), {}) for b in batches])
+            ready[name] = _record([model.get_submodule(name)], partial(call, model), [((x,), {}) for x in batches])[0][0]
             runs["model"] += 1
+        yield name, ready.pop(name)
     log.debug("sequential calibration: %d passes of one block, %d (partial) passes of the model",
               runs["block"], runs["model"])

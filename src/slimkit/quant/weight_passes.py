@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, cast
@@ -53,31 +54,34 @@ def needs_weight_passes(cfg: QuantConfig) -> bool:
 
 
 @torch.no_grad()
-def _all_inputs(model: nn.Module, names: list[str], batches: list[Batch]
-                ) -> tuple[dict[str, list[Tensor]], list[list[str]]]:
-    """Each named layer's input rows per batch (padding positions left out), in one pass, and the
-    layers grouped by the input tensor they share (a transformer's query, key and value)."""
-    seen: dict[str, list[Tensor]] = {n: [] for n in names}
-    source: dict[str, tuple[Any, ...]] = {}
+def _shared_inputs(model: nn.Module, names: list[str], batch: Batch) -> list[list[str]]:
+    """The layers of ``names`` grouped by the input tensor they read (a transformer's query, key
+    and value), in the order the forward pass on ``batch`` first calls them. Inputs are held by weak
+    reference only: the pass keeps no activations alive, and a freed tensor's memory reused by a
+    later one cannot pass for it."""
+    groups: list[list[str]] = []
+    live: list[tuple[weakref.ref[Tensor], list[str]]] = []
+    placed: set[str] = set()
 
     def hook(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        if name not in source:
-            source[name] = (x.data_ptr(), tuple(x.shape), x.stride())
-        seen[name].append(x)
+        if name in placed:
+            return
+        placed.add(name)
+        x = args[0]
+        live[:] = [(r, g) for r, g in live if r() is not None]
+        group = next((g for r, g in live if r() is x), None)
+        if group is None:
+            groups.append(group := [])
+            live.append((weakref.ref(x), group))
+        group.append(name)
 
     handles = [model.get_submodule(n).register_forward_pre_hook(partial(hook, n)) for n in names]
     try:
-        for b in batches:
-            call(model, b)
+        call(model, batch)
     finally:
         for h in handles:
             h.remove()
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for n in names:
-        groups.setdefault(source.get(n, (n,)), []).append(n)
-    rows = {n: [_token_rows([x], [b]) for x, b in zip(xs, batches, strict=True)] for n, xs in seen.items()}
-    return rows, list(groups.values())
+    return groups
 
 
 @torch.no_grad()
@@ -89,19 +93,33 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
     ``input_scale``. Layers reading the same input share one scale and one outlier set, so that ONNX
     Runtime divides and quantizes that input once. Returns the plan's entries: per layer, whether
     it was smoothed and its group's output SQNR without and with (``"smoothquant"``), and the float
-    channels of each layer that has some (``"outlier_channels"``)."""
+    channels of each layer that has some (``"outlier_channels"``).
+
+    The inputs come from the layer-by-layer driver (``sequential.py``), one block of the model's
+    stack at a time, so memory holds one block's calibration inputs rather than every layer's."""
     names = [n for n in _order(model, batches[0])
              if isinstance(model.get_submodule(n), nn.Linear) and n not in cfg.exclude]
-    inputs, groups = _all_inputs(model, names, batches)
+    groups = {g[0]: g for g in _shared_inputs(model, names, batches[0])}
     report: dict[str, Any] = {}
     split: dict[str, list[int]] = {}
-    for group in tqdm(groups, desc="smoothquant" if cfg.smooth_alpha is not None else "outlier channels",
-                      leave=False, disable=None):
+    chosen: list[tuple[list[str], Tensor | None, Tensor | None]] = []
+    # One block's inputs at a time, from the layer-by-layer driver. The layers are replaced only at
+    # the end, so every group is calibrated on the float model's activations, as the paper does.
+    for leader, calls in tqdm(sequential_inputs(model, list(groups), batches, frozen=True),
+                              total=len(groups),
+                              desc="smoothquant" if cfg.smooth_alpha is not None else "outlier channels",
+                              leave=False, disable=None):
+        group = groups[leader]
         layers = [cast(nn.Linear, model.get_submodule(n)) for n in group]
-        xs = inputs[group[0]]
+        if len(calls) != len(batches):
+            raise ValueError(f"layer {leader!r} ran {len(calls)} times on {len(batches)} calibration batches; "
+                             "SmoothQuant and outlier channels need a layer that runs once per forward pass "
+                             "(list it in `exclude`)")
+        xs = [_token_rows([x], [b]) for x, b in zip(calls, batches, strict=True)]
+        del calls
         seen = [x for x in xs if len(x)]
         if not seen:
-            raise ValueError(f"layer {group[0]!r} saw no calibration inputs (every position masked?)")
+            raise ValueError(f"layer {leader!r} saw no calibration inputs (every position masked?)")
         absmax = torch.stack([x.abs().amax(0) for x in seen]).amax(0)
         outliers, keep = None, torch.ones_like(absmax)
         if cfg.outlier_threshold is not None:
@@ -115,7 +133,7 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
         scale = None
         if cfg.smooth_alpha is not None:
             weights = [m.weight * keep for m in layers]
-            bits = cfg.bits_for(group[0])
+            bits = cfg.bits_for(leader)
             scale, _, errors = smooth_search(weights, xs, absmax, (cfg.smooth_alpha,), bits)
             power = float(sum(float((x @ w.T).pow(2).mean()) * len(x) for x in xs for w in weights)) / max(
                 1, sum(len(x) for x in xs))  # summed over the group's layers, as the errors are
@@ -123,13 +141,14 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
                 report[name] = {"smoothed": scale is not None, "shares_input_with": [n for n in group if n != name],
                                 "sqnr_db_without": _db(power, errors[None]),
                                 "sqnr_db_with": _db(power, errors[cfg.smooth_alpha])}
-        if scale is None and outliers is None:
-            continue
-        for name, layer in zip(group, layers, strict=True):
+        if scale is not None or outliers is not None:
+            chosen.append((group, scale, outliers))
+    for group, scale, outliers in chosen:
+        for name in group:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    QuantLinear(layer, cfg.bits_for(name), dynamic=True, per_channel=cfg.per_channel,
-                                input_scale=scale, outliers=outliers))
+                    QuantLinear(cast(nn.Linear, model.get_submodule(name)), cfg.bits_for(name), dynamic=True,
+                                per_channel=cfg.per_channel, input_scale=scale, outliers=outliers))
     out: dict[str, Any] = {}
     if cfg.smooth_alpha is not None:
         out["smoothquant"] = report

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import Tensor, nn
 
+import slimkit as sk
 from slimkit.core.graph import split_after
 from slimkit.export import EarlyExitSession, export_early_exit
 from slimkit.prune import EarlyExit
@@ -71,6 +73,38 @@ def test_onnx_chain_takes_the_same_exits_as_pytorch(resnet_exits, tmp_path):
     logits, took = EarlyExitSession(tmp_path / "ee.onnx", threshold=0.0)(x)
     assert (took == 0).all() and np.allclose(logits, all_logits[0].numpy(), atol=1e-4)
     ee.threshold = None
+
+
+def _ops(graph: onnx.GraphProto) -> list[str]:
+    """Op types of ``graph`` and of the graphs nested in its ``If`` nodes."""
+    ops = []
+    for node in graph.node:
+        ops.append(node.op_type)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                ops += _ops(attr.g)
+    return ops
+
+
+@pytest.mark.parametrize("preset, kernel", [("int8", "DequantizeLinear"), ("int8-dynamic", "ConvInteger")])
+def test_quantized_stages_export_with_integer_weights(resnet_exits, tmp_path, preset, kernel):
+    """Quantize an early-exit model, then export it: each stage keeps its quantized layers as
+    integer kernels (fx does not trace into them and export them as float arithmetic), so the file
+    shrinks like the plain network's, and it takes the exits the quantized PyTorch model takes."""
+    ee, x = resnet_exits
+    ee.threshold = 0.9
+    try:
+        float_size = export_early_exit(ee, tmp_path / "float.onnx", x).size_bytes
+        q = sk.quantize(ee, preset, calib_data=[x[i:i + 16] for i in range(0, 48, 16)])
+        report = export_early_exit(q, tmp_path / "q.onnx", x)
+    finally:
+        ee.threshold = None
+    assert report.exits_agree >= 0.95 and report.stages == 3
+    assert report.size_bytes < 0.4 * float_size
+    ops = _ops(onnx.load(str(tmp_path / "q.onnx")).graph)
+    assert ops.count("If") == 2 and ops.count(kernel) >= 20, sorted(set(ops))
+    if kernel == "ConvInteger":
+        assert "Conv" not in ops  # every convolution integer
 
 
 def _all_exits(ee: EarlyExit, x: Tensor) -> list[Tensor]:

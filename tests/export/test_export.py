@@ -102,16 +102,16 @@ def test_lint_flags_float_ops_between_qdq(tmp_path):
 
 
 def test_default_parity_tolerance_follows_how_the_model_is_quantized(trained_mlp, digits):
-    from slimkit.export.onnx import _default_tolerance
+    from slimkit.export.onnx import default_tolerance
 
     calib = [digits.train_x[:64]]
-    assert _default_tolerance(trained_mlp) == 1e-4
-    assert _default_tolerance(sk.quantize(trained_mlp, "int8", calib_data=calib)) == 2e-2
-    assert _default_tolerance(sk.quantize(trained_mlp, "int4-weight")) == 2e-2
-    assert _default_tolerance(sk.quantize(trained_mlp, "int8-dynamic")) == 0.15
+    assert default_tolerance(trained_mlp) == 1e-4
+    assert default_tolerance(sk.quantize(trained_mlp, "int8", calib_data=calib)) == 2e-2
+    assert default_tolerance(sk.quantize(trained_mlp, "int4-weight")) == 2e-2
+    assert default_tolerance(sk.quantize(trained_mlp, "int8-dynamic")) == 0.15
     normed = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
-    assert _default_tolerance(sk.quantize(normed, "int8", calib_data=[torch.randn(16, 16)])) == 0.15
-    assert _default_tolerance(sk.quantize(normed, {**sk.presets()["int4-weight"], "group_size": 16})) == 2e-2
+    assert default_tolerance(sk.quantize(normed, "int8", calib_data=[torch.randn(16, 16)])) == 0.15
+    assert default_tolerance(sk.quantize(normed, {**sk.presets()["int4-weight"], "group_size": 16})) == 2e-2
 
 
 class _Tokens(nn.Module):

@@ -32,7 +32,9 @@ class TraceError(RuntimeError):
 
 class _Tracer(fx.Tracer):
     """fx's tracer, with chosen submodules kept opaque (leaves) and a record of the innermost
-    submodule that was being traced when tracing failed."""
+    submodule that was being traced when tracing failed. Modules whose class sets ``fx_leaf`` (the
+    quantized layers, whose forward is an integer kernel with its own ONNX form) are always leaves:
+    traced into, they would be exported as the float arithmetic that simulates them."""
 
     def __init__(self, leaves: tuple[str, ...]) -> None:
         super().__init__()
@@ -40,7 +42,7 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or getattr(m, "fx_leaf", False) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:

@@ -35,7 +35,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from slimkit.core.batch import Batch, call, check_batches, modes_kept, tensors_of
 from slimkit.core.files import write_atomic
-from slimkit.export.onnx import OPSET, ParityError, export_onnx
+from slimkit.export.onnx import OPSET, ParityError, default_tolerance, export_onnx
 from slimkit.export.runtime import feeds, session
 
 if TYPE_CHECKING:
@@ -157,11 +157,13 @@ def _compose(graphs: list[onnx.GraphProto], threshold: float) -> onnx.ModelProto
 
 
 def export_early_exit(model: EarlyExit, path: str | os.PathLike[str], example_inputs: Batch,
-                      threshold: float | None = None, tolerance: float = 1e-4) -> EarlyExitReport:
+                      threshold: float | None = None, tolerance: float | None = None) -> EarlyExitReport:
     """Write ``model`` (an ``EarlyExit``) to ``path`` as one ONNX file that stops each input at its
     first sure exit, and check it in ONNX Runtime: each stage's parity with PyTorch, then the file's
     logits and exits against ``model``'s on ``example_inputs``. ``threshold`` defaults to the
-    model's own; the file's ``threshold`` input can override it at run time. Written atomically."""
+    model's own; the file's ``threshold`` input can override it at run time. ``tolerance`` (relative
+    L2 error) defaults to ``export_onnx``'s for the model: 1e-4 in float, looser where it is
+    quantized and ONNX Runtime rounds activations itself. Written atomically."""
     threshold = model.threshold if threshold is None else threshold
     if threshold is None or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"an early-exit export needs a confidence threshold in [0, 1], got {threshold!r}; "
@@ -170,6 +172,7 @@ def export_early_exit(model: EarlyExit, path: str | os.PathLike[str], example_in
     if path.suffix != ".onnx":
         raise ValueError(f"the output path should end in .onnx, got {path}")
     check_batches([example_inputs], "example_inputs")  # NaN would pass every parity check silently
+    tolerance = default_tolerance(model) if tolerance is None else tolerance
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp, modes_kept(model), \
             torch.no_grad():

@@ -52,7 +52,7 @@ def _is_quantized(model: nn.Module) -> bool:
     return has_plan(model, "quant")
 
 
-def _default_tolerance(model: nn.Module) -> float:
+def default_tolerance(model: nn.Module) -> float:
     """1e-4 for float models, 2e-2 for quantized ones, 0.15 where activations are rounded in a
     transformer (a ``LayerNorm`` in the model) or at run time (dynamic): there ONNX Runtime and
     PyTorch each round every activation themselves, a value on a rounding boundary can go either
@@ -136,7 +136,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         quantized = _is_quantized(model)
-        tol = tolerance if tolerance is not None else _default_tolerance(model)
+        tol = tolerance if tolerance is not None else default_tolerance(model)
         parity = check_parity(model, tmp, example_inputs, names, tol)
         if check and not parity.ok:
             raise ParityError(f"ONNX Runtime disagrees with PyTorch on {path.name}: {parity}")

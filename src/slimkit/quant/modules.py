@@ -154,6 +154,8 @@ def _pads(conv: dict[str, Any]) -> tuple[int, int, int, int]:
 class ActQuant(nn.Module):
     """Activation quantizer: observes in ``calibrate`` mode, fake-quantizes once frozen."""
 
+    fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
+
     scale: Tensor
     zero_point: Tensor
 
@@ -214,6 +216,8 @@ def fake_quant_weight(weight: Tensor, bits: int, per_channel: bool = True) -> Te
 
 class _QuantWeighted(nn.Module):
     """Common part of QuantLinear and QuantConv: integer weights, quantized bias, dynamic mode."""
+
+    fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
 
     weight_q: Tensor
     weight_scale: Tensor

@@ -125,6 +125,8 @@ class QuantLinearNBits(nn.Module):
     were scaled up by them, the input is divided by them; all ones otherwise, and then not exported).
     """
 
+    fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
+
     packed: Tensor
     scales: Tensor
     zero_points: Tensor
@@ -209,6 +211,8 @@ class QuantEmbedding(nn.Module):
     >>> bool((q4(ids) - e(ids)).abs().max() <= q4.scales.abs().max() / 2 + 1e-6), q4.table.shape
     (True, torch.Size([10, 32]))
     """
+
+    fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
 
     table: Tensor
     scales: Tensor

@@ -186,6 +186,41 @@ def test_awq_lowers_the_output_error_on_the_trained_mlp(trained_mlp, digits, tmp
         sk.QuantConfig(rounding="awq")
 
 
+def test_awq_clipping_lowers_each_layers_output_error_on_the_trained_mlp(trained_mlp, digits):
+    """The clipping search keeps, per row and group, a range no worse than round to nearest's on
+    the rows it searched, so each layer's output error drops."""
+    from slimkit.quant.awq import awq_clip, awq_scales, output_error_of
+    from slimkit.quant.weight_only import dequantize_groups, group_qparams, quantize_groups
+
+    calib = batches(digits.train_x[:512], None, 128)
+    x = _layer_inputs(trained_mlp, trained_mlp[3], calib)
+    w = trained_mlp[3].weight.detach()
+    s, _, _ = awq_scales(w, x, 3, 32)
+    for symmetric in (True, False):
+        plain = group_qparams(w * s, 3, 32, symmetric)
+        clipped = awq_clip(w * s, x / s, 3, 32, symmetric)
+        assert bool((clipped[0].abs() <= plain[0].abs()).all()) and torch.equal(clipped[1], plain[1])
+        errs = [output_error_of(w, dequantize_groups(quantize_groups(w * s, *g, 3), *g) / s, x) for g in (plain, clipped)]
+        assert errs[1] < 0.9 * errs[0]
+    # end to end, the clipped ranges shrink this ReLU network's outputs (no normalization puts the
+    # scale back, as a transformer's LayerNorm does), so its logits' SQNR is lower, while the
+    # accuracy stays at FP32's
+    cfg = {**sk.presets()["int4-awq"], "weight_bits": 3, "group_size": 32}
+    with_clip = sk.quantize(trained_mlp, cfg, calib_data=calib)
+    without = sk.quantize(trained_mlp, {**cfg, "awq_clip": False}, calib_data=calib)
+    with torch.no_grad():
+        ref, out, plain_out = trained_mlp(digits.test_x), with_clip(digits.test_x), without(digits.test_x)
+    assert float(out.norm() / ref.norm()) < float(plain_out.norm() / ref.norm()) - 0.01
+    acc = [float((y.argmax(1) == digits.test_y).float().mean()) for y in (ref, out)]
+    assert acc[1] >= acc[0] - 0.01
+    with pytest.raises(ValueError, match="awq_clip"):
+        sk.QuantConfig(**{**cfg, "awq_clip": "yes"})
+    with pytest.raises(ValueError, match="max_shrink"):
+        awq_clip(w, x, 3, 32, max_shrink=1.0)
+    with pytest.raises(ValueError, match="saw none"):
+        awq_clip(w, x[:0], 3, 32)
+
+
 def test_padding_positions_stay_out_of_the_calibration_statistics():
     from slimkit.quant.weight_passes import _token_rows
 

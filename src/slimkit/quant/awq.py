@@ -4,6 +4,11 @@ get a finer grid relative to their size) and divide the input by ``s`` at run ti
 the float function unchanged. ``s = mean|x|^alpha`` per input channel, with ``alpha`` searched on
 a grid to minimize the layer's output error on calibration inputs (alpha = 0 is round to nearest).
 
+Then, as the paper's released code does, ``awq_clip`` searches each group's range: shrinking a
+group's grid (its scale times ``r`` for ``r`` from 1 down to 0.5) saturates its few largest
+weights but rounds the rest more finely; the ``r`` kept for each output row and group is the one
+with the smallest error in that group's share of the layer's output.
+
 >>> import torch
 >>> torch.manual_seed(0)
 <torch._C.Generator object at ...>
@@ -12,6 +17,10 @@ a grid to minimize the layer's output error on calibration inputs (alpha = 0 is 
 >>> s, alpha, errors = awq_scales(w, x, bits=4, group_size=32)
 >>> alpha > 0 and errors[alpha] < 0.8 * errors[0.0]
 True
+>>> from slimkit.quant.weight_only import dequantize_groups, group_qparams, quantize_groups
+>>> def err(scale, zp): return output_error_of(w * s, dequantize_groups(quantize_groups(w * s, scale, zp, 4), scale, zp), x / s)
+>>> err(*awq_clip(w * s, x / s, bits=4, group_size=32)) < err(*group_qparams(w * s, 4, 32))
+True
 """
 
 from __future__ import annotations
@@ -19,9 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimkit.quant.weight_only import dequantize_groups, rtn_groups
+from slimkit.quant.weight_only import dequantize_groups, group_qparams, rtn_groups
 
-__all__ = ["awq_scales", "output_error_of"]
+__all__ = ["awq_scales", "awq_clip", "output_error_of"]
 
 
 def output_error_of(w: Tensor, w_hat: Tensor, x: Tensor) -> float:
@@ -51,3 +60,35 @@ def awq_scales(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symme
             best = (errors[alpha], alpha, s)
     assert best is not None
     return best[2], best[1], errors
+
+
+@torch.no_grad()
+def awq_clip(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+             steps: int = 20, max_shrink: float = 0.5, rows: int = 512) -> tuple[Tensor, Tensor]:
+    """Each group's scale and zero-point (``[out, in // group_size]``, as ``group_qparams`` gives)
+    with its range shrunk by the ratio in ``[1 - max_shrink, 1]`` (``steps`` of them) that
+    minimizes the error of that group's contribution to the outputs, ``x[:, g] @ w[o, g]^T``, on up
+    to ``rows`` rows of ``x`` ``[n, in]`` taken evenly. Ratio 1 is round to nearest, kept where
+    nothing does better. The zero-point is the unshrunk one: shrinking ``[lo, hi]`` about zero
+    leaves it in place."""
+    if not 0.0 <= max_shrink < 1.0 or steps < 1:
+        raise ValueError(f"awq_clip needs 0 <= max_shrink < 1 and steps >= 1, got {max_shrink} and {steps}")
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    if x.shape[0] == 0:
+        raise ValueError("AWQ's clipping search needs calibration inputs; the layer saw none")
+    w = w.detach().float()
+    x = x[torch.linspace(0, x.shape[0] - 1, min(rows, x.shape[0])).long()]
+    scale, zp = group_qparams(w, bits, group_size, symmetric)
+    wg = w.reshape(w.shape[0], -1, group_size)  # [out, groups, size]
+    xg = x.reshape(x.shape[0], -1, group_size).transpose(0, 1)  # [groups, n, size]
+    best_err = torch.full_like(scale, float("inf"))
+    best = torch.ones_like(scale)
+    for r in torch.linspace(1.0, 1.0 - max_shrink, steps).tolist():
+        s = scale * r
+        q = torch.clamp(torch.round(wg / s[..., None]) + zp[..., None], 0, 2**bits - 1)
+        dw = (q - zp[..., None]) * s[..., None] - wg
+        err = torch.bmm(xg, dw.permute(1, 2, 0)).pow(2).sum(1).T  # [out, groups]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return scale * best, zp

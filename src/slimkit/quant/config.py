@@ -49,7 +49,8 @@ class QuantConfig(Config):
       not write the 2-bit packing, so exporting one is an error naming the layer); ``weight_symmetric=False`` gives
       each group a zero-point. ``rounding="gptq"`` chooses the integers with GPTQ (``gptq_damp``,
       ``gptq_act_order``) from ``calib_data``; ``rounding="awq"`` scales the salient input channels
-      first (AWQ), dividing the input by the same scales at run time.
+      first (AWQ), dividing the input by the same scales at run time, then (``awq_clip``, on by
+      default) shrinks each group's range where that lowers its share of the output error.
     - ``smooth_alpha``: SmoothQuant before dynamic INT8 (``quant/smoothquant.py``): each Linear
       layer's input channels are divided by ``s = max|X|^alpha / max|W|^(1-alpha)`` at run time and
       its weight columns multiplied by it, measured on ``calib_data``. A layer keeps the smoothing
@@ -94,6 +95,7 @@ class QuantConfig(Config):
     weight_symmetric: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    awq_clip: bool = True
     smooth_alpha: float | None = None
     outlier_threshold: float | None = None
     quantize_embeddings: bool = False
@@ -142,6 +144,7 @@ class QuantConfig(Config):
 
     def _validate_groups(self) -> None:
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
+        check_choice("awq_clip", self.awq_clip, (True, False))
         if self.group_size is None:
             if self.rounding in ("gptq", "awq"):
                 raise ValueError(f"rounding={self.rounding!r} works on group-wise weights: set group_size (e.g. 128) "

@@ -30,7 +30,7 @@ from slimkit.core.batch import Batch, call
 from slimkit.core.graph import TraceError, fold_batchnorm, trace
 
 from .adaround import adaround
-from .awq import awq_scales
+from .awq import awq_clip, awq_scales
 from .bias_correction import output_shift
 from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
@@ -40,7 +40,7 @@ from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import QuantLinear, fake_quant_weight, weight_qparams
 from .sequential import sequential_inputs
 from .smoothquant import smooth_search
-from .weight_only import QuantLinearNBits, dequantize_groups, rtn_groups
+from .weight_only import QuantLinearNBits, dequantize_groups, quantize_groups, rtn_groups
 
 __all__ = ["weight_passes", "needs_weight_passes", "smooth"]
 
@@ -262,9 +262,14 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                 rounded.append(name)
             elif cfg.rounding == "awq":
                 assert cfg.group_size is not None
-                input_scale, alpha, _ = awq_scales(w, _token_rows(xs, batches), bits,
-                                                   cfg.group_size, cfg.weight_symmetric)
-                grid = rtn_groups(w * input_scale, bits, cfg.group_size, cfg.weight_symmetric)
+                rows = _token_rows(xs, batches)
+                input_scale, alpha, _ = awq_scales(w, rows, bits, cfg.group_size, cfg.weight_symmetric)
+                ws = w * input_scale
+                if cfg.awq_clip:
+                    scale, zp = awq_clip(ws, rows / input_scale, bits, cfg.group_size, cfg.weight_symmetric)
+                    grid = (quantize_groups(ws, scale, zp, bits), scale, zp)
+                else:
+                    grid = rtn_groups(ws, bits, cfg.group_size, cfg.weight_symmetric)
                 wq = dequantize_groups(*grid) / input_scale
                 rounded.append(name)
                 alphas[name] = alpha

@@ -140,6 +140,23 @@ def _chained(inputs: list[tuple[Any, Any]], outputs: list[Any]) -> list[tuple[An
     return chained
 
 
+def _run_to(model: nn.Module, stack: list[str], start: int, inputs: list[tuple[Any, Any]], outputs: list[Any] | None,
+            end: int) -> tuple[list[tuple[Any, Any]] | None, int]:
+    """Block ``end``'s inputs from block ``start``'s: blocks ``start .. end - 1`` run in turn (their
+    layers as they are now; ``outputs``, when given, are block ``start``'s already), each output
+    chained into the next block's arguments. None where they do not chain; also the blocks run."""
+    ran = 0
+    for k in range(start, end):
+        if k != start or outputs is None:
+            outputs = _record([], model.get_submodule(stack[k]), inputs)[1]
+            ran += 1
+        chained = _chained(inputs, outputs)
+        if chained is None:
+            return None, ran
+        inputs = chained
+    return inputs, ran
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -173,14 +190,8 @@ def sequential_inputs(model: nn.Module, names: list[str], batches: list[Batch], 
         if b is not None and (held is None or held[0] != b):
             nxt = None
             if held is not None and held[1] is not None and held[0] < b and chains is not False:
-                nxt = held[1]
-                for k in range(held[0], b):  # the blocks between, with their layers as they are now
-                    if k != held[0] or outputs is None:
-                        outputs = _record([], model.get_submodule(stack[k]), nxt)[1]
-                        runs["block"] += 1
-                    nxt = _chained(nxt, outputs)
-                    if nxt is None:
-                        break
+                nxt, ran = _run_to(model, stack, held[0], held[1], outputs, b)
+                runs["block"] += ran
             if nxt is None or chains is None:
                 caught = _catch(model, model.get_submodule(stack[b]), batches)
                 runs["model"] += 1

@@ -6,6 +6,7 @@ import pytest
 
 import slimkit as sk
 from slimkit.cli import main
+from slimkit.prune.config import PRESETS as PRUNE_PRESETS
 from slimkit.recipe import RecipeError, load_recipe, run_recipe
 from slimkit.zoo import digits_model
 
@@ -40,6 +41,10 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     (RECIPE + "  - prune: {sparsity: 0.3}\n", 11, "cannot follow a quantize stage"),
     (RECIPE.replace("args: [mlp]", "args: [mlp]\n  checkpoint: missing.safetensors"), 4, "does not exist"),
     (RECIPE.replace("stages:", "stages: [oops"), 8, "not valid YAML"),
+    (RECIPE.replace("{method: structured, sparsity: 0.5}", "channels-5O"), 8,
+     "unknown preset 'channels-5O' (did you mean 'channels-50'?)"),
+    (RECIPE.replace("{epochs: 1, lr: 0.01}", "mutual"), 9, "mode 'offline'"),
+    (RECIPE.replace("{epochs: 1, lr: 0.01}", "[1, 2]"), 9, "a mapping of DistillConfig keys or a preset name (kd, mutual)"),
 ])
 def test_bad_recipes_name_the_line_and_key(tmp_path, bad, line, needle):
     path = write(tmp_path, bad)
@@ -48,6 +53,11 @@ def test_bad_recipes_name_the_line_and_key(tmp_path, bad, line, needle):
     assert str(e.value).startswith(f"{path}:{line}:"), str(e.value)
     assert needle in str(e.value)
     assert not (tmp_path / "run").exists()  # validated before any work
+
+
+def test_stages_take_preset_names():
+    recipe = load_recipe(text=RECIPE.replace("{method: structured, sparsity: 0.5}", "channels-50"))
+    assert recipe.stages[0].config == PRUNE_PRESETS["channels-50"]
 
 
 def test_cli_run_bad_recipe_exits_2(tmp_path, capsys):

@@ -25,10 +25,13 @@ from slimkit.distill import (
     distill_offline,
     distill_online,
 )
+from slimkit.distill.config import PRESETS as _DISTILL_PRESETS
 from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
 from slimkit.lowrank import FactorizeConfig
+from slimkit.lowrank.config import PRESETS as _FACTORIZE_PRESETS
 from slimkit.prune import PruneConfig
+from slimkit.prune.config import PRESETS as _PRUNE_PRESETS
 from slimkit.quant import PRESETS as _QUANT_PRESETS
 from slimkit.quant import QuantConfig
 from slimkit.quant.qat import QAT_PRESETS as _QAT_PRESETS
@@ -41,9 +44,14 @@ __all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "
            "ParityError", "inputs_only", "__version__"]
 
 
-def presets() -> dict[str, dict[str, Any]]:
-    """Every named preset, as ``{name: config dict}``."""
-    return {name: cfg.to_dict() for name, cfg in sorted(_QUANT_PRESETS.items())}
+def presets(verb: str = "quantize") -> dict[str, dict[str, Any]]:
+    """The named configs ``verb`` (``quantize``, ``qat``, ``prune``, ``factorize`` or ``distill``)
+    accepts in place of a config, as ``{name: config dict}``."""
+    families: dict[str, Mapping[str, Any]] = {"quantize": _QUANT_PRESETS, "qat": _QAT_PRESETS, "prune": _PRUNE_PRESETS,
+                                              "factorize": _FACTORIZE_PRESETS, "distill": _DISTILL_PRESETS}
+    if verb not in families:
+        raise ValueError(f"presets are listed per verb: one of {', '.join(families)}; got {verb!r}")
+    return {name: cfg.to_dict() for name, cfg in sorted(families[verb].items())}
 
 
 def qat_presets() -> dict[str, dict[str, Any]]:
@@ -81,7 +89,7 @@ def qat(model: nn.Module, config: QATConfig | Mapping[str, Any] | str, train_dat
     return _qat(model, cfg, train_data, calib_data, inplace=inplace, evaluate=evaluate, checkpoint=checkpoint)
 
 
-def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any], data: Iterable[Batch] | None = None,
+def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any] | str, data: Iterable[Batch] | None = None,
               metric: Callable[[nn.Module], float] | None = None, inplace: bool = False) -> nn.Module:
     """Low-rank decomposition: ``{"method": "svd" | "spatial-svd" | "tucker" | "cp", ...}`` with
     one of ``rank``, ``energy`` or ``ratio`` (see ``FactorizeConfig``).
@@ -96,11 +104,11 @@ def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any], dat
     >>> f.slimkit_plan.ranks_
     {'0': [16], '2': [4]}
     """
-    cfg = resolve(config, FactorizeConfig, {})
+    cfg = resolve(config, FactorizeConfig, _FACTORIZE_PRESETS)
     return handler_for(cfg)(model, cfg, data=data, metric=metric, inplace=inplace)
 
 
-def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any], example_inputs: Batch | None = None,
+def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any] | str, example_inputs: Batch | None = None,
           data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
     """Pruning: ``{"method": "structured" | "unstructured" | "nm", "sparsity": ..., ...}`` (see
     ``PruneConfig``). Structured pruning traces the model with ``example_inputs`` and returns a
@@ -113,12 +121,12 @@ def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any], example_inp
     >>> p[0].weight.shape, p[2].weight.shape
     (torch.Size([16, 16]), torch.Size([4, 16]))
     """
-    cfg = resolve(config, PruneConfig, {})
+    cfg = resolve(config, PruneConfig, _PRUNE_PRESETS)
     return handler_for(cfg)(model, cfg, example_inputs=example_inputs, data=data, inplace=inplace)
 
 
 def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, train_data: Iterable[Batch],
-            config: DistillConfig | Mapping[str, Any] | None = None, inplace: bool = False,
+            config: DistillConfig | Mapping[str, Any] | str | None = None, inplace: bool = False,
             checkpoint: str | None = None) -> nn.Module:
     """Train a copy of ``student`` on ``(inputs, labels)`` batches by distillation; returns it.
 
@@ -138,7 +146,7 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None,
     >>> s.weight.shape
     torch.Size([3, 4])
     """
-    cfg = resolve(config if config is not None else {}, DistillConfig, {})
+    cfg = resolve(config if config is not None else {}, DistillConfig, _DISTILL_PRESETS)
     data = list(train_data)
     if cfg.mode == "self":
         if teacher is not None:

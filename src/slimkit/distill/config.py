@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from slimkit.core.config import Config, check_choice, check_range
 
-__all__ = ["DistillConfig"]
+__all__ = ["DistillConfig", "PRESETS"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,3 +64,10 @@ class DistillConfig(Config):
     def __hash__(self) -> int:  # a dict field: hash what identifies the config
         return hash((self.mode, self.temperature, self.alpha, tuple(sorted(self.hints.items())), self.exits,
                      self.epochs, self.lr))
+
+
+# Named configs for ``sk.distill(student, teacher, data, name)``; ``sk.presets("distill")`` lists them.
+PRESETS: dict[str, DistillConfig] = {
+    "kd": DistillConfig(),
+    "mutual": DistillConfig(mode="online"),
+}

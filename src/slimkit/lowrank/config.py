@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from slimkit.core.config import Config, check_choice, check_range
 
-__all__ = ["FactorizeConfig", "METHODS"]
+__all__ = ["FactorizeConfig", "PRESETS", "METHODS"]
 
 METHODS = ("svd", "spatial-svd", "tucker", "cp")
 
@@ -71,3 +71,10 @@ class FactorizeConfig(Config):
             raise ValueError(f"whiten applies to method 'svd', not {self.method!r}")
         if not all(isinstance(n, str) for n in self.layers):
             raise ValueError(f"layers must be module names, got {self.layers!r}")
+
+
+# Named configs for ``sk.factorize(model, name, ...)``; ``sk.presets("factorize")`` lists them.
+PRESETS: dict[str, FactorizeConfig] = {
+    "svd-50": FactorizeConfig(method="svd", ratio=0.5),
+    "svd-whitened-50": FactorizeConfig(method="svd", ratio=0.5, whiten=True),
+}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from slimkit.core.config import Config, check_choice, check_range
 
-__all__ = ["PruneConfig", "METHODS", "IMPORTANCE"]
+__all__ = ["PruneConfig", "PRESETS", "METHODS", "IMPORTANCE"]
 
 METHODS = ("structured", "unstructured", "nm", "depth")
 IMPORTANCE = ("l1", "l2", "taylor")
@@ -75,3 +75,11 @@ class PruneConfig(Config):
         for k in ("layers", "exclude"):
             if not all(isinstance(x, str) for x in getattr(self, k)):
                 raise ValueError(f"{k} must be module names, got {getattr(self, k)!r}")
+
+
+# Named configs for ``sk.prune(model, name, ...)``; ``sk.presets("prune")`` lists them.
+PRESETS: dict[str, PruneConfig] = {
+    "channels-50": PruneConfig(method="structured", sparsity=0.5, importance="l1", round_to=8),
+    "unstructured-80": PruneConfig(method="unstructured", sparsity=0.8, scope="global"),
+    "2:4": PruneConfig(method="nm", n=2, m=4),
+}

@@ -25,18 +25,14 @@ from slimkit.distill import (
     distill_offline,
     distill_online,
 )
-from slimkit.distill.config import PRESETS as _DISTILL_PRESETS
 from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
 from slimkit.lowrank import FactorizeConfig
-from slimkit.lowrank.config import PRESETS as _FACTORIZE_PRESETS
 from slimkit.prune import PruneConfig
-from slimkit.prune.config import PRESETS as _PRUNE_PRESETS
-from slimkit.quant import PRESETS as _QUANT_PRESETS
 from slimkit.quant import QuantConfig
-from slimkit.quant.qat import QAT_PRESETS as _QAT_PRESETS
 from slimkit.quant.qat import QATConfig
 from slimkit.quant.qat import qat as _qat
+from slimkit.verbs import VERBS
 
 __version__ = "0.1.0"
 
@@ -47,16 +43,14 @@ __all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "
 def presets(verb: str = "quantize") -> dict[str, dict[str, Any]]:
     """The named configs ``verb`` (``quantize``, ``qat``, ``prune``, ``factorize`` or ``distill``)
     accepts in place of a config, as ``{name: config dict}``."""
-    families: dict[str, Mapping[str, Any]] = {"quantize": _QUANT_PRESETS, "qat": _QAT_PRESETS, "prune": _PRUNE_PRESETS,
-                                              "factorize": _FACTORIZE_PRESETS, "distill": _DISTILL_PRESETS}
-    if verb not in families:
-        raise ValueError(f"presets are listed per verb: one of {', '.join(families)}; got {verb!r}")
-    return {name: cfg.to_dict() for name, cfg in sorted(families[verb].items())}
+    if verb not in VERBS:
+        raise ValueError(f"presets are listed per verb: one of {', '.join(VERBS)}; got {verb!r}")
+    return {name: cfg.to_dict() for name, cfg in sorted(VERBS[verb][1].items())}
 
 
 def qat_presets() -> dict[str, dict[str, Any]]:
     """The presets ``sk.qat`` accepts, as ``{name: config dict}``."""
-    return {name: cfg.to_dict() for name, cfg in sorted(_QAT_PRESETS.items())}
+    return {name: cfg.to_dict() for name, cfg in sorted(VERBS["qat"][1].items())}
 
 
 def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "int8",
@@ -66,7 +60,7 @@ def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "
     Static presets (``int8``) need ``calib_data``: an iterable of batches the model is called with.
     Returns a new model; the caller's model is untouched unless ``inplace=True``.
     """
-    cfg = resolve(config, QuantConfig, _QUANT_PRESETS)
+    cfg = resolve(config, *VERBS["quantize"])
     return handler_for(cfg)(model, cfg, calib_data=calib_data, inplace=inplace)
 
 
@@ -85,7 +79,7 @@ def qat(model: nn.Module, config: QATConfig | Mapping[str, Any] | str, train_dat
     >>> q.slimkit_plan.passes["qat"]["method"], int(q.get_submodule("0").weight_q.abs().max())
     ('ste', 7)
     """
-    cfg = resolve(config, QATConfig, _QAT_PRESETS)
+    cfg = resolve(config, *VERBS["qat"])
     return _qat(model, cfg, train_data, calib_data, inplace=inplace, evaluate=evaluate, checkpoint=checkpoint)
 
 
@@ -104,7 +98,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any] | st
     >>> f.slimkit_plan.ranks_
     {'0': [16], '2': [4]}
     """
-    cfg = resolve(config, FactorizeConfig, _FACTORIZE_PRESETS)
+    cfg = resolve(config, *VERBS["factorize"])
     return handler_for(cfg)(model, cfg, data=data, metric=metric, inplace=inplace)
 
 
@@ -121,7 +115,7 @@ def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any] | str, examp
     >>> p[0].weight.shape, p[2].weight.shape
     (torch.Size([16, 16]), torch.Size([4, 16]))
     """
-    cfg = resolve(config, PruneConfig, _PRUNE_PRESETS)
+    cfg = resolve(config, *VERBS["prune"])
     return handler_for(cfg)(model, cfg, example_inputs=example_inputs, data=data, inplace=inplace)
 
 
@@ -146,7 +140,7 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None,
     >>> s.weight.shape
     torch.Size([3, 4])
     """
-    cfg = resolve(config if config is not None else {}, DistillConfig, _DISTILL_PRESETS)
+    cfg = resolve(config if config is not None else {}, *VERBS["distill"])
     data = list(train_data)
     if cfg.mode == "self":
         if teacher is not None:

@@ -166,32 +166,15 @@ def _unknown(keys: Any, allowed: tuple[str, ...], what: str) -> str | None:
 
 def _stage_config(kind: str, spec: Any) -> Any:
     from slimkit.core.config import resolve
-    from slimkit.distill import DistillConfig
-    from slimkit.distill.config import PRESETS as DISTILL_PRESETS
-    from slimkit.lowrank import FactorizeConfig
-    from slimkit.lowrank.config import PRESETS as FACTORIZE_PRESETS
-    from slimkit.prune import PruneConfig
-    from slimkit.prune.config import PRESETS as PRUNE_PRESETS
-    from slimkit.quant import PRESETS, QuantConfig
-    from slimkit.quant.qat import QAT_PRESETS, QATConfig
     from slimkit.tune import TuneConfig
+    from slimkit.verbs import VERBS
 
     spec = {} if spec is None else spec
-    if kind == "quantize":
-        return resolve(spec, QuantConfig, PRESETS)
-    if kind == "qat":
-        return resolve(spec, QATConfig, QAT_PRESETS)
-    types: dict[str, tuple[type, dict[str, Any]]] = {
-        "prune": (PruneConfig, PRUNE_PRESETS), "factorize": (FactorizeConfig, FACTORIZE_PRESETS),
-        "distill": (DistillConfig, DISTILL_PRESETS), "tune": (TuneConfig, {})}
-    cls, named = types[kind]
-    if isinstance(spec, str) and named:
-        cfg = resolve(spec, cls, named)
-    elif not isinstance(spec, Mapping):
+    cls, named = VERBS.get(kind, (TuneConfig, {}))
+    if not (isinstance(spec, Mapping) or isinstance(spec, str) and named):
         raise ValueError(f"a {kind} stage takes a mapping of {cls.__name__} keys"
                          + (f" or a preset name ({', '.join(named)})" if named else "") + f", got {spec!r}")
-    else:
-        cfg = cls.from_dict(spec)  # type: ignore[attr-defined]
+    cfg = resolve(spec, cls, named)
     if kind == "distill" and cfg.mode != "offline":
         raise ValueError(f"a distill stage fine-tunes the model with the original as teacher (mode 'offline'), "
                          f"got mode {cfg.mode!r}")

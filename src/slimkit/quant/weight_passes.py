@@ -97,9 +97,8 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
 
     The inputs come from the layer-by-layer driver (``sequential.py``), one block of the model's
     stack at a time, so memory holds one block's calibration inputs rather than every layer's."""
-    names = [n for n in _order(model, batches[0])
-             if isinstance(model.get_submodule(n), nn.Linear) and n not in cfg.exclude]
-    groups = {g[0]: g for g in _shared_inputs(model, names, batches[0])}
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in cfg.exclude]
+    groups = {g[0]: g for g in _shared_inputs(model, linear, batches[0])}  # in the order they run
     report: dict[str, Any] = {}
     split: dict[str, list[int]] = {}
     chosen: list[tuple[list[str], Tensor | None, Tensor | None]] = []
@@ -157,7 +156,7 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
     if cfg.outlier_threshold is not None:
         out["outlier_channels"] = split
         log.info("outlier channels: %d of %d Linear layers multiply %d input channels in float", len(split),
-                 len(names), sum(len(v) for v in split.values()))
+                 sum(map(len, groups.values())), sum(len(v) for v in split.values()))
     return out
 
 

@@ -229,10 +229,19 @@ def test_outlier_channels_multiply_in_float_beside_the_int8_product(outlier_mlp,
     assert bool((layer.input_multiplier[8:] == 1).all())
     torch.testing.assert_close(layer.outlier_weight, outlier_mlp[3].weight[:, idx])
     assert _sqnr(outlier_mlp, split, x) > _sqnr(outlier_mlp, dyn, x) + 6
-    with_smoothing = sk.quantize(outlier_mlp, {**sk.presets()["int8-smoothquant"], "outlier_threshold": 8},
-                                 calib_data=calib)
-    assert with_smoothing.slimkit_plan.passes["outlier_channels"] == chans
+    assert split.slimkit_plan.passes["outlier_candidates"]["3"]["error_down"] > 10  # without smoothing they pay
+    # With smoothing, the same channels barely lower the INT8 product's error (smoothing already
+    # shrank their range), so they do not pay for a float branch unless outlier_min_gain says so.
+    smooth_cfg = {**sk.presets()["int8-smoothquant"], "outlier_threshold": 8}
+    with_smoothing = sk.quantize(outlier_mlp, smooth_cfg, calib_data=calib)
+    candidate = with_smoothing.slimkit_plan.passes["outlier_candidates"]["3"]
+    assert candidate["channels"] == chans["3"] and 1.0 < candidate["error_down"] < 3.0, candidate
+    assert with_smoothing.slimkit_plan.passes["outlier_channels"] == {}
+    assert with_smoothing.get_submodule("3").outliers.numel() == 0
     assert _sqnr(outlier_mlp, with_smoothing, x) > _sqnr(outlier_mlp, dyn, x) + 6
+    forced = sk.quantize(outlier_mlp, {**smooth_cfg, "outlier_min_gain": 1.0}, calib_data=calib)
+    assert forced.slimkit_plan.passes["outlier_channels"] == chans
+    assert _sqnr(outlier_mlp, forced, x) > _sqnr(outlier_mlp, dyn, x) + 6
     exported = sk.export_onnx(split, tmp_path / "split.onnx", example_inputs=x[:16])
     assert exported.parity.rel_l2 < 1e-3
     ops = [n.op_type for n in onnx.load(exported.path).graph.node]
@@ -262,6 +271,8 @@ def test_outlier_channels_bad_input(outlier_mlp, digits):
         sk.QuantConfig(outlier_threshold=8)
     with pytest.raises(ValueError, match="outlier_threshold must be in"):
         sk.QuantConfig(activations="dynamic", outlier_threshold=1.0)
+    with pytest.raises(ValueError, match="outlier_min_gain must be in"):
+        sk.QuantConfig(activations="dynamic", outlier_threshold=8.0, outlier_min_gain=0.5)
     with pytest.raises(ValueError, match="outlier_threshold need calib_data"):
         sk.quantize(outlier_mlp, {**sk.presets()["int8-dynamic"], "outlier_threshold": 8})
     with pytest.raises(ValueError, match="NaN or inf"):

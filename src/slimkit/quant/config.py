@@ -58,8 +58,11 @@ class QuantConfig(Config):
     - ``outlier_threshold``: mixed-precision decomposition (LLM.int8(), ``quant/llm_int8.py``) for
       dynamic INT8: a Linear layer's input channels whose max ``|x|`` on ``calib_data`` exceeds
       ``outlier_threshold`` times its median channel's (at most 8 per layer, the largest) are
-      multiplied in float beside the INT8 product, which no longer sizes its grid for them.
-      ``plan.passes["outlier_channels"]`` names them per layer.
+      multiplied in float beside the INT8 product, which no longer sizes its grid for them. Each
+      float branch costs a Gather, a MatMul and an Add at run time, so a layer keeps its float
+      channels only if they divide its simulated INT8 output error (after smoothing, if any) by at
+      least ``outlier_min_gain``. ``plan.passes["outlier_channels"]`` names the kept ones per layer,
+      ``plan.passes["outlier_candidates"]`` every candidate with its error ratio.
     - ``quantize_embeddings``: store ``nn.Embedding`` tables as int8 with a scale per row (a
       transformer's word embeddings are often half its file), or with ``embedding_bits=4`` as
       4-bit groups of 32 along each row with a scale and zero-point each. A table tied to another
@@ -98,6 +101,7 @@ class QuantConfig(Config):
     awq_clip: bool = True
     smooth_alpha: float | None = None
     outlier_threshold: float | None = None
+    outlier_min_gain: float = 3.0
     quantize_embeddings: bool = False
     embedding_bits: int = 8
     layer_bits: dict[str, int] = field(default_factory=dict)
@@ -141,6 +145,7 @@ class QuantConfig(Config):
             if self.activations != "dynamic":
                 raise ValueError("outlier_threshold (float outlier channels) works with activations='dynamic': "
                                  "a static input quantizer would see the outliers before the layer")
+        check_range("outlier_min_gain", self.outlier_min_gain, 1.0, float("inf"))
 
     def _validate_groups(self) -> None:
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)

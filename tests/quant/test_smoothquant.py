@@ -273,6 +273,8 @@ def test_outlier_channels_bad_input(outlier_mlp, digits):
         sk.QuantConfig(activations="dynamic", outlier_threshold=1.0)
     with pytest.raises(ValueError, match="outlier_min_gain must be in"):
         sk.QuantConfig(activations="dynamic", outlier_threshold=8.0, outlier_min_gain=0.5)
+    with pytest.raises(ValueError, match="outlier_min_gain .* needs outlier_threshold"):
+        sk.QuantConfig(activations="dynamic", outlier_min_gain=1.0)
     with pytest.raises(ValueError, match="outlier_threshold need calib_data"):
         sk.quantize(outlier_mlp, {**sk.presets()["int8-dynamic"], "outlier_threshold": 8})
     with pytest.raises(ValueError, match="NaN or inf"):

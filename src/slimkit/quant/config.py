@@ -146,6 +146,8 @@ class QuantConfig(Config):
                 raise ValueError("outlier_threshold (float outlier channels) works with activations='dynamic': "
                                  "a static input quantizer would see the outliers before the layer")
         check_range("outlier_min_gain", self.outlier_min_gain, 1.0, float("inf"))
+        if self.outlier_min_gain != 3.0 and self.outlier_threshold is None:
+            raise ValueError("outlier_min_gain decides which float outlier channels are kept; it needs outlier_threshold")
 
     def _validate_groups(self) -> None:
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)

@@ -50,7 +50,7 @@ def presets(verb: str = "quantize") -> dict[str, dict[str, Any]]:
 
 def qat_presets() -> dict[str, dict[str, Any]]:
     """The presets ``sk.qat`` accepts, as ``{name: config dict}``."""
-    return {name: cfg.to_dict() for name, cfg in sorted(VERBS["qat"][1].items())}
+    return presets("qat")
 
 
 def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "int8",

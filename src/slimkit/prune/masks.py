@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fraction_mask", "global_masks", "nm_mask", "hold_zeros"]
+__all__ = ["fraction_mask", "global_masks", "nm_mask", "nm_view", "weight_nm_mask", "hold_zeros"]
 
 
 def _keep_top(scores: Tensor, k: int) -> Tensor:
@@ -52,6 +52,18 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     top = torch.topk(groups, n, dim=1, sorted=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
     return mask.reshape(scores.shape)
+
+
+def nm_view(w: Tensor) -> Tensor:
+    """A Linear or Conv2d weight (or its scores) with input channels innermost: [out, (kh, kw,) in]."""
+    return w.permute(0, 2, 3, 1) if w.dim() == 4 else w
+
+
+def weight_nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """The N:M mask of a Linear or Conv2d weight's ``scores``, in the weight's own layout, grouped
+    along input channels."""
+    mask = nm_mask(nm_view(scores), n, m)
+    return mask.permute(0, 3, 1, 2) if scores.dim() == 4 else mask
 
 
 class hold_zeros:  # noqa: N801 -- a context manager, named like one

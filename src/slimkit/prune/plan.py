@@ -1,8 +1,8 @@
 """Search, then apply: the pruning plan (channels kept per layer, or weights kept per layer).
 
-``search`` scores channels or weights and decides what stays; ``apply_plan`` cuts a base model to
-the plan deterministically and without data, which is how ``sk.load`` replays a structured plan
-before loading the pruned weights.
+``search`` scores channels or weights and decides what stays; ``apply_plan`` (``cut.py``) cuts a
+base model to the plan deterministically and without data, which is how ``sk.load`` replays a
+structured plan before loading the pruned weights.
 
 Structured: each coupled group of channels (``dependency.dependency_groups``) keeps the same
 ``1 - sparsity`` fraction, rounded up to a multiple of ``round_to`` and never below one channel;
@@ -14,7 +14,6 @@ whole, and the plan says why.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterable
@@ -27,13 +26,13 @@ from torch import Tensor, nn
 from slimkit.core.batch import Batch, call, check_batches, model_inputs, tensors_of
 from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
-from slimkit.core.plans import attach
 
 from .config import PruneConfig
+from .cut import apply_plan, dim_size
 from .dependency import Member, dependency_groups
 from .importance import taylor_importance, weight_scores
-from .masks import fraction_mask, global_masks, nm_mask
-from .transformer import HEAD_ATTRS, transformer_blocks, transformer_groups
+from .masks import fraction_mask, global_masks, nm_view, weight_nm_mask
+from .transformer import transformer_blocks, transformer_groups
 
 __all__ = ["PrunePlan", "search", "apply_plan", "prune_model"]
 
@@ -210,14 +209,14 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
         for mb in g.members:
             m = modules[mb.module]
             role = "in" if mb.role == "in" else "out"
-            dim = _dim_size(m, role)
+            dim = dim_size(m, role)
             mask = masks.setdefault((mb.module, role), torch.ones(dim, dtype=torch.bool))
             seg = keep.repeat_interleave(mb.repeat)
             mask[mb.offset:mb.offset + seg.numel()] &= seg
     for (name, role), mask in sorted(masks.items()):
         m = modules[name]
         plan.keep_.setdefault(name, {})[role] = mask.nonzero().flatten().tolist()
-        plan.sizes_[name] = [_dim_size(m, "out"), _dim_size(m, "in")]
+        plan.sizes_[name] = [dim_size(m, "out"), dim_size(m, "in")]
     for b in blocks:
         pre = f"{b}." if b else ""
         q = f"{pre}attention.self.query"
@@ -232,27 +231,6 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
     return plan
 
 
-def _dim_size(m: nn.Module, role: str) -> int:
-    if isinstance(m, nn.Conv2d):
-        return m.out_channels if role == "out" else m.in_channels
-    if isinstance(m, nn.Linear):
-        return m.out_features if role == "out" else m.in_features
-    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        return m.num_features
-    raise ValueError(f"cannot prune a {type(m).__name__}")
-
-
-def _nm_view(w: Tensor) -> Tensor:
-    """The weight with input channels innermost: [out, (kh, kw,) in]."""
-    return w.permute(0, 2, 3, 1) if w.dim() == 4 else w
-
-
-def _nm(scores: Tensor, cfg: PruneConfig) -> Tensor:
-    """The N:M mask in the weight's own layout (grouped along input channels)."""
-    mask = nm_mask(_nm_view(scores), cfg.n, cfg.m)
-    return mask.permute(0, 3, 1, 2) if scores.dim() == 4 else mask
-
-
 def _search_sparse(model: nn.Module, cfg: PruneConfig, grads: dict[str, Tensor] | None) -> tuple[PrunePlan, dict[str, Tensor]]:
     plan = PrunePlan(config=cfg)
     chosen = _prunable(model, cfg)
@@ -265,12 +243,12 @@ def _search_sparse(model: nn.Module, cfg: PruneConfig, grads: dict[str, Tensor] 
     masks: dict[str, Tensor] = {}
     if cfg.method == "nm":
         for n, s in scores.items():
-            if _nm_view(s).shape[-1] % cfg.m:
+            if nm_view(s).shape[-1] % cfg.m:
                 if cfg.layers:
-                    raise ValueError(f"layer {n!r}: {_nm_view(s).shape[-1]} input channels are not a multiple of m={cfg.m}")
-                log.info("n:m: skipping %s (%d input channels)", n, _nm_view(s).shape[-1])
+                    raise ValueError(f"layer {n!r}: {nm_view(s).shape[-1]} input channels are not a multiple of m={cfg.m}")
+                log.info("n:m: skipping %s (%d input channels)", n, nm_view(s).shape[-1])
                 continue
-            masks[n] = _nm(s, cfg)
+            masks[n] = weight_nm_mask(s, cfg.n, cfg.m)
         if not masks:
             raise ValueError(f"no layer has a multiple of m={cfg.m} input channels for {cfg.n}:{cfg.m} sparsity")
     elif cfg.scope == "layer":
@@ -322,97 +300,6 @@ def _search_depth(model: nn.Module, cfg: PruneConfig, example: Batch, data: Iter
     dropped = sorted(found, key=lambda n: scores[n])[:k]
     log.info("depth pruning: removing %d of %d removable blocks: %s", k, len(found), ", ".join(dropped) or "none")
     return PrunePlan(cfg, dropped_=[n for n in found if n in dropped], scores_=scores)
-
-
-def _set(m: nn.Module, name: str, value: Tensor) -> None:
-    old = getattr(m, name)
-    if isinstance(old, nn.Parameter):
-        setattr(m, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
-    else:
-        setattr(m, name, value.clone())
-
-
-@torch.no_grad()
-def _cut(name: str, m: nn.Module, roles: dict[str, list[int]]) -> None:
-    out = torch.tensor(roles["out"], dtype=torch.long) if "out" in roles else None
-    inn = torch.tensor(roles["in"], dtype=torch.long) if "in" in roles else None
-    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        assert out is not None
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            if getattr(m, attr, None) is not None:
-                _set(m, attr, getattr(m, attr)[out])
-        m.num_features = len(out)
-        return
-    if not isinstance(m, (nn.Conv2d, nn.Linear)):
-        raise ValueError(f"the plan does not match this model: {name!r} is a {type(m).__name__}")
-    w = m.weight
-    depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
-    if depthwise:
-        assert isinstance(m, nn.Conv2d)
-        if m.groups != m.in_channels or inn is not None:
-            raise ValueError(f"the plan does not match this model: {name!r} is a grouped conv")
-        if out is not None:
-            w = w[out]
-            m.groups = m.in_channels = m.out_channels = len(out)
-    else:
-        if out is not None:
-            w = w[out]
-        if inn is not None:
-            w = w[:, inn]
-        if isinstance(m, nn.Conv2d):
-            m.out_channels, m.in_channels = w.shape[0], w.shape[1]
-        else:
-            m.out_features, m.in_features = w.shape[0], w.shape[1]
-    _set(m, "weight", w)
-    if m.bias is not None and out is not None:
-        _set(m, "bias", m.bias[out])
-
-
-def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: dict[str, Tensor] | None = None,
-               structure_only: bool = False) -> nn.Module:
-    """Cut ``base`` (a copy unless ``inplace``) to the plan. Structured: slice every planned module.
-    Unstructured / N:M: zero the masked weights; without ``masks``, magnitude plans recompute them
-    from the recorded sparsities (``structure_only`` skips this: the caller loads the weights)."""
-    model = base if inplace else copy.deepcopy(base)
-    modules = dict(model.named_modules())
-    cfg = plan.config
-    if cfg.method == "structured":
-        for name, roles in plan.keep_.items():
-            m = modules.get(name)
-            if m is None:
-                raise ValueError(f"the plan does not match this model: no layer named {name!r}")
-            sizes = plan.sizes_.get(name)
-            if sizes is not None and [_dim_size(m, "out"), _dim_size(m, "in")] != sizes:
-                raise ValueError(f"the plan does not match this model: layer {name!r} has (out, in) = "
-                                 f"{[_dim_size(m, 'out'), _dim_size(m, 'in')]}, the plan was made for {sizes}")
-            _cut(name, m, roles)
-        for name, attrs in plan.attrs_.items():
-            m = modules.get(name)
-            if m is None or not all(hasattr(m, a) for a in attrs) or set(attrs) - set(HEAD_ATTRS):
-                raise ValueError(f"the plan does not match this model: {name!r} is not an attention module with {sorted(attrs)}")
-            for a, v in attrs.items():
-                setattr(m, a, v)
-    elif cfg.method == "depth":
-        from .depth import drop_blocks
-
-        drop_blocks(model, plan.dropped_)
-    elif not structure_only:
-        if masks is None:
-            if cfg.importance == "taylor":
-                raise ValueError("a taylor plan's masks come from data and are not saved: load the saved model "
-                                 "with sk.load, or prune again with data")
-            masks = {}
-            for name, sparsity in plan.sparsity_.items():
-                m = modules.get(name)
-                if m is None:
-                    raise ValueError(f"the plan does not match this model: no layer named {name!r}")
-                s = weight_scores(m.weight, cfg.importance)  # type: ignore[arg-type]
-                masks[name] = _nm(s, cfg) if cfg.method == "nm" else fraction_mask(s, sparsity)
-        with torch.no_grad():
-            for name, mk in masks.items():
-                modules[name].weight.mul_(mk.to(modules[name].weight.dtype))  # type: ignore[operator, union-attr]
-    attach(model, base, plan)
-    return model
 
 
 @register(PruneConfig)

@@ -125,32 +125,30 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
         absmax = torch.stack([x.abs().amax(0) for x in seen]).amax(0)
         bits = cfg.bits_for(leader)
         alphas = () if cfg.smooth_alpha is None else (cfg.smooth_alpha,)
-
-        keep = torch.ones_like(absmax)
+        data = ([m.weight for m in layers], xs, absmax)  # what the INT8 product will see
         outliers = None if cfg.outlier_threshold is None else outlier_channels(absmax, cfg.outlier_threshold)
         if outliers is not None and not outliers.numel():
             outliers = None
-        found = None
-        if cfg.smooth_alpha is not None or outliers is not None:
-            found = _search(layers, xs, absmax, keep, alphas, bits)
+        found = smooth_search(*data, alphas, bits) if cfg.smooth_alpha is not None or outliers is not None else None
         if outliers is not None and found is not None:
             # a float branch costs a Gather, a MatMul and an Add at run time: it must pay for them
-            split_keep = keep.clone()
-            split_keep[outliers] = 0.0
-            split_found = _search(layers, xs, absmax, split_keep, alphas, bits)
+            keep = torch.ones_like(absmax)
+            keep[outliers] = 0.0
+            split_data = ([w * keep for w in data[0]], [x * keep for x in xs], absmax * keep)
+            split_found = smooth_search(*split_data, alphas, bits)
             gain = min(found[2].values()) / max(min(split_found[2].values()), 1e-30)
             candidates.update({n: {"channels": outliers.tolist(), "error_down": gain} for n in group})
             if gain >= cfg.outlier_min_gain:
                 split.update({n: outliers.tolist() for n in group})
-                keep, found = split_keep, split_found
+                data, found = split_data, split_found
             else:
                 outliers = None
         scale = None
         if cfg.smooth_alpha is not None and found is not None:
             scale, _, errors = found
-            weights, xs = [m.weight * keep for m in layers], [x * keep for x in xs]
-            power = float(sum(float((x @ w.T).pow(2).mean()) * len(x) for x in xs for w in weights)) / max(
-                1, sum(len(x) for x in xs))  # summed over the group's layers, as the errors are
+            weights, inputs = data[0], data[1]
+            power = float(sum(float((x @ w.T).pow(2).mean()) * len(x) for x in inputs for w in weights)) / max(
+                1, sum(len(x) for x in inputs))  # summed over the group's layers, as the errors are
             for name in group:
                 report[name] = {"smoothed": scale is not None, "shares_input_with": [n for n in group if n != name],
                                 "sqnr_db_without": _db(power, errors[None]),
@@ -174,13 +172,6 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
         log.info("outlier channels: %d of %d Linear layers multiply %d input channels in float", len(split),
                  sum(map(len, groups.values())), sum(len(v) for v in split.values()))
     return out
-
-
-def _search(layers: list[nn.Linear], xs: list[Tensor], absmax: Tensor, keep: Tensor, alphas: tuple[float, ...],
-            bits: int) -> tuple[Tensor | None, float | None, dict[float | None, float]]:
-    """SmoothQuant's search (``alphas`` may be empty) over a group's layers with only ``keep``'s
-    input channels in the INT8 product: the scales, the alpha and the errors."""
-    return smooth_search([m.weight * keep for m in layers], [x * keep for x in xs], absmax * keep, alphas, bits)
 
 
 def _db(power: float, error: float) -> float:

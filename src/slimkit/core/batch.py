@@ -15,6 +15,7 @@ a dict ``model(**x)`` (Hugging Face style). Loaders that yield ``(inputs, labels
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -72,6 +73,19 @@ def first_tensor(obj: Any) -> Tensor:
     if not ts:
         raise TypeError(f"no tensor found in {type(obj).__name__}")
     return ts[0]
+
+
+def cache_free(model: nn.Module, batch: Batch) -> Batch:
+    """``batch`` asking ``model`` for no key/value cache, where its forward takes ``use_cache`` (a
+    Hugging Face decoder built with ``use_cache=True``) and the batch does not say: calibration and
+    export want the plain forward pass, and a cache shared between repeated calls would grow."""
+    if not isinstance(batch, Mapping) or "use_cache" in batch:
+        return batch
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return batch
+    return {**batch, "use_cache": False} if takes else batch
 
 
 def check_batches(batches: Iterable[Batch] | None, what: str = "calib_data") -> list[Batch]:

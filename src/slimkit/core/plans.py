@@ -17,11 +17,12 @@ to a fresh base model. A plan is any object with ``kind`` and ``to_dict()``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from torch import nn
 
-__all__ = ["plans_of", "attach", "has_plan"]
+__all__ = ["plans_of", "attach", "has_plan", "reference_of"]
 
 
 def plans_of(model: nn.Module) -> list[Any]:
@@ -33,10 +34,19 @@ def plans_of(model: nn.Module) -> list[Any]:
 
 
 def attach(out: nn.Module, source: nn.Module, plan: Any) -> None:
-    """Record ``plan`` on ``out`` after the plans ``source`` already carries."""
+    """Record ``plan`` on ``out`` after the plans ``source`` already carries, and keep a weak
+    reference to ``source`` (the model before this verb), which ``reference_of`` returns while the
+    caller still holds it: export measures the compression's own noise against it."""
     chain = plans_of(source)
     object.__setattr__(out, "slimkit_plans", [*chain, plan])
     object.__setattr__(out, "slimkit_plan", plan)
+    object.__setattr__(out, "_slimkit_reference", weakref.ref(source) if source is not out else None)
+
+
+def reference_of(model: nn.Module) -> nn.Module | None:
+    """The model ``model`` was made from by its last verb, if the caller still holds it."""
+    ref = getattr(model, "_slimkit_reference", None)
+    return ref() if ref is not None else None
 
 
 def has_plan(model: nn.Module, kind: str) -> bool:

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimkit.core.affine import choose_qparams, qrange, quantize
+from slimkit.core.dropin import DropIn, adopt
 from slimkit.quant.calibrators import Observer
 
-__all__ = ["WEIGHTED_LAYERS", "ActQuant", "ScaleInput", "QuantLinear", "QuantConv", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
+__all__ = ["WEIGHTED_LAYERS", "ActQuant", "ScaleInput", "QuantLinear", "QuantConv", "QuantConv1d", "QuantConv2d",
+           "numeric_padding", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
 
 
 WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the float layers slimkit quantizes
@@ -214,21 +216,27 @@ def fake_quant_weight(weight: Tensor, bits: int, per_channel: bool = True) -> Te
     return q.float() * scale.reshape([-1] + [1] * (weight.dim() - 1))
 
 
-class _QuantWeighted(nn.Module):
-    """Common part of QuantLinear and QuantConv: integer weights, quantized bias, dynamic mode."""
+class _QuantWeighted(DropIn, nn.Module):
+    """Common part of QuantLinear and QuantConv: integer weights, quantized bias, dynamic mode.
+
+    Each is a subclass of the torch layer it replaces (``nn.Linear``, ``nn.Conv2d``...), and of the
+    user's own subclass of it where the layer had one (``core/dropin.py``): ``isinstance``, the
+    layer's attributes and a subclass's own ``forward`` survive. ``weight`` reads the dequantized
+    weight, as a float tensor of the original's shape, for model code that reads it."""
 
     fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
+    _layer_args = ("linear", "conv")
 
     weight_q: Tensor
     weight_scale: Tensor
     weight_zero_point: Tensor
-    bias: Tensor
+    bias: Tensor  # type: ignore[assignment]
     bias_q: Tensor
     bias_scale: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, narrow: bool,
                  dynamic: bool, per_channel: bool, scale: Tensor | None = None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the torch layer's __init__: its weight is held as integers
         self.bits, self.dynamic = bits, dynamic
         cout = weight.shape[0]
         observed, lo, hi = weight_qparams(weight, bits, per_channel, narrow)
@@ -247,6 +255,18 @@ class _QuantWeighted(nn.Module):
         self.register_buffer("bias_q", torch.zeros(cout, dtype=torch.int32))
         self.register_buffer("bias_scale", torch.ones(cout))
         self.bias_quantized = False
+        self.weight_dtype = weight.dtype
+
+    @property  # type: ignore[override]
+    def weight(self) -> Tensor:
+        """The dequantized weight (what the layer computes with), in the original's dtype and layout."""
+        w = self.dequantized_weight().to(self.weight_dtype)
+        return w.t() if getattr(self, "weight_layout", "out_in") == "in_out" else w
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(f"{type(self).__name__} holds its weight as integers (weight_q, weight_scale); "
+                             "it cannot be assigned")
 
     def quantize_bias(self, input_scale: Tensor) -> None:
         """Store the bias as int32 with scale ``s_x * s_w`` (what QLinearConv/QGemm consume)."""
@@ -258,13 +278,19 @@ class _QuantWeighted(nn.Module):
     def dequantized_weight(self) -> Tensor:
         return _DQ.apply(self.weight_q, self.weight_scale, self.weight_zero_point)
 
+    def quantized_input(self, x: Tensor) -> Tensor:
+        """``x`` through the layer's own input quantizer (``input_quant``, static PTQ of a model
+        torch.fx cannot trace), or as it is."""
+        quant = self._modules.get("input_quant")
+        return quant(x) if quant is not None else x
+
     def effective_bias(self) -> Tensor:
         if self.bias_quantized:
             return _DQ.apply(self.bias_q, self.bias_scale, torch.zeros_like(self.bias_q))
         return self.bias
 
 
-class QuantLinear(_QuantWeighted):
+class QuantLinear(_QuantWeighted, nn.Linear):  # type: ignore[misc]
     """Quantized ``nn.Linear``. Dynamic mode only:
 
     - ``input_scale`` (SmoothQuant's per-input-channel ``s``): the weight's columns were multiplied
@@ -277,6 +303,7 @@ class QuantLinear(_QuantWeighted):
     Both live in one buffer, ``input_multiplier``: ``1 / s``, and 0 on the outlier channels.
     """
 
+    _torch_base = nn.Linear
     input_multiplier: Tensor
     outliers: Tensor
     outlier_weight: Tensor
@@ -305,6 +332,7 @@ class QuantLinear(_QuantWeighted):
         self.register_buffer("outliers", idx.clone())
         self.register_buffer("outlier_weight", linear.weight.detach()[:, idx].float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        adopt(self, linear, skip=("weight", "bias"))
 
     @property
     def input_scale(self) -> Tensor:
@@ -337,7 +365,7 @@ class QuantLinear(_QuantWeighted):
             if self.outliers.numel():
                 y = y + x.index_select(-1, self.outliers) @ self.outlier_weight.t()
             return y
-        return F.linear(x, self.dequantized_weight(), self.effective_bias())
+        return F.linear(self.quantized_input(x), self.dequantized_weight(), self.effective_bias())
 
     def extra_repr(self) -> str:
         extra = f", float channels={self.outliers.tolist()}" if self.outliers.numel() else ""
@@ -345,27 +373,65 @@ class QuantLinear(_QuantWeighted):
 
 
 class QuantConv(_QuantWeighted):
-    """Quantized ``nn.Conv1d``/``nn.Conv2d`` with zero padding."""
+    """Quantized ``nn.Conv1d``/``nn.Conv2d`` with zero padding (numbers, ``'valid'``, or ``'same'``
+    where it pads evenly). ``QuantConv(conv)`` gives a ``QuantConv1d`` or ``QuantConv2d``."""
+
+    @classmethod
+    def _class_for(cls, layer: nn.Module) -> type:
+        if cls is QuantConv:
+            impl: type[QuantConv] = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantConv1d
+            return impl._class_for(layer)
+        return super()._class_for(layer)
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, bits: int = 8, narrow: bool = True,
                  dynamic: bool = False, per_channel: bool = True, scale: Tensor | None = None) -> None:
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"QuantConv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}")
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
+            raise ValueError(f"QuantConv takes nn.Conv1d or nn.Conv2d, not {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv supports zero padding, not padding_mode={conv.padding_mode!r}")
         if dynamic and not isinstance(conv, nn.Conv2d):
             raise ValueError("dynamic quantization supports Conv2d only")
+        padding = numeric_padding(conv)
         super().__init__(conv.weight, conv.bias, bits, narrow, dynamic, per_channel, scale)
         self.dims = conv.weight.dim() - 2
-        self.conv: dict[str, Any] = {"stride": tuple(conv.stride), "padding": tuple(conv.padding),
-                     "dilation": tuple(conv.dilation), "groups": conv.groups}
+        self.conv: dict[str, Any] = {"stride": tuple(conv.stride), "padding": padding,
+                                     "dilation": tuple(conv.dilation), "groups": conv.groups}
+        adopt(self, conv, skip=("weight", "bias"))
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
         if self.dynamic:
             return _DynamicConv.apply(x, self.weight_q, self.weight_scale, self.bias, c, self.bits == 8)
         fn = F.conv2d if self.dims == 2 else F.conv1d
-        return fn(x, self.dequantized_weight(), self.effective_bias(), c["stride"], c["padding"],
+        return fn(self.quantized_input(x), self.dequantized_weight(), self.effective_bias(), c["stride"], c["padding"],
                   c["dilation"], c["groups"])
 
     def extra_repr(self) -> str:
         w = self.weight_q.shape
         return f"{w[1] * self.conv['groups']}, {w[0]}, kernel={tuple(w[2:])}, bits={self.bits}, {self.conv}"
+
+
+class QuantConv1d(QuantConv, nn.Conv1d):  # type: ignore[misc]
+    """A quantized ``nn.Conv1d`` (see ``QuantConv``)."""
+
+    _torch_base = nn.Conv1d
+
+
+class QuantConv2d(QuantConv, nn.Conv2d):  # type: ignore[misc]
+    """A quantized ``nn.Conv2d`` (see ``QuantConv``)."""
+
+    _torch_base = nn.Conv2d
+
+
+def numeric_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """A conv's zero padding as numbers per spatial axis: ``'valid'`` is none, ``'same'`` is
+    ``dilation * (kernel - 1) / 2`` on each side where that is whole (stride 1, as torch requires)."""
+    if not isinstance(conv.padding, str):
+        return tuple(int(p) for p in conv.padding)
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel {tuple(conv.kernel_size)} pads unevenly (one more on one "
+                         "side), which the integer convolution cannot express")
+    return tuple(t // 2 for t in total)

@@ -18,9 +18,11 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from slimkit.core.batch import Batch, call, check_batches
+from slimkit.core.batch import Batch, cache_free, call, check_batches
 from slimkit.core.config import register
+from slimkit.core.fidelity import check_fidelity, coverage
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
+from slimkit.core.layers import canonicalize, restore
 from slimkit.core.plans import attach
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig
@@ -51,6 +53,17 @@ class QuantPlan:
     skipped: dict[str, str] = field(default_factory=dict)
     folded_bn: list[str] = field(default_factory=list)
     passes: dict[str, Any] = field(default_factory=dict)  # what equalization / AdaRound / bias correction did
+    coverage_: dict[str, Any] = field(default_factory=dict)  # share of the weights quantized, what was left alone
+    fidelity_: dict[str, float] = field(default_factory=dict)  # output vs the float model on the first batch
+
+    def summary(self) -> str:
+        """What was quantized and what was left alone, with the reasons, as a markdown table."""
+        c = self.coverage_
+        head = [f"quantized {len(self.quantized_layers)} layers, {c.get('fraction', 0.0):.1%} of the weights"
+                + (f"; output on the first batch: relative L2 {self.fidelity_['relative_l2']:.3g}, "
+                   f"cosine {self.fidelity_['cosine']:.4f}" if self.fidelity_ else ""),
+                "", "| left alone | why |", "|---|---|"]
+        return "\n".join(head + [f"| {n} | {why} |" for n, why in c.get("left_alone", self.skipped).items()])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +76,8 @@ class QuantPlan:
             "skipped": self.skipped,
             "folded_bn": self.folded_bn,
             "passes": self.passes,
+            "coverage": self.coverage_,
+            "fidelity": self.fidelity_,
         }
 
     @classmethod
@@ -76,6 +91,8 @@ class QuantPlan:
             skipped=dict(d["skipped"]),
             folded_bn=list(d["folded_bn"]),
             passes=dict(d.get("passes", {})),
+            coverage_=dict(d.get("coverage", {})),
+            fidelity_=dict(d.get("fidelity", {})),
         )
 
 
@@ -93,7 +110,7 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, (QuantLinearNBits, QuantLinear)):  # quantized by a weight pass (GPTQ, SmoothQuant)
+            if isinstance(child, (QuantLinearNBits, QuantLinear, QuantConv)):  # by a weight pass (GPTQ, SmoothQuant)
                 plan.quantized_layers.append(full)
                 continue
             if not isinstance(child, _WEIGHTED):
@@ -138,7 +155,7 @@ def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[s
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Embedding):
+            if not isinstance(child, nn.Embedding) or isinstance(child, QuantEmbedding):
                 continue
             # a table tied to a layer that stays float keeps the tie (one shared table in the file);
             # tied to a layer that was quantized, the two are apart already and the table is quantized too
@@ -205,24 +222,12 @@ def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None
     return gm
 
 
-class _InputQuantized(nn.Module):
-    """Module-level fallback: quantize the input of one quantized layer."""
-
-    def __init__(self, quant: ActQuant, layer: nn.Module) -> None:
-        super().__init__()
-        self.input_quant, self.layer = quant, layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(self.input_quant(x))
-
-
 def _prepare_module_level(model: nn.Module, plan: QuantPlan, make: Any) -> nn.Module:
+    """Module-level fallback: each quantized layer quantizes its own input (``input_quant``)."""
     _swap_weighted(model, plan.config, plan)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, (QuantLinear, QuantConv)):
-                full = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, _InputQuantized(make(full), child))
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (QuantLinear, QuantConv)) and not m.dynamic:
+            m.input_quant = make(name)
     return model
 
 
@@ -242,8 +247,9 @@ def _quantize_biases(model: nn.Module) -> None:
                 if isinstance(quant, ActQuant):
                     layer.quantize_bias(quant.scale)
     for m in model.modules():
-        if isinstance(m, _InputQuantized) and isinstance(m.layer, (QuantLinear, QuantConv)):
-            m.layer.quantize_bias(m.input_quant.scale)
+        quant = m._modules.get("input_quant") if isinstance(m, (QuantLinear, QuantConv)) else None
+        if isinstance(m, (QuantLinear, QuantConv)) and isinstance(quant, ActQuant):
+            m.quantize_bias(quant.scale)
 
 
 def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
@@ -264,6 +270,7 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
     """Quantize with exactly ``cfg``: no pass that measures to choose (``choose``) runs here."""
     target = model if inplace else copy.deepcopy(model)
     target.eval()
+    canonicalize(target)  # Hugging Face's Conv1D as the Linear it is, while the passes work
     plan = QuantPlan(config=cfg)
     if needs_weight_passes(cfg):
         if calib_data is None:
@@ -272,7 +279,7 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
                                       ("outlier_threshold", cfg.outlier_threshold is not None),
                                       (f"rounding={cfg.rounding!r}", cfg.rounding != "nearest")) if on]
             raise ValueError(f"{', '.join(wanted)} need calib_data (batches of the model's inputs)")
-        passes_data = check_batches(calib_data)
+        passes_data = [cache_free(model, b) for b in check_batches(calib_data)]
         if cfg.calib_batches is not None:
             passes_data = passes_data[: cfg.calib_batches]
         target, plan.passes = weight_passes(target, cfg, passes_data)
@@ -280,9 +287,12 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
         if calib_data is not None and not needs_weight_passes(cfg):
             log.info("%s quantization needs no calibration data; ignoring calib_data", cfg.activations)
         out = _prepare(target, plan, None, None)
+        restore(out)
+        _report(model, out, plan, cache_free(model, check_batches(calib_data)[0]) if calib_data is not None else None,
+                inplace)
         attach(out, model, plan)
         return out
-    batches = check_batches(calib_data)
+    batches = [cache_free(model, b) for b in check_batches(calib_data)]
     if cfg.calib_batches is not None:
         batches = batches[: cfg.calib_batches]
     out = _prepare(target, plan, _observer_factory(cfg), batches[0])
@@ -293,10 +303,28 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
     for name, q in quantizers.items():
         plan.qparams_[name] = (float(q.scale), int(q.zero_point))
     _quantize_biases(out)
+    restore(out)
+    _report(model, out, plan, batches[0], inplace)
     attach(out, model, plan)
     log.info("quantized %d layers, %d activation quantizers, %d kept in float",
              len(plan.quantized_layers), len(quantizers), len(plan.skipped))
     return out
+
+
+def _report(model: nn.Module, out: nn.Module, plan: QuantPlan, batch: Batch | None, inplace: bool) -> None:
+    """Fill the plan's coverage and, given a batch (and the float model, when not ``inplace``), its
+    fidelity; raises ``FidelityError`` when the output departs far beyond quantization noise."""
+    cfg = plan.config
+    plan.coverage_ = coverage(out if inplace else model, plan.quantized_layers, plan.skipped)
+    fraction = plan.coverage_["fraction"]
+    if fraction < 0.5:
+        alone = sorted(plan.coverage_["left_alone"].items(), key=lambda kv: kv[0])[:3]
+        log.warning("quantized only %.0f%% of the weights of %s; left alone: %s%s", 100 * fraction,
+                    type(model).__name__, "; ".join(f"{n} ({why})" for n, why in alone),
+                    " ..." if len(plan.coverage_["left_alone"]) > 3 else "")
+    if batch is not None and not inplace:
+        narrow = min([cfg.weight_bits, *cfg.layer_bits.values()]) < 8 or cfg.activation_bits < 8
+        plan.fidelity_ = check_fidelity(model, out, batch, 1.0 if narrow else 0.5, "quantization")
 
 
 def calibrate(model: nn.Module, batches: list[Batch], quantizers: Mapping[str, nn.Module],
@@ -321,6 +349,7 @@ def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
     """Rebuild the quantized model from a freshly built ``base`` and a saved plan, without data.
     Weights are then loaded from the saved state dict by the caller."""
     model = copy.deepcopy(base).eval()
+    canonicalize(model)
     saved = QuantPlan(config=plan.config, mode=plan.mode, placement=plan.placement)
     out = _prepare(model, saved, _frozen_factory(plan.config), None)
     quantizers = _act_quantizers(out)
@@ -333,6 +362,7 @@ def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
     for name, (s, z) in plan.qparams_.items():
         quantizers[name].set_qparams(torch.tensor(s), torch.tensor(z))
     _quantize_biases(out)
+    restore(out)
     attach(out, base, plan)
     return out
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimkit.core.dropin import DropIn, adopt
 from slimkit.quant.modules import ScaleInput
 
 __all__ = ["group_qparams", "quantize_groups", "dequantize_groups", "rtn_groups", "pack_nibbles", "unpack_nibbles",
@@ -115,7 +116,7 @@ class _MatMulNBits(torch.autograd.Function):
         return g.op("Add", y, bias)
 
 
-class QuantLinearNBits(nn.Module):
+class QuantLinearNBits(DropIn, nn.Linear):
     """A Linear layer with group-wise ``bits``-bit weights (weight-only: activations stay float).
 
     Built by rounding to nearest, or from integers an algorithm chose (``q``, ``scale``, ``zp``
@@ -126,16 +127,18 @@ class QuantLinearNBits(nn.Module):
     """
 
     fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
+    _torch_base = nn.Linear
+    _layer_args = ("linear",)
 
     packed: Tensor
     scales: Tensor
     zero_points: Tensor
-    bias: Tensor
+    bias: Tensor  # type: ignore[assignment]
     input_scale: Tensor
 
     def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
                  grid: tuple[Tensor, Tensor, Tensor] | None = None, input_scale: Tensor | None = None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: the weight is held packed
         if bits not in (2, 3, 4):
             raise ValueError(f"group-wise weights are 2, 3 or 4 bits (half bytes); got weight_bits={bits}")
         if group_size < 16 or group_size & (group_size - 1):
@@ -153,6 +156,27 @@ class QuantLinearNBits(nn.Module):
         if s.numel() != self.in_features or not bool((s > 0).all()):
             raise ValueError(f"input_scale must hold {self.in_features} positive values")
         self.register_buffer("input_scale", s.clone())
+        self.weight_dtype = linear.weight.dtype
+        adopt(self, linear, skip=("weight", "bias"))
+
+    @property  # type: ignore[override]
+    def weight(self) -> Tensor:
+        """The dequantized weight, in the original's dtype and layout (read-only). Model code that
+        reads it (``nn.MultiheadAttention`` reads ``out_proj.weight``) exports it as plain ONNX: the
+        nibbles are split in float (Div, Floor), which any exporter and runtime take."""
+        def split(packed: Tensor, n: int) -> Tensor:
+            p = packed.float()
+            high = torch.floor(p / 16)
+            return torch.stack([p - 16 * high, high], -1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+        q = split(self.packed.reshape(self.out_features, -1), self.in_features)
+        zp = split(self.zero_points, self.in_features // self.group_size)
+        w = dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp).to(self.weight_dtype)
+        return w.t() if getattr(self, "weight_layout", "out_in") == "in_out" else w
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(f"{type(self).__name__} holds its weight packed; it cannot be assigned")
 
     def meta(self) -> dict[str, int]:
         return {"N": self.out_features, "K": self.in_features, "bits": self.bits, "block_size": self.group_size}
@@ -195,7 +219,7 @@ class _GatherRows(torch.autograd.Function):
         return g.op("Mul", rows, s)
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(DropIn, nn.Embedding):
     """An embedding table stored as integers, so the exported file holds 1 byte per value (int8,
     one symmetric scale per row) or half a byte (``bits=4``: groups of ``group_size`` along each
     row, each with a scale and a zero-point, two values per byte) instead of 4; a lookup
@@ -213,13 +237,15 @@ class QuantEmbedding(nn.Module):
     """
 
     fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
+    _torch_base = nn.Embedding
+    _layer_args = ("embedding",)
 
     table: Tensor
     scales: Tensor
     zero_points: Tensor
 
     def __init__(self, embedding: nn.Embedding, bits: int = 8, group_size: int = 32) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Embedding's: the table is held as integers
         if embedding.max_norm is not None:
             raise ValueError("an embedding with max_norm renormalizes rows at lookup time; it is kept in float")
         if bits not in (4, 8):
@@ -227,18 +253,33 @@ class QuantEmbedding(nn.Module):
         w = embedding.weight.detach().float()
         self.num_embeddings, self.embedding_dim = w.shape
         self.bits, self.group_size = bits, group_size
+        self.weight_dtype = embedding.weight.dtype
         if bits == 4:
             q, scale, zp = rtn_groups(w, 4, group_size, symmetric=False)  # the group size must divide the width
             self.register_buffer("table", pack_nibbles(q))
             self.register_buffer("scales", scale.float())
             self.register_buffer("zero_points", zp.to(torch.uint8))
-            return
-        scale = w.abs().amax(1) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.register_buffer("table", torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
-        self.register_buffer("scales", scale)
+        else:
+            scale = w.abs().amax(1) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            self.register_buffer("table", torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
+            self.register_buffer("scales", scale)
+        adopt(self, embedding, skip=("weight",))
 
-    def forward(self, ids: Tensor) -> Tensor:
+    @property  # type: ignore[override]
+    def weight(self) -> Tensor:
+        """The whole dequantized table (read-only); a lookup dequantizes only the rows it reads."""
+        return self.forward_rows(torch.arange(self.num_embeddings, device=self.table.device)).to(self.weight_dtype)
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(f"{type(self).__name__} holds its table as integers; it cannot be assigned")
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        return self.forward_rows(ids)
+
+    def forward_rows(self, ids: Tensor) -> Tensor:
+        """The rows ``ids`` of the table, dequantized."""
         if self.bits == 8:
             return _GatherRows.apply(ids, self.table, self.scales)
         # Gather rows of a flat id list, split the nibbles in float (Div, Floor; an integer floor

@@ -191,6 +191,13 @@ def _token_rows(xs: list[Tensor], batches: list[Batch]) -> Tensor:
     """A layer's calibration inputs as rows ``[n, features]``. For tokenizer batches, the rows of
     padding positions (``attention_mask == 0``) are left out: they are not text, and padded to a
     fixed length they would outnumber the real tokens in GPTQ's Hessian and AWQ's statistics."""
+    if len(xs) != len(batches) and batches and len(xs) % len(batches) == 0:
+        # a layer shared by several blocks (ALBERT) runs k times per batch: each call reads that batch
+        k = len(xs) // len(batches)
+        batches = [b for b in batches for _ in range(k)]
+    if len(xs) != len(batches):
+        raise ValueError(f"a layer ran {len(xs)} times on {len(batches)} calibration batches, not the same number "
+                         "of times on each; list it in `exclude`")
     rows = []
     for x, b in zip(xs, batches, strict=True):
         mask = b.get("attention_mask") if isinstance(b, Mapping) else None

@@ -25,15 +25,15 @@ __all__ = ["layer_table"]
 
 def _weight_count(m: nn.Module) -> tuple[int, int, str] | None:
     """(parameters, non-zero parameters, bits) of a weighted layer, float or quantized."""
-    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)):
-        w = m.weight.detach()
-        return w.numel(), int((w != 0).sum()), "float"
-    wq = getattr(m, "weight_q", None)
+    wq = getattr(m, "weight_q", None)  # quantized layers first: they are Linear/Conv subclasses too
     if isinstance(wq, torch.Tensor):
         return wq.numel(), int((wq != 0).sum()), str(getattr(m, "bits", 8))
     if hasattr(m, "packed") and hasattr(m, "in_features"):
         n = int(getattr(m, "in_features")) * int(getattr(m, "out_features"))  # noqa: B009
         return n, n, str(getattr(m, "bits"))  # noqa: B009
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+        w = m.weight.detach()
+        return w.numel(), int((w != 0).sum()), "float"
     return None
 
 

@@ -1,0 +1,77 @@
+"""The architecture sweep: tiny random-weight models of the families users bring (``slimkit.zoo.archs``)
+through the quantize presets and export, checking that the caller's model is untouched, that the
+result is faithful to it (not only that it runs), that it reloads, and that the file passes parity.
+
+A small subset runs in ``make test``; the whole matrix is marked ``slow``
+(``benchmarks/arch_coverage.py`` writes it as a table)."""
+
+import pytest
+import torch
+
+import slimkit as sk
+from slimkit.core.batch import cache_free, call, first_tensor
+
+pytest.importorskip("transformers")
+from slimkit.zoo.archs import ARCHS  # noqa: E402
+
+PRESETS = {
+    "int8": "int8",
+    "int8-dynamic": "int8-dynamic",
+    "int8-smoothquant": "int8-smoothquant",
+    # the presets' group of 128 is wider than these tiny models' layers
+    "int4-weight": {"activations": "none", "weight_bits": 4, "group_size": 32},
+    "int4-gptq": {"activations": "none", "weight_bits": 4, "group_size": 32, "rounding": "gptq"},
+}
+MIN_COSINE = {"int8": 0.99, "int8-dynamic": 0.99, "int8-smoothquant": 0.99, "int4-weight": 0.95,
+              "int4-gptq": 0.95}
+
+FAST = [("llama-gqa", "int8-dynamic"), ("llama-gqa", "int4-gptq"), ("gpt2", "int8"), ("gemma", "int8-dynamic"),
+        ("opt", "int8"), ("t5", "int8-dynamic"), ("vit", "int8"), ("hf-resnet", "int8"),
+        ("torch-transformer", "int8"), ("albert", "int4-gptq"), ("padding-cnn", "int8-dynamic")]
+ALL = [(a, p) for a in ARCHS for p in PRESETS if (a, p) not in FAST]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def _sweep(arch: str, preset: str, tmp_path) -> None:
+    model, batch = ARCHS[arch].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = first_tensor(call(model, cache_free(model, batch)))
+    q = sk.quantize(model, PRESETS[preset], calib_data=[batch, batch])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the caller's model changed"
+    plan = q.slimkit_plan
+    assert plan.quantized_layers, plan.summary()
+    with torch.no_grad():
+        out = first_tensor(call(q, cache_free(model, batch)))
+    assert _cosine(out, ref) >= MIN_COSINE[preset], plan.summary()
+    sk.save(q, tmp_path / "saved")
+    fresh, _ = ARCHS[arch].build()
+    loaded = sk.load(tmp_path / "saved", fresh)
+    with torch.no_grad():
+        again = first_tensor(call(loaded, cache_free(model, batch)))
+    assert torch.allclose(again, out, atol=1e-5, rtol=1e-4)
+    report = sk.export_onnx(q, tmp_path / "q.onnx", batch)
+    assert report.parity.ok
+
+
+@pytest.mark.parametrize(("arch", "preset"), FAST, ids=[f"{a}-{p}" for a, p in FAST])
+def test_architecture(arch, preset, tmp_path):
+    _sweep(arch, preset, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "preset"), ALL, ids=[f"{a}-{p}" for a, p in ALL])
+def test_architecture_matrix(arch, preset, tmp_path):
+    _sweep(arch, preset, tmp_path)
+
+
+def test_mixture_of_experts_banks_are_reported():
+    model, batch = ARCHS["mixtral"].build()
+    q = sk.quantize(model, "int8-dynamic", calib_data=[batch])
+    alone = q.slimkit_plan.coverage_["left_alone"]
+    banks = [n for n, why in alone.items() if "weight bank" in why]
+    assert banks and all(".experts." in n or n.endswith("experts") or "experts" in n for n in banks)
+    assert 0 < q.slimkit_plan.coverage_["fraction"] < 1

@@ -35,7 +35,7 @@ from torch import nn
 
 from slimkit.core.dropin import adopt, replace_module
 
-__all__ = ["CanonicalLinear", "register_linear_like", "canonicalize", "restore", "is_hf_conv1d"]
+__all__ = ["CanonicalLinear", "register_linear_like", "canonicalize", "restore", "is_hf_conv1d", "tied_weights"]
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
@@ -96,3 +96,20 @@ def restore(model: nn.Module) -> None:
     for name, m in list(model.named_modules()):
         if isinstance(m, CanonicalLinear):
             replace_module(model, name, m.restored())
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """For each module whose ``weight`` parameter another module holds too (a language model's
+    output layer tied to its embedding table), the other holders' names.
+
+    >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    >>> head.weight = emb.weight
+    >>> tied_weights(nn.ModuleDict({"emb": emb, "head": head}))
+    {'emb': ['head'], 'head': ['emb']}
+    """
+    holders: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        w = m._parameters.get("weight")
+        if w is not None and name not in holders.get(id(w), []):
+            holders.setdefault(id(w), []).append(name)
+    return {n: [o for o in names if o != n] for names in holders.values() if len(names) > 1 for n in names}

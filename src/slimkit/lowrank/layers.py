@@ -1,7 +1,10 @@
 """Per-layer surgery: which layers a method takes, their ranks, and the replacement modules.
 
-Each method maps a layer and its ranks to a plain ``nn.Sequential`` of standard ``nn.Linear`` /
-``nn.Conv2d`` modules, so the result exports to ONNX and quantizes like any other layer.
+Each method maps a layer and its ranks to a ``Factorized`` sequence of standard ``nn.Linear`` /
+``nn.Conv2d`` modules, so the result exports to ONNX and quantizes like any other layer. The
+sequence keeps the replaced layer's attributes (``in_features``, ``stride``...) and reads
+``weight`` / ``bias`` as the dense layer it approximates, for model code that reads them
+(``nn.MultiheadAttention`` reads ``out_proj.weight``).
 
 >>> import torch
 >>> from torch import nn
@@ -11,6 +14,8 @@ Each method maps a layer and its ranks to a plain ``nn.Sequential`` of standard 
 >>> f = factorized("svd", lin, [10])
 >>> [tuple(m.weight.shape) for m in f], param_count("svd", lin, [10])
 ([(10, 64), (32, 10)], 960)
+>>> f.in_features, tuple(f.weight.shape), bool(torch.allclose(f(torch.eye(64)), torch.eye(64) @ f.weight.t() + f.bias))
+(64, (32, 64), True)
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import math
 import torch
 from torch import Tensor, nn
 
+from slimkit.core.dropin import adopt
+
 from .cp import cp_als
 from .spatial_svd import spatial_matrix, spatial_svd
 from .svd import rank_for_energy, singular_values, truncated_svd
 from .tucker import tucker2, unfold
 from .whitened_svd import whitened_singular_values, whitened_svd
 
-__all__ = ["why_not", "rank_limit", "ranks_for_rank", "ranks_for_ratio", "ranks_for_energy",
+__all__ = ["Factorized", "why_not", "rank_limit", "ranks_for_rank", "ranks_for_ratio", "ranks_for_energy",
            "param_count", "factorized", "weight_count", "approx_weight"]
 
 
@@ -133,6 +140,35 @@ def ranks_for_energy(method: str, m: nn.Module, energy: float, factor: Tensor | 
     raise ValueError("energy is not defined for CP")
 
 
+class Factorized(nn.Sequential):
+    """The layers a factorized layer became, applied in turn, carrying the replaced layer's
+    attributes; ``weight`` and ``bias`` read the dense layer the factors apply (read-only)."""
+
+    def __init__(self, method: str, layer: nn.Module, *factors: nn.Module) -> None:
+        super().__init__(*factors)
+        self.method = method
+        adopt(self, layer, skip=("weight", "bias"))
+
+    @property
+    def weight(self) -> Tensor:
+        f: list[Tensor] = [m.weight for m in self.children()]  # type: ignore[misc]
+        if self.method == "svd":
+            w = f[1].reshape(f[1].shape[0], -1) @ f[0].reshape(f[0].shape[0], -1)
+            return w.reshape(w.shape[0], -1, *f[0].shape[2:]) if f[0].dim() == 4 else w
+        if self.method == "spatial-svd":  # V [r, i, kh, 1], H [o, r, 1, kw]
+            return torch.einsum("rih,orw->oihw", f[0][..., 0], f[1][:, :, 0])
+        if self.method == "tucker":  # U_in [r_in, i], core [r_out, r_in, kh, kw], U_out [o, r_out]
+            return torch.einsum("bi,abhw,oa->oihw", f[0][:, :, 0, 0], f[1], f[2][:, :, 0, 0])
+        # cp: A_i [r, i], A_h [r, kh] and A_w [r, kw] depthwise, A_o [o, r]
+        return torch.einsum("ri,rh,rw,or->oihw", f[0][:, :, 0, 0], f[1][:, 0, :, 0], f[2][:, 0, 0, :],
+                            f[3][:, :, 0, 0])
+
+    @property
+    def bias(self) -> Tensor | None:
+        last = list(self.children())[-1]
+        return last.bias if isinstance(last.bias, Tensor) else None
+
+
 def _conv(cin: int, cout: int, kernel: tuple[int, int], weight: Tensor, bias: Tensor | None = None,
           stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
           dilation: tuple[int, int] = (1, 1), groups: int = 1) -> nn.Conv2d:
@@ -153,7 +189,7 @@ def _svd(w: Tensor, rank: int, factor: Tensor | None) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25,
-               factor: Tensor | None = None) -> nn.Sequential:
+               factor: Tensor | None = None) -> Factorized:
     """The replacement for ``m``: a sequence of standard layers applying the factorized weights.
     ``factor`` (svd only): the input whitening factor of a data-whitened SVD."""
     w = m.weight.detach()  # type: ignore[union-attr, operator]
@@ -161,8 +197,8 @@ def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25
     dev, dt = w.device, w.dtype
     if method == "svd" and isinstance(m, nn.Conv2d):  # a 1x1 conv is a matrix applied at every pixel
         b, a = _svd(w, ranks[0], factor)
-        return nn.Sequential(
-            _conv(m.in_channels, ranks[0], (1, 1), a, None, m.stride, m.padding, m.dilation),  # type: ignore[arg-type]
+        return Factorized(
+            method, m, _conv(m.in_channels, ranks[0], (1, 1), a, None, m.stride, m.padding, m.dilation),  # type: ignore[arg-type]
             _conv(ranks[0], m.out_channels, (1, 1), b, bias),
         ).to(dev, dt)
     if method == "svd":
@@ -175,7 +211,7 @@ def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25
         if bias is not None:
             assert second.bias is not None
             second.bias.copy_(bias)
-        return nn.Sequential(first, second).to(dev, dt)
+        return Factorized(method, m, first, second).to(dev, dt)
     assert isinstance(m, nn.Conv2d)
     o, i, kh, kw = _dims(m)
     (sh, sw), (dh, dw) = m.stride, m.dilation
@@ -183,22 +219,22 @@ def factorized(method: str, m: nn.Module, ranks: list[int], iterations: int = 25
     if method == "spatial-svd":
         r = ranks[0]
         v, h = spatial_svd(w, r)
-        return nn.Sequential(
-            _conv(i, r, (kh, 1), v, None, (sh, 1), (ph, 0), (dh, 1)),
+        return Factorized(
+            method, m, _conv(i, r, (kh, 1), v, None, (sh, 1), (ph, 0), (dh, 1)),
             _conv(r, o, (1, kw), h, bias, (1, sw), (0, pw), (1, dw)),
         ).to(dev, dt)
     if method == "tucker":
         r_out, r_in = ranks
         core, u_out, u_in = tucker2(w, (r_out, r_in), iterations)
-        return nn.Sequential(
-            _conv(i, r_in, (1, 1), u_in.t()),
+        return Factorized(
+            method, m, _conv(i, r_in, (1, 1), u_in.t()),
             _conv(r_in, r_out, (kh, kw), core, None, m.stride, m.padding, m.dilation),  # type: ignore[arg-type]
             _conv(r_out, o, (1, 1), u_out, bias),
         ).to(dev, dt)
     r = ranks[0]
     a_o, a_i, a_h, a_w = cp_als(w, r, iterations)
-    return nn.Sequential(
-        _conv(i, r, (1, 1), a_i.t()),
+    return Factorized(
+        method, m, _conv(i, r, (1, 1), a_i.t()),
         _conv(r, r, (kh, 1), a_h.t(), None, (sh, 1), (ph, 0), (dh, 1), groups=r),
         _conv(r, r, (1, kw), a_w.t(), None, (1, sw), (0, pw), (1, dw), groups=r),
         _conv(r, o, (1, 1), a_o, bias),

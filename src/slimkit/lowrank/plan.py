@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, call, check_batches, output_error, tensors_of
 from slimkit.core.config import register
+from slimkit.core.layers import tied_weights
 from slimkit.core.plans import attach
 
 from .config import FactorizeConfig
@@ -101,9 +102,13 @@ def _candidates(model: nn.Module, cfg: FactorizeConfig) -> tuple[list[str], dict
         return list(cfg.layers), skipped
     names = []
     kinds = (nn.Linear, nn.Conv2d) if cfg.method == "svd" else (nn.Conv2d,)
+    tied = tied_weights(model)
     for name, m in modules.items():
         if isinstance(m, kinds):
             reason = why_not(cfg.method, m)
+            if reason is None and name in tied:  # a language model's head tied to its embedding table
+                reason = (f"its weight is tied to {tied[name][0]!r}; factorized, the two would be apart and "
+                          "the model would grow")
             if reason is None:
                 names.append(name)
             else:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from slimkit.core.batch import Batch, call, check_batches, model_inputs, tensors_of
 from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
+from slimkit.core.layers import tied_weights
 
 from .config import PruneConfig
 from .cut import apply_plan, dim_size
@@ -54,12 +55,13 @@ class PrunePlan:
     attrs_: dict[str, dict[str, int]] = field(default_factory=dict)  # attention heads left per module
     dropped_: list[str] = field(default_factory=list)  # depth pruning: blocks replaced by the identity
     scores_: dict[str, float] = field(default_factory=dict)  # depth pruning: output change without each block
+    skipped: dict[str, str] = field(default_factory=dict)  # layers left alone, with the reason
     kind = "prune"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": self.config.to_dict(), "keep": self.keep_, "sizes": self.sizes_,
                 "groups": self.groups_, "sparsity": self.sparsity_, "attrs": self.attrs_, "dropped": self.dropped_,
-                "scores": self.scores_}
+                "scores": self.scores_, "skipped": self.skipped}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
@@ -69,7 +71,8 @@ class PrunePlan:
                    groups_=list(d.get("groups", [])), sparsity_={str(k): float(v) for k, v in d.get("sparsity", {}).items()},
                    attrs_={str(k): {str(a): int(v) for a, v in attrs.items()} for k, attrs in d.get("attrs", {}).items()},
                    dropped_=[str(n) for n in d.get("dropped", [])],
-                   scores_={str(k): float(v) for k, v in d.get("scores", {}).items()})
+                   scores_={str(k): float(v) for k, v in d.get("scores", {}).items()},
+                   skipped={str(k): str(v) for k, v in d.get("skipped", {}).items()})
 
     def summary(self) -> str:
         if self.config.method == "depth":
@@ -78,7 +81,8 @@ class PrunePlan:
                                      for n, s in self.scores_.items()])
         if self.config.method != "structured":
             rows = ["| layer | zeros |", "|---|---|"]
-            return "\n".join(rows + [f"| {n} | {s:.1%} |" for n, s in self.sparsity_.items()])
+            return "\n".join(rows + [f"| {n} | {s:.1%} |" for n, s in self.sparsity_.items()]
+                             + [f"| {n} | left alone: {why} |" for n, why in self.skipped.items()])
         rows = ["| group | channels | members | note |", "|---|---|---|---|"]
         for i, g in enumerate(self.groups_):
             rows.append(f"| {i} | {g['channels']} -> {g['kept']} | {', '.join(g['members'][:4])}"
@@ -234,6 +238,13 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
 def _search_sparse(model: nn.Module, cfg: PruneConfig, grads: dict[str, Tensor] | None) -> tuple[PrunePlan, dict[str, Tensor]]:
     plan = PrunePlan(config=cfg)
     chosen = _prunable(model, cfg)
+    tied = tied_weights(model)
+    for n in [n for n in chosen if n in tied and n not in cfg.layers]:
+        # a language model's head tied to its embedding table: zeros there would blank token embeddings
+        plan.skipped[n] = f"its weight is tied to {tied[n][0]!r}; zeros in it would change that layer too"
+        del chosen[n]
+    if not chosen:
+        raise ValueError(f"every prunable layer of {type(model).__name__} is left alone: {plan.skipped}")
     scores: dict[str, Tensor] = {}
     for n, m in chosen.items():
         sc = _scores(m, n, cfg, grads)

@@ -53,11 +53,27 @@ from slimkit.zoo.archs import ARCHS, Batch
 
 log = logging.getLogger("arch_coverage")
 
-OPS = ["fp32", "int8", "int8-dynamic", "int8-smoothquant", "int4-weight", "int4-gptq", "int4-awq",
-       "prune-structured", "prune-unstructured", "svd"]
+OPS = [
+    "fp32",
+    "int8",
+    "int8-dynamic",
+    "int8-smoothquant",
+    "int4-weight",
+    "int4-gptq",
+    "int4-awq",
+    "prune-structured",
+    "prune-unstructured",
+    "svd",
+]
 CALIBRATED = {"int8", "int8-smoothquant", "int4-gptq", "int4-awq"}
-SILENT_BELOW = {"int8": 0.9, "int8-dynamic": 0.9, "int8-smoothquant": 0.9,
-                "int4-weight": 0.8, "int4-gptq": 0.8, "int4-awq": 0.8}
+SILENT_BELOW = {
+    "int8": 0.9,
+    "int8-dynamic": 0.9,
+    "int8-smoothquant": 0.9,
+    "int4-weight": 0.8,
+    "int4-gptq": 0.8,
+    "int4-awq": 0.8,
+}
 STAGES = ["op", "state", "call", "save/load", "export"]
 
 
@@ -155,17 +171,27 @@ def origin(e: BaseException) -> dict[str, Any]:
     root = chain[-1]
     ours: list[str] = []
     for x in reversed(chain):  # the root cause's frames first: its slimkit frame is the deepest
-        ours += [_where(f) for f in traceback.extract_tb(x.__traceback__)
-                 if "/slimkit/" in f.filename and "/zoo/archs" not in f.filename]
-    frames = [f for f in traceback.extract_tb(root.__traceback__)
-              if not f.filename.endswith("torch/nn/modules/module.py")]
+        ours += [
+            _where(f)
+            for f in traceback.extract_tb(x.__traceback__)
+            if "/slimkit/" in f.filename and "/zoo/archs" not in f.filename
+        ]
+    frames = [
+        f
+        for f in traceback.extract_tb(root.__traceback__)
+        if not f.filename.endswith("torch/nn/modules/module.py")
+    ]
 
     def first_line(x: BaseException) -> str:
         return f"{type(x).__name__}: {(str(x).strip().splitlines() or [''])[0][:400]}"
 
-    return {"error": first_line(e), "root": first_line(root) if root is not e else None,
-            "slimkit": ours[-1] if ours else None, "raised": _where(frames[-1]) if frames else None,
-            "slimkit_frames": ours[-6:]}
+    return {
+        "error": first_line(e),
+        "root": first_line(root) if root is not e else None,
+        "slimkit": ours[-1] if ours else None,
+        "raised": _where(frames[-1]) if frames else None,
+        "slimkit_frames": ours[-6:],
+    }
 
 
 def stage(cell: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
@@ -194,6 +220,7 @@ def build(arch: str) -> tuple[nn.Module, Batch]:
 
 def other(batch: Batch) -> Batch:
     """Another batch of the same form: float rows swapped, token ids shifted along the sequence."""
+
     def change(k: str, t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point():
             return t.flip(0)
@@ -206,7 +233,9 @@ def other(batch: Batch) -> Batch:
     return change("", batch)
 
 
-def run_cell(arch: str, op: str, ref: torch.Tensor, tmp: str, timeout: int, group_size: int) -> dict[str, Any]:
+def run_cell(
+    arch: str, op: str, ref: torch.Tensor, tmp: str, timeout: int, group_size: int
+) -> dict[str, Any]:
     cell: dict[str, Any] = {"arch": arch, "op": op, "stages": {}}
     model, batch = build(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -222,9 +251,13 @@ def run_cell(arch: str, op: str, ref: torch.Tensor, tmp: str, timeout: int, grou
     after = model.state_dict()
 
     def same_state() -> None:
-        changed = sorted(set(before) ^ set(after)) or [k for k in before if not torch.equal(before[k], after[k])]
+        changed = sorted(set(before) ^ set(after)) or [
+            k for k in before if not torch.equal(before[k], after[k])
+        ]
         if changed:
-            raise AssertionError(f"the caller's state dict changed: {changed[:3]} ({len(changed)} entries)")
+            raise AssertionError(
+                f"the caller's state dict changed: {changed[:3]} ({len(changed)} entries)"
+            )
 
     stage(cell, "state", same_state)
     flt, params, zeros = weights(result)
@@ -240,9 +273,16 @@ def run_cell(arch: str, op: str, ref: torch.Tensor, tmp: str, timeout: int, grou
             why = "; ".join(sorted(set(plan.skipped.values()))) or "no Linear/Conv layers"
             cell["na"] = f"nothing quantized: {why[:300]}"
     elif op.startswith("prune") or op == "svd":
-        if op != "prune-unstructured" and params == params0 or op == "prune-unstructured" and zeros == 0:
+        if (
+            op != "prune-unstructured"
+            and params == params0
+            or op == "prune-unstructured"
+            and zeros == 0
+        ):
             frozen = sorted({g.get("frozen", "") for g in getattr(plan, "groups_", [])} - {""})
-            cell["na"] = "nothing removed" + (f" (kept whole: {'; '.join(frozen)[:200]})" if frozen else "")
+            cell["na"] = "nothing removed" + (
+                f" (kept whole: {'; '.join(frozen)[:200]})" if frozen else ""
+            )
     out = stage(cell, "call", lambda: main_output(call(result, batch)))
     if out is not None:
         metrics = stage(cell, "call", lambda: compare(out, ref))
@@ -257,7 +297,9 @@ def run_cell(arch: str, op: str, ref: torch.Tensor, tmp: str, timeout: int, grou
             diff = compare(again, out)["rel_l2"]
             cell["load_rel_l2"] = diff
             if diff > 1e-5:
-                raise AssertionError(f"loaded model's outputs differ from the saved one's (rel L2 {diff:.3g})")
+                raise AssertionError(
+                    f"loaded model's outputs differ from the saved one's (rel L2 {diff:.3g})"
+                )
 
     stage(cell, "save/load", save_load)
 
@@ -272,14 +314,16 @@ def run_cell(arch: str, op: str, ref: torch.Tensor, tmp: str, timeout: int, grou
 def finish(cell: dict[str, Any]) -> dict[str, Any]:
     failed = next((s for s in STAGES if not cell["stages"].get(s, {"ok": True})["ok"]), None)
     cos, floor = cell.get("cosine"), SILENT_BELOW.get(cell["op"])
+    # a deviation is recorded even where a later stage fails: the failure would hide it
+    cell["silent"] = cos is not None and (
+        not math.isfinite(cos) or floor is not None and cos < floor
+    )
     if failed:
         cell["status"], cell["failed_stage"] = "fail", failed
     elif "na" in cell:
         cell["status"] = "n/a"
-    elif cos is not None and (not math.isfinite(cos) or floor is not None and cos < floor):
-        cell["status"] = "silent"
     else:
-        cell["status"] = "ok"
+        cell["status"] = "silent" if cell["silent"] else "ok"
     return cell
 
 
@@ -303,29 +347,72 @@ def run(archs: list[str], ops: list[str], timeout: int, group_size: int) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
             out = f"{tmp}/{arch}.jsonl"
-            cmd = [sys.executable, __file__, "--worker", arch, "--ops", ",".join(ops), "--timeout", str(timeout),
-                   "--group-size", str(group_size), "--out", out, *(["--no-cache"] if NO_CACHE else [])]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                arch,
+                "--ops",
+                ",".join(ops),
+                "--timeout",
+                str(timeout),
+                "--group-size",
+                str(group_size),
+                "--out",
+                out,
+                *(["--no-cache"] if NO_CACHE else []),
+            ]
             t = time.time()
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * (len(ops) + 2))
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=timeout * (len(ops) + 2)
+                )
                 tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             except subprocess.TimeoutExpired:
                 tail = "the whole row ran over its time limit"
-            done = [json.loads(ln) for ln in Path(out).read_text().splitlines()] if Path(out).exists() else []
-            for op in ops[len(done):]:
-                done.append({"arch": arch, "op": op, "status": "fail", "failed_stage": "op",
-                             "stages": {"op": {"ok": False, "error": f"worker died: {tail[:300]}",
-                                               "slimkit": None, "raised": None}}})
+            done = (
+                [json.loads(ln) for ln in Path(out).read_text().splitlines()]
+                if Path(out).exists()
+                else []
+            )
+            for op in ops[len(done) :]:
+                done.append(
+                    {
+                        "arch": arch,
+                        "op": op,
+                        "status": "fail",
+                        "failed_stage": "op",
+                        "stages": {
+                            "op": {
+                                "ok": False,
+                                "error": f"worker died: {tail[:300]}",
+                                "slimkit": None,
+                                "raised": None,
+                            }
+                        },
+                    }
+                )
             cells += done
-            log.info("%s: %s (%.0f s)", arch, " ".join(f"{c['op']}={c['status']}" for c in done), time.time() - t)
-    return {"archs": {a: ARCHS[a].family for a in archs}, "ops": ops, "group_size": group_size,
-            "timeout_s": timeout, "no_cache": NO_CACHE, "cells": cells}
+            log.info(
+                "%s: %s (%.0f s)",
+                arch,
+                " ".join(f"{c['op']}={c['status']}" for c in done),
+                time.time() - t,
+            )
+    return {
+        "archs": {a: ARCHS[a].family for a in archs},
+        "ops": ops,
+        "group_size": group_size,
+        "timeout_s": timeout,
+        "no_cache": NO_CACHE,
+        "cells": cells,
+    }
 
 
 def label(c: dict[str, Any]) -> str:
     cos = f" {c['cosine']:.3f}" if c.get("cosine") is not None else ""
     if c["status"] == "fail":
-        return f"**FAIL** {c['failed_stage']}"
+        return f"**FAIL** {c['failed_stage']}" + (f" (**silent**{cos})" if c.get("silent") else "")
     if c["status"] == "n/a":
         return "n/a"
     mark = "†" if c["op"].startswith("int") and c.get("float_weights_left", 0) > 0.5 else ""
@@ -334,19 +421,35 @@ def label(c: dict[str, Any]) -> str:
 
 def causes(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Failures grouped by stage, slimkit origin, where the root cause was raised and its message
-    (numbers and model class names folded), most cells first within each stage."""
+    (numbers and model class names folded), most cells first within each stage. A later stage of a
+    cell failing with the same message is listed with the first (``also``), not apart."""
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for c in cells:
+        first: dict[str, dict[str, Any]] = {}  # message -> its group, within this cell
         for name in STAGES:
             s = c["stages"].get(name)
             if not s or s["ok"]:
                 continue
             msg = re.sub(r"\b\w+(Model|For\w+)\b", "<Model>", s.get("root") or s["error"])
             msg = re.sub(r"\d+", "N", msg)[:120]
+            if msg in first:
+                first[msg]["also"].add(name)
+                continue
             key = (name, s.get("slimkit") or "-", s.get("raised") or "-", msg)
-            g = groups.setdefault(key, {"stage": name, "slimkit": key[1], "raised": key[2],
-                                        "error": s["error"], "root": s.get("root"), "cells": []})
+            g = groups.setdefault(
+                key,
+                {
+                    "stage": name,
+                    "slimkit": key[1],
+                    "raised": key[2],
+                    "also": set(),
+                    "error": s["error"],
+                    "root": s.get("root"),
+                    "cells": [],
+                },
+            )
             g["cells"].append(f"{c['arch']}/{c['op']}")
+            first[msg] = g
     return sorted(groups.values(), key=lambda g: (STAGES.index(g["stage"]), -len(g["cells"])))
 
 
@@ -363,46 +466,85 @@ def size(c: dict[str, Any]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     ops, by = res["ops"], {(c["arch"], c["op"]): c for c in res["cells"]}
-    counts = {s: sum(c["status"] == s for c in res["cells"]) for s in ("ok", "fail", "silent", "n/a")}
+    counts = {
+        s: sum(c["status"] == s for c in res["cells"]) for s in ("ok", "fail", "silent", "n/a")
+    }
     head = ["| arch | family | " + " | ".join(ops) + " |", "|---|---|" + "---|" * len(ops)]
 
     def table(cell: Callable[[dict[str, Any]], str]) -> list[str]:
-        return head + [f"| {a} | {f} | " + " | ".join(cell(by[a, o]) if (a, o) in by else "-" for o in ops)
-                       + " |" for a, f in res["archs"].items()]
+        return head + [
+            f"| {a} | {f} | "
+            + " | ".join(cell(by[a, o]) if (a, o) in by else "-" for o in ops)
+            + " |"
+            for a, f in res["archs"].items()
+        ]
 
-    m = [f"# arch_coverage: every verb on every architecture ({res['machine']})", "",
-         f"torch {res['torch']}, transformers {res['transformers']}, onnxruntime {res['onnxruntime']}; "
-         f"{len(res['archs'])} tiny random-weight architectures (`slimkit.zoo.archs`) x {len(ops)} operations, "
-         f"int4 presets with group_size {res['group_size'] or 128}"
-         + (", use_cache=False" if res.get("no_cache") else "") + ". Cell: status and the cosine of the main "
-         "output with the float model's; `FAIL stage` names the first failing stage (op, state, call, save/load, "
-         "export; every stage runs regardless); † = more than half the weights left in float. "
-         f"{counts['ok']} ok, {counts['fail']} fail, {counts['silent']} silent, {counts['n/a']} n/a "
-         f"({res['seconds']:.0f} s).", "", *table(label), "", "## Failures by cause", "",
-         "Each: the stage, the deepest slimkit frame, where the root cause was raised, the error (and its root "
-         "cause), the cells.", ""]
+    versions = ", ".join(f"{k} {res[k]}" for k in ("torch", "transformers", "onnxruntime"))
+    setup = (
+        f"{len(res['archs'])} tiny random-weight architectures (`slimkit.zoo.archs`) x {len(ops)} "
+        f"operations, int4 presets with group_size {res['group_size'] or 128}"
+        + (", use_cache=False" if res.get("no_cache") else "")
+    )
+    m = [
+        f"# arch_coverage: every verb on every architecture ({res['machine']})",
+        "",
+        f"{versions}; {setup}. Cell: status and the cosine of the main output with the float "
+        "model's; `FAIL stage` names the first failing stage (op, state, call, save/load, export; "
+        "every stage runs regardless; `(silent c)`: a deviation that the failure hides); "
+        "† = more than half the weights left in float. "
+        f"{counts['ok']} ok, {counts['fail']} fail, {counts['silent']} silent, {counts['n/a']} n/a "
+        f"({res['seconds']:.0f} s).",
+        "",
+        *table(label),
+        "",
+        "## Failures by cause",
+        "",
+        "Each: the stage, the deepest slimkit frame, where the root cause was raised, the error "
+        "(and its root cause), the cells.",
+        "",
+    ]
     for g in causes(res["cells"]):
         root = f" <- `{g['root']}`" if g["root"] else ""
-        m.append(f"- **{g['stage']}** at `{g['slimkit']}`, raised at `{g['raised']}`: `{g['error']}`{root} "
-                 f"-- {len(g['cells'])}: {', '.join(g['cells'])}")
+        also = f" (then also {', '.join(sorted(g['also'], key=STAGES.index))})" if g["also"] else ""
+        where = f"at `{g['slimkit']}`, raised at `{g['raised']}`"
+        cells = f"{len(g['cells'])}: {', '.join(g['cells'])}"
+        m.append(f"- **{g['stage']}**{also} {where}: `{g['error']}`{root} -- {cells}")
     na = [c for c in res["cells"] if c["status"] == "n/a"]
     if na:
         m += ["", "## Not applicable", ""] + [f"- {c['arch']}/{c['op']}: {c['na']}" for c in na]
     m += ["", "## What each op left", "", *table(size)]
     flat = sorted({c["arch"] for c in res["cells"] if c.get("input_sensitivity", 1) < 1e-3})
+    silent = [f"{c['arch']}/{c['op']} ({c['cosine']:.3f})" for c in res["cells"] if c.get("silent")]
+    if silent:
+        m += [
+            "",
+            "Outputs below the cosine floor (0.9 at 8 bits, 0.8 at 4), failing or not: "
+            f"{', '.join(silent)}.",
+        ]
     if flat:
-        m += ["", f"Outputs that hardly depend on the input (1 - cosine between two batches < 1e-3), so their "
-              f"cosines say little: {', '.join(flat)}."]
+        m += [
+            "",
+            "Outputs that hardly depend on the input (1 - cosine between two batches < 1e-3), "
+            f"so their cosines say little: {', '.join(flat)}.",
+        ]
     return "\n".join(m) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of slimkit.zoo.archs")
-    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument(
+        "--archs", default=",".join(ARCHS), help="comma-separated subset of slimkit.zoo.archs"
+    )
+    ap.add_argument(
+        "--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}"
+    )
     ap.add_argument("--timeout", type=int, default=300, help="seconds per operation")
-    ap.add_argument("--group-size", type=int, default=32, help="int4 group size (0: the presets' 128)")
-    ap.add_argument("--no-cache", action="store_true", help="use_cache=False on models with a config")
+    ap.add_argument(
+        "--group-size", type=int, default=32, help="int4 group size (0: the presets' 128)"
+    )
+    ap.add_argument(
+        "--no-cache", action="store_true", help="use_cache=False on models with a config"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -420,11 +562,18 @@ def main() -> None:
     import transformers
 
     t = time.time()
-    res = {"machine": machine(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "onnxruntime": ort.__version__, **run(archs, ops, args.timeout, args.group_size)}
+    res = {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": ort.__version__,
+        **run(archs, ops, args.timeout, args.group_size),
+    }
     res["seconds"] = time.time() - t
     subset = archs != list(ARCHS) or ops != OPS or args.no_cache
-    write_results("arch_coverage" + ("_no_cache" if args.no_cache else ""), res, markdown, quick=subset)
+    write_results(
+        "arch_coverage" + ("_no_cache" if args.no_cache else ""), res, markdown, quick=subset
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Teach slimkit another such type with ``register_linear_like(predicate)``:
 ...         self.weight, self.bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.zeros(3))
 ...     def forward(self, x):
 ...         return x @ self.weight + self.bias
->>> register_linear_like(lambda m: isinstance(m, RowMajor))
+>>> forget = register_linear_like(lambda m: isinstance(m, RowMajor))
 >>> model = nn.Sequential(RowMajor())
 >>> canonicalize(model)
 ['0']
@@ -25,6 +25,7 @@ Teach slimkit another such type with ``register_linear_like(predicate)``:
 >>> restore(model)
 >>> type(model[0]).__name__, tuple(model[0].weight.shape)
 ('RowMajor', (4, 3))
+>>> forget()  # registrations are global: a test takes its own back
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import nn
 
 from slimkit.core.dropin import adopt, replace_module
 
-__all__ = ["CanonicalLinear", "register_linear_like", "canonicalize", "restore", "is_hf_conv1d", "tied_weights"]
+__all__ = ["CanonicalLinear", "register_linear_like", "canonicalize", "restore", "is_hf_conv1d", "is_linear_like", "tied_weights"]
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
@@ -47,11 +48,23 @@ def is_hf_conv1d(m: nn.Module) -> bool:
 _LINEAR_LIKE: list[Callable[[nn.Module], bool]] = [is_hf_conv1d]
 
 
-def register_linear_like(predicate: Callable[[nn.Module], bool]) -> None:
+def is_linear_like(m: nn.Module) -> bool:
+    """Whether ``m`` is a registered linear-like layer (``[in, out]`` weight), such as HF's ``Conv1D``."""
+    return not isinstance(m, nn.Linear) and any(p(m) for p in _LINEAR_LIKE)
+
+
+def register_linear_like(predicate: Callable[[nn.Module], bool]) -> Callable[[], None]:
     """Treat modules for which ``predicate`` holds as Linear layers with a ``[in, out]`` weight
-    parameter and an optional ``bias`` parameter, computing ``x @ weight + bias``."""
+    parameter and an optional ``bias`` parameter, computing ``x @ weight + bias``. Returns a
+    function that takes the registration back."""
     if predicate not in _LINEAR_LIKE:
         _LINEAR_LIKE.append(predicate)
+
+    def forget() -> None:
+        if predicate in _LINEAR_LIKE:
+            _LINEAR_LIKE.remove(predicate)
+
+    return forget
 
 
 class CanonicalLinear(nn.Linear):

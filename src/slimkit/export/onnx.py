@@ -181,22 +181,31 @@ def _no_fastpath() -> Iterator[None]:
 
 @contextmanager
 def _eager_attention(model: nn.Module) -> Iterator[None]:
-    """Hugging Face models that attend through ``scaled_dot_product_attention`` are traced with
+    """Hugging Face implementations chosen for export. Models that attend through ``scaled_dot_product_attention`` are traced with
     their ``eager`` attention (the same arithmetic; restored after): the traced SDPA path adds mask
     guards per layer (``IsNaN``, ``Where``) and shape arithmetic that ONNX Runtime runs node by
     node (all-MiniLM-L6-v2: 366 nodes after ONNX Runtime's optimizations, 282 eager)."""
-    switched: list[Any] = []
+    switched: list[tuple[Any, str]] = []
     for m in model.modules():
         config = getattr(m, "config", None)
         switch = getattr(m, "set_attn_implementation", None)
         if callable(switch) and getattr(config, "_attn_implementation", None) == "sdpa":
             switch("eager")
-            switched.append(switch)
+            switched.append((switch, "sdpa"))
+        # mixture-of-experts layers: the grouped kernel counts tokens per expert with ``histc``, which
+        # has no ONNX form, and the eager loop visits only the experts the example routes to (a file
+        # traced from it would compute another function on other inputs); ``batched_mm`` gathers
+        # each token's expert weights, the same arithmetic with no data-dependent control flow
+        experts = getattr(m, "set_experts_implementation", None)
+        current = getattr(config, "_experts_implementation", None)
+        if callable(experts) and current not in (None, "batched_mm"):
+            experts("batched_mm")
+            switched.append((experts, current))
     try:
         yield
     finally:
-        for switch in switched:
-            switch("sdpa")
+        for switch, before in switched:
+            switch(before)
 
 
 class _NamedInputs(nn.Module):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, call, check_batches, output_error, tensors_of
 from slimkit.core.config import register
-from slimkit.core.layers import tied_weights
+from slimkit.core.layers import canonicalize, is_linear_like, restore, tied_weights
 from slimkit.core.plans import attach
 
 from .config import FactorizeConfig
@@ -306,6 +306,7 @@ def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False, structu
             raise ValueError(f"this whitened plan has no whitening factor for layer {lost[0]!r} (factors are not "
                              "saved, only ranks): load the saved model with sk.load, or factorize again with data")
     model = base if inplace else copy.deepcopy(base)
+    canonicalize(model)
     modules = dict(model.named_modules())
     for name, ranks in tqdm(plan.ranks_.items(), desc=f"factorizing ({plan.config.method})", leave=False,
                             disable=None):
@@ -322,6 +323,7 @@ def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False, structu
         factor = plan.whitening_.get(name)
         _set_module(model, name, factorized(plan.config.method, m, ranks, plan.config.iterations,
                                             None if factor is None else factor.double()))
+    restore(model)
     attach(model, base, plan)
     return model
 
@@ -329,8 +331,15 @@ def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False, structu
 @register(FactorizeConfig)
 def factorize_model(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None = None,
                     metric: Callable[[nn.Module], float] | None = None, inplace: bool = False) -> nn.Module:
-    plan = search(model, cfg, data, metric)
-    out = apply_plan(model, plan, inplace=inplace)
+    if any(is_linear_like(m) for m in model.modules()):  # Hugging Face's Conv1D, as the Linear it is
+        work = model if inplace else copy.deepcopy(model)
+        canonicalize(work)
+        plan = search(work, cfg, data, metric)
+        out = apply_plan(work, plan, inplace=True)
+        attach(out, model, plan)
+    else:
+        plan = search(model, cfg, data, metric)
+        out = apply_plan(model, plan, inplace=inplace)
     before = sum(v[0] for v in plan.params_.values())
     after = sum(v[1] for v in plan.params_.values())
     log.info("%s: factorized %d layers, their weights %d -> %d (%.0f%%); skipped %d",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from slimkit.core.batch import Batch, call, check_batches, model_inputs, tensors_of
 from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
-from slimkit.core.layers import tied_weights
+from slimkit.core.layers import is_linear_like, tied_weights
 
 from .config import PruneConfig
 from .cut import apply_plan, dim_size
@@ -97,7 +97,8 @@ def _prunable(model: nn.Module, cfg: PruneConfig) -> dict[str, nn.Module]:
             raise ValueError(f"no module named {name!r} in {type(model).__name__}")
     out: dict[str, nn.Module] = {}
     for name, m in modules.items():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        # linear-like layers (HF's Conv1D, weight [in, out]) for unstructured pruning: zeros are elementwise
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) and not (cfg.method == "unstructured" and is_linear_like(m)):
             continue
         if cfg.layers and name not in cfg.layers:
             continue

@@ -75,3 +75,44 @@ def test_mixture_of_experts_banks_are_reported():
     banks = [n for n, why in alone.items() if "weight bank" in why]
     assert banks and all(".experts." in n or n.endswith("experts") or "experts" in n for n in banks)
     assert 0 < q.slimkit_plan.coverage_["fraction"] < 1
+
+
+PRUNE_FAST = ["llama-gqa", "gpt2", "vit", "t5", "hf-mobilenet-v2", "torch-transformer"]
+PRUNE_ALL = [a for a in ARCHS if a not in PRUNE_FAST + ["mixtral", "qwen2-moe", "albert"]]
+
+
+def _prune_sweep(arch: str, tmp_path) -> None:
+    model, batch = ARCHS[arch].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p = sk.prune(model, {"method": "structured", "sparsity": 0.5}, example_inputs=batch)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the caller's model changed"
+    count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
+    assert count(p) < 0.95 * count(model), p.slimkit_plan.summary()
+    with torch.no_grad():
+        out = first_tensor(call(p, cache_free(p, batch)))
+        ref = first_tensor(call(model, cache_free(model, batch)))
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    sk.save(p, tmp_path / "pruned")
+    fresh, _ = ARCHS[arch].build()
+    with torch.no_grad():
+        again = first_tensor(call(sk.load(tmp_path / "pruned", fresh), cache_free(model, batch)))
+    assert torch.allclose(again, out, atol=1e-5, rtol=1e-4)
+    assert sk.export_onnx(p, tmp_path / "p.onnx", batch).parity.ok
+
+
+@pytest.mark.parametrize("arch", PRUNE_FAST)
+def test_structured_pruning(arch, tmp_path):
+    _prune_sweep(arch, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", PRUNE_ALL)
+def test_structured_pruning_matrix(arch, tmp_path):
+    _prune_sweep(arch, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "albert"])
+def test_structured_pruning_says_why_it_cannot(arch):
+    model, batch = ARCHS[arch].build()
+    with pytest.raises(ValueError, match="nothing to prune"):
+        sk.prune(model, {"method": "structured", "sparsity": 0.5}, example_inputs=batch)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimkit as sk
-from slimkit.core.graph import TraceError
 from slimkit.data import batches
 from slimkit.prune import PrunePlan, apply_plan, dependency_groups
 from slimkit.train import accuracy, fit
@@ -275,8 +274,11 @@ class Opaque(nn.Module):
 
 
 def test_untraceable_and_unknown_ops():
-    with pytest.raises(TraceError, match="could not trace Dynamic"):
-        sk.prune(Dynamic(), {"sparsity": 0.5}, example_inputs=torch.randn(2, 4))
+    # fx cannot trace it: the channel groups are found by probing the model instead
+    x = torch.randn(2, 4)
+    p = sk.prune(Dynamic(), {"sparsity": 0.5}, example_inputs=x)
+    assert p.a.out_features == 4 and p.b.in_features == 4 and p(x).shape == (2, 2)
+    assert [sorted(g["members"]) for g in p.slimkit_plan.groups_ if "frozen" not in g] == [["a", "b"]]
     p = sk.prune(Opaque(), {"sparsity": 0.5}, example_inputs=torch.randn(2, 4))
     assert p.a.out_features == 8 and p.b.out_features == 4
     frozen = [g for g in p.slimkit_plan.groups_ if "a" in g["members"] and g["channels"] == 8]
@@ -337,10 +339,14 @@ class Gated(nn.Module):
         return self.c(torch.relu(self.b(self.gate(self.a(x)))))
 
 
-def test_untraceable_module_is_named_and_can_be_excluded():
+def test_untraceable_module_is_named_and_can_be_excluded(caplog):
     x = torch.randn(2, 4)
-    with pytest.raises(TraceError, match=r"could not trace Gated in module 'gate'.*exclude=\['gate'\]"):
-        sk.prune(Gated(), {"sparsity": 0.5}, example_inputs=x)
+    with caplog.at_level("INFO", logger="slimkit.prune.plan"):
+        probed = sk.prune(Gated(), {"sparsity": 0.5}, example_inputs=x)
+    assert "could not trace Gated in module 'gate'" in caplog.text and "probing" in caplog.text
+    # pushing a's channels flips the gate's branch (every channel doubles): a is kept whole, b is cut
+    assert probed.a.out_features == 8 and probed.b.out_features == 4
+    assert torch.allclose(probed(x), probed(x)) and probed(x).shape == (2, 2)
     p = sk.prune(Gated(), {"sparsity": 0.5, "exclude": ["gate"]}, example_inputs=x)
     assert p.a.out_features == 8  # feeds the opaque gate: kept whole
     assert p.b.out_features == 4 and p.c.in_features == 4

@@ -93,6 +93,8 @@ class CanonicalLinear(nn.Linear):
         layer.weight = nn.Parameter(self.weight.detach().t(), requires_grad=self.weight.requires_grad)
         if self.bias is not None:
             layer.bias = self.bias
+        if isinstance(getattr(layer, "nf", None), int):  # HF's Conv1D: its output width (pruning changes it)
+            setattr(layer, "nf", self.out_features)  # noqa: B010
         return layer
 
 

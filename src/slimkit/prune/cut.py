@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from slimkit.core.layers import canonicalize, restore
 from slimkit.core.plans import attach
 
 from .importance import weight_scores
@@ -83,8 +84,10 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
     Unstructured / N:M: zero the masked weights; without ``masks``, magnitude plans recompute them
     from the recorded sparsities (``structure_only`` skips this: the caller loads the weights)."""
     model = base if inplace else copy.deepcopy(base)
-    modules = dict(model.named_modules())
     cfg = plan.config
+    if cfg.method == "structured":
+        canonicalize(model)  # Hugging Face's Conv1D sliced as the Linear it is
+    modules = dict(model.named_modules())
     if cfg.method == "structured":
         for name, roles in plan.keep_.items():
             m = modules.get(name)
@@ -120,5 +123,6 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
         with torch.no_grad():
             for name, mk in masks.items():
                 modules[name].weight.mul_(mk.to(modules[name].weight.dtype))  # type: ignore[operator, union-attr]
+    restore(model)
     attach(model, base, plan)
     return model

@@ -14,9 +14,10 @@ whole, and the plan says why.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +27,16 @@ from torch import Tensor, nn
 from slimkit.core.batch import Batch, call, check_batches, model_inputs, tensors_of
 from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
-from slimkit.core.layers import is_linear_like, tied_weights
+from slimkit.core.graph import TraceError
+from slimkit.core.layers import canonicalize, is_linear_like, tied_weights
+from slimkit.core.plans import attach
 
 from .config import PruneConfig
 from .cut import apply_plan, dim_size
-from .dependency import Member, dependency_groups
+from .dependency import Group, Member, dependency_groups
 from .importance import taylor_importance, weight_scores
 from .masks import fraction_mask, global_masks, nm_view, weight_nm_mask
+from .probe import probed_groups
 from .transformer import transformer_blocks, transformer_groups
 
 __all__ = ["PrunePlan", "search", "apply_plan", "prune_model"]
@@ -175,7 +179,7 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
     modules = dict(model.named_modules())
     chosen = _prunable(model, cfg)
     blocks = transformer_blocks(model)
-    groups = transformer_groups(model, cfg.exclude) if blocks else dependency_groups(model, example, cfg.exclude)
+    groups = transformer_groups(model, cfg.exclude) if blocks else _channel_groups(model, example, cfg.exclude)
     masks: dict[tuple[str, str], Tensor] = {}
     candidates: list[tuple[Any, dict[str, Any], Tensor, int]] = []  # group, its entry, scores, rounding
     for g in groups:
@@ -231,9 +235,30 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
             plan.attrs_[f"{pre}attention.self"] = {"num_attention_heads": n, "all_head_size": n * d}
     if not plan.keep_:
         reasons = sorted({g.get("frozen", "") for g in plan.groups_} - {""})
+        if not plan.groups_:
+            raise ValueError(f"nothing to prune in {type(model).__name__}: no layer's output channels are read one "
+                             "to one by another layer (layers that run more than once, such as shared blocks, and "
+                             "weights held outside Linear/Conv2d layers, such as expert banks, are not followed)")
         raise ValueError(f"nothing to prune in {type(model).__name__} at sparsity {cfg.sparsity}: every channel "
                          f"group is kept whole ({'; '.join(reasons[:4]) or 'too small'})")
     return plan
+
+
+def _channel_groups(model: nn.Module, example: Batch, exclude: tuple[str, ...]) -> list[Group]:
+    """The coupled channel groups: read off the torch.fx graph where the model traces, else found
+    by probing it (``probe.py``: Hugging Face decoders, vision transformers, data-dependent code)."""
+    if not isinstance(example, Mapping):
+        try:
+            groups = dependency_groups(model, example, exclude)
+            if any(g.frozen is None for g in groups):
+                return groups
+            log.info("the graph gives no prunable channel group (Linear layers on [batch, tokens, features]?); "
+                     "probing the model instead")
+            probed = probed_groups(model, example, exclude)
+            return probed if any(g.frozen is None for g in probed) else groups
+        except TraceError as e:
+            log.info("%s; finding the channel groups by probing the model instead", e)
+    return probed_groups(model, example, exclude)
 
 
 def _search_sparse(model: nn.Module, cfg: PruneConfig, grads: dict[str, Tensor] | None) -> tuple[PrunePlan, dict[str, Tensor]]:
@@ -320,8 +345,15 @@ def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None
     listed = check_batches(data, "data") if data is not None else None
     if example_inputs is None and listed and cfg.method in ("structured", "depth"):
         example_inputs = model_inputs(listed[0])
-    plan, masks = search(model, cfg, example_inputs, listed)
-    out = apply_plan(model, plan, inplace=inplace, masks=masks)
+    if cfg.method == "structured" and any(is_linear_like(m) for m in model.modules()):
+        work = model if inplace else copy.deepcopy(model)  # Hugging Face's Conv1D, as the Linear it is
+        canonicalize(work)
+        plan, masks = search(work, cfg, example_inputs, listed)
+        out = apply_plan(work, plan, inplace=True, masks=masks)
+        attach(out, model, plan)
+    else:
+        plan, masks = search(model, cfg, example_inputs, listed)
+        out = apply_plan(model, plan, inplace=inplace, masks=masks)
     if listed and cfg.recalibrate_bn:
         n = recalibrate_batchnorm(out, listed)
         if n:

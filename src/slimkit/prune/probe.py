@@ -1,0 +1,225 @@
+"""Channel groups found by probing the model, for models torch.fx cannot trace (Hugging Face decoders,
+vision transformers, models with data-dependent control flow).
+
+Where ``dependency.py`` reads the coupling off the graph, this module measures it: push a large
+value into a few output channels ``S`` of one layer (a Linear, or a Conv2d with ``groups=1``) and
+watch every layer's input on the example batch. A dense layer whose input changes in exactly the
+channels ``S`` (or ``S`` shifted by one offset: a concatenation) reads those channels one to one,
+through element-wise operations only (activations, a gated MLP's product, dropout, casts); a
+BatchNorm or depthwise conv that does is carried along. Producers that reach a common consumer are
+one group (a gated MLP's gate and up projections, the branches of a residual add). Each group is
+then cut by one channel on a copy of the model, which must still run with the same output shapes:
+where the channels are reshaped (attention heads) or added to a stream another layer also writes,
+the cut fails and the group is kept whole, with the reason. This is the coupling of DepGraph (Fang
+et al. 2023, sec. 3) established by measurement rather than by rules per operation.
+
+>>> import torch
+>>> from torch import nn
+>>> class GatedMLP(nn.Module):  # y = down(silu(gate(x)) * up(x)); fx would trace it, but so does this
+...     def __init__(self):
+...         super().__init__()
+...         self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+...     def forward(self, x):
+...         return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+>>> groups = probed_groups(GatedMLP(), torch.randn(4, 3, 8))
+>>> [(g.size, sorted((m.module, m.role) for m in g.members), g.frozen) for g in groups]
+[(16, [('down', 'in'), ('gate', 'out'), ('up', 'out')], None)]
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimkit.core.batch import Batch, call, tensors_of
+
+from .dependency import Group, Member
+
+__all__ = ["probed_groups"]
+
+log = logging.getLogger(__name__)
+
+_PASS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _dense(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.groups == 1
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _axis(m: nn.Module) -> int:
+    return -1 if isinstance(m, nn.Linear) else 1
+
+
+def _changed(before: Tensor, after: Tensor, axis: int) -> set[int] | None:
+    """The channels along ``axis`` where ``after`` differs from ``before``; None if the shapes differ."""
+    if before.shape != after.shape or not before.is_floating_point():
+        return None
+    d = (after - before).abs().movedim(axis, 0).reshape(before.shape[axis], -1).amax(1)
+    scale = before.abs().max().clamp_min(1e-12)
+    return {int(i) for i in torch.nonzero(d > 1e-5 * scale).flatten()}
+
+
+class _Watch:
+    """The first input (and output) of every watched module on one forward pass."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.model, self.names = model, names
+        self.modules = dict(model.named_modules())
+
+    def run(self, batch: Batch, poke: tuple[str, list[int], float] | None = None) -> tuple[dict[str, Tensor], dict[str, int]]:
+        seen: dict[str, Tensor] = {}
+        calls: dict[str, int] = {}
+
+        def pre(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1 and args and isinstance(args[0], Tensor):
+                seen[name] = args[0].detach().clone()
+
+        def push(channels: list[int], value: float, module: nn.Module, args: Any, out: Any) -> Any:
+            if not isinstance(out, Tensor):
+                return out
+            out = out.clone()
+            idx = torch.tensor(channels, device=out.device)
+            out.index_add_(_axis(module) % out.dim(), idx, torch.full_like(out.index_select(_axis(module) % out.dim(),
+                                                                                       idx), value))
+            return out
+
+        handles = [self.modules[n].register_forward_pre_hook(partial(pre, n)) for n in self.names]
+        if poke is not None:
+            handles.append(self.modules[poke[0]].register_forward_hook(partial(push, poke[1], poke[2])))
+        try:
+            with torch.no_grad():
+                call(self.model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen, calls
+
+
+def _roles(modules: dict[str, nn.Module], producer: str, channels: list[int], base: dict[str, Tensor],
+           up: dict[str, Tensor], down: dict[str, Tensor]) -> list[Member] | None:
+    """The members that read ``producer``'s channels one to one (pushed up, then down); None if none does."""
+    target = set(channels)
+    found: list[Member] = []
+    for name, x in up.items():
+        if name == producer or name not in base or name not in down:
+            continue
+        m = modules[name]
+        if not (_dense(m) or _depthwise(m) or isinstance(m, _PASS)):
+            continue
+        a, b = _changed(base[name], x, _axis(m)), _changed(base[name], down[name], _axis(m))
+        if a is None or b is None or not (a | b):
+            continue
+        changed = a | b
+        offsets = {c - s for c, s in zip(sorted(changed), sorted(target), strict=False)}
+        if len(changed) != len(target) or len(offsets) != 1:
+            continue
+        off = offsets.pop()
+        if {c - off for c in changed} != target:
+            continue
+        role = "in" if _dense(m) else "dw" if _depthwise(m) else "bn"
+        if role != "in" and off != 0:
+            continue
+        found.append(Member(name, role, off))
+    return found or None
+
+
+def _cuts(model: nn.Module, members: list[Member], size: int, batch: Batch, shapes: list[tuple[int, ...]]) -> str | None:
+    """Why removing one channel of the group breaks ``model`` (on a copy), or None if it runs."""
+    from .cut import _cut
+
+    work = copy.deepcopy(model)
+    modules = dict(work.named_modules())
+    keep = list(range(1, size))
+    try:
+        for mb in members:
+            m = modules[mb.module]
+            if mb.role == "in":
+                width = m.in_features if isinstance(m, nn.Linear) else m.in_channels  # type: ignore[union-attr]
+                idx = [i for i in range(width) if i < mb.offset or i >= mb.offset + size]
+                _cut(mb.module, m, {"in": sorted(idx + [mb.offset + k for k in keep])})
+            else:
+                _cut(mb.module, m, {"out": keep})
+        with torch.no_grad():
+            out = call(work, batch)
+    except Exception as e:  # any failure means the channels are tied to something not cut with them
+        return f"cutting its channels breaks the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    got = [tuple(t.shape) for t in tensors_of(out)]
+    return None if got == shapes else "cutting its channels changes the model's output shapes"
+
+
+def probed_groups(model: nn.Module, example_inputs: Batch, exclude: tuple[str, ...] = ()) -> list[Group]:
+    """The coupled channel groups of ``model``, found by probing (see the module doc). Layers that
+    run more than once per forward pass (shared weights) and excluded layers stay out of groups."""
+    was = model.training
+    model.eval()
+    try:
+        return _probe(model, example_inputs, exclude)
+    finally:
+        model.train(was)
+
+
+def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Group]:
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if n and (_dense(m) or _depthwise(m) or isinstance(m, _PASS))]
+    watch = _Watch(model, names)
+    base, calls = watch.run(batch)
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in tensors_of(call(model, batch))]
+    order = [n for n in base]  # the order the forward pass first calls them
+    producers = [n for n in order if _dense(modules[n]) and calls.get(n) == 1
+                 and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    gen = torch.Generator().manual_seed(0)
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            a = parent[a]
+        return a
+
+    reads: dict[str, list[Member]] = {}
+    for p in producers:
+        m = modules[p]
+        size = m.out_features if isinstance(m, nn.Linear) else m.out_channels  # type: ignore[union-attr]
+        if size < 4:
+            continue
+        channels = sorted(torch.randperm(size, generator=gen)[:3].tolist())
+        scale = float(base[p].abs().max()) if p in base else 1.0
+        value = 10.0 * max(scale, 1.0) + 10.0
+        # pushed both ways: a ReLU (or a negative BatchNorm scale) can hide one direction
+        members = _roles(modules, p, channels, base, *(watch.run(batch, (p, channels, v))[0] for v in (value, -value)))
+        if members is None:
+            continue
+        if any(calls.get(mb.module, 0) != 1 for mb in members):
+            continue  # a shared layer reads them: its channels cannot follow one producer
+        reads[p] = members
+        for mb in members:  # producers reaching a common member are one group
+            parent[find(p)] = find(f"#{mb.module}:{mb.role}:{mb.offset}")
+    by_root: dict[str, list[str]] = {}
+    for p in reads:
+        by_root.setdefault(find(p), []).append(p)
+    groups: list[Group] = []
+    for ps in by_root.values():
+        m0 = modules[ps[0]]
+        size = m0.out_features if isinstance(m0, nn.Linear) else m0.out_channels  # type: ignore[union-attr]
+        members = [Member(p, "out") for p in ps] + list({mb: None for p in ps for mb in reads[p]})
+        if any((modules[p].out_features if isinstance(modules[p], nn.Linear) else modules[p].out_channels) != size
+               for p in ps):  # type: ignore[union-attr]
+            groups.append(Group(size, members, "its producers have different widths"))
+            continue
+        if any(any(mb.module == e or mb.module.startswith(e + ".") for e in exclude) for mb in members):
+            groups.append(Group(size, members, "coupled to an excluded module"))
+            continue
+        groups.append(Group(size, members, _cuts(model, members, size, batch, shapes)))
+    log.debug("probed %d producers: %d groups, %d prunable", len(producers), len(groups),
+              sum(g.frozen is None for g in groups))
+    return groups

@@ -223,9 +223,10 @@ class _Twice(_Encoder):
         return self.pool(self.pool(self.embed(input_ids)))
 
 
-def test_smoothquant_rejects_a_layer_that_runs_twice_per_pass():
-    with pytest.raises(ValueError, match=r"'pool' ran 6 times on 3 calibration batches.*exclude"):
-        sk.quantize(_encoder(_Twice), "int8-smoothquant", calib_data=_token_batches())
+def test_smoothquant_pools_a_layer_that_runs_twice_per_pass():
+    model, calib = _encoder(_Twice), _token_batches()
+    shared = sk.quantize(model, "int8-smoothquant", calib_data=calib)  # one scale serves both calls
+    assert "pool" in shared.slimkit_plan.passes["smoothquant"] and shared.slimkit_plan.fidelity_["cosine"] > 0.99
     q = sk.quantize(_encoder(_Twice), {**sk.presets()["int8-smoothquant"], "exclude": ["pool"]},
                     calib_data=_token_batches())
     assert "pool" not in q.slimkit_plan.passes["smoothquant"]

@@ -133,28 +133,70 @@ def _roles(modules: dict[str, nn.Module], producer: str, channels: list[int], ba
     return found or None
 
 
+def _spread(modules: dict[str, nn.Module], producer: str, channels: list[int], base: dict[str, Tensor],
+            poked: dict[str, Tensor]) -> str | None:
+    """A Linear layer whose input changes in exactly ``g`` times as many features as were pushed,
+    ``g`` its width over the producer's (each pushed channel copied ``g`` times), if there is one."""
+    p = modules[producer]
+    for name, x in poked.items():
+        m = modules[name]
+        if name == producer or name not in base or not isinstance(m, nn.Linear) or not isinstance(p, nn.Linear):
+            continue
+        g, rest = divmod(m.in_features, p.out_features)
+        changed = _changed(base[name], x, -1)
+        if g > 1 and not rest and changed and len(changed) == g * len(channels):
+            return name
+    return None
+
+
 def _cuts(model: nn.Module, members: list[Member], size: int, batch: Batch, shapes: list[tuple[int, ...]]) -> str | None:
-    """Why removing one channel of the group breaks ``model`` (on a copy), or None if it runs."""
+    """Why removing the group's first unit (one channel, or ``repeat`` features: a head) breaks
+    ``model`` (on a copy), or None if it still runs with the same output shapes."""
     from .cut import _cut
 
     work = copy.deepcopy(model)
     modules = dict(work.named_modules())
-    keep = list(range(1, size))
     try:
         for mb in members:
             m = modules[mb.module]
-            if mb.role == "in":
-                width = m.in_features if isinstance(m, nn.Linear) else m.in_channels  # type: ignore[union-attr]
-                idx = [i for i in range(width) if i < mb.offset or i >= mb.offset + size]
-                _cut(mb.module, m, {"in": sorted(idx + [mb.offset + k for k in keep])})
-            else:
-                _cut(mb.module, m, {"out": keep})
+            role = "in" if mb.role == "in" else "out"
+            width = (m.in_features if role == "in" else m.out_features) if isinstance(m, nn.Linear) else (  # type: ignore[union-attr]
+                m.in_channels if role == "in" else m.num_features if isinstance(m, _PASS) else m.out_channels)  # type: ignore[union-attr]
+            drop = set(range(mb.offset, mb.offset + mb.repeat))
+            _cut(mb.module, m, {role: [i for i in range(int(width)) if i not in drop]})  # type: ignore[call-overload]
         with torch.no_grad():
             out = call(work, batch)
     except Exception as e:  # any failure means the channels are tied to something not cut with them
         return f"cutting its channels breaks the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     got = [tuple(t.shape) for t in tensors_of(out)]
     return None if got == shapes else "cutting its channels changes the model's output shapes"
+
+
+def _heads(model: nn.Module, modules: dict[str, nn.Module], base: dict[str, Tensor], value: str, out: str,
+           batch: Batch, shapes: list[tuple[int, ...]]) -> Group | None:
+    """Attention heads, for a ``value -> out`` coupling that single channels cannot cut: the layers
+    reading ``value``'s input (query and key) are cut with it, a head of ``d`` features at a time,
+    query heads ``g`` at a time per key/value head (grouped-query attention); ``d`` is the
+    smallest width whose cut runs. None if no width does."""
+    v, o = modules[value], modules[out]
+    if not (isinstance(v, nn.Linear) and isinstance(o, nn.Linear)) or value not in base:
+        return None
+    parent = value.rpartition(".")[0]
+    siblings = [n for n, m in modules.items() if n != value and n.rpartition(".")[0] == parent and n in base
+                and isinstance(m, nn.Linear) and base[n].shape == base[value].shape and torch.equal(base[n], base[value])]
+    kv = [n for n in siblings if modules[n].out_features == v.out_features]  # type: ignore[union-attr]
+    q = [n for n in siblings if modules[n].out_features == o.in_features and n not in kv]  # type: ignore[union-attr]
+    if o.in_features % v.out_features or not kv and not q:
+        return None
+    g = o.in_features // v.out_features
+    if g > 1 and len(q) != 1:
+        return None
+    for d in [d for d in range(2, v.out_features // 2 + 1) if v.out_features % d == 0]:
+        members = [Member(n, "out", 0, d) for n in [value, *kv]] + [Member(n, "out", 0, d * g) for n in q] + \
+                  [Member(out, "in", 0, d * g)]
+        if _cuts(model, members, v.out_features // d, batch, shapes) is None:
+            return Group(v.out_features // d, members)
+    return None
 
 
 def probed_groups(model: nn.Module, example_inputs: Batch, exclude: tuple[str, ...] = ()) -> list[Group]:
@@ -187,6 +229,7 @@ def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Gro
         return a
 
     reads: dict[str, list[Member]] = {}
+    spread_heads: list[tuple[str, str]] = []
     for p in producers:
         m = modules[p]
         size = m.out_features if isinstance(m, nn.Linear) else m.out_channels  # type: ignore[union-attr]
@@ -196,8 +239,12 @@ def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Gro
         scale = float(base[p].abs().max()) if p in base else 1.0
         value = 10.0 * max(scale, 1.0) + 10.0
         # pushed both ways: a ReLU (or a negative BatchNorm scale) can hide one direction
-        members = _roles(modules, p, channels, base, *(watch.run(batch, (p, channels, v))[0] for v in (value, -value)))
+        up, down = (watch.run(batch, (p, channels, v))[0] for v in (value, -value))
+        members = _roles(modules, p, channels, base, up, down)
         if members is None:
+            spread = _spread(modules, p, channels, base, up)
+            if spread is not None:  # grouped-query attention: a key/value channel read by g query heads
+                spread_heads.append((p, spread))
             continue
         if any(calls.get(mb.module, 0) != 1 for mb in members):
             continue  # a shared layer reads them: its channels cannot follow one producer
@@ -219,7 +266,18 @@ def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Gro
         if any(any(mb.module == e or mb.module.startswith(e + ".") for e in exclude) for mb in members):
             groups.append(Group(size, members, "coupled to an excluded module"))
             continue
-        groups.append(Group(size, members, _cuts(model, members, size, batch, shapes)))
+        why = _cuts(model, members, size, batch, shapes)
+        dense_in = [mb.module for mb in members if mb.role == "in"]
+        if why is not None and len(ps) == 1 and len(dense_in) == 1 and len(members) == 2:
+            heads = _heads(model, modules, base, ps[0], dense_in[0], batch, shapes)  # attention: value -> output
+            if heads is not None:
+                groups.append(heads)
+                continue
+        groups.append(Group(size, members, why))
+    for producer, reader in spread_heads:
+        found = _heads(model, modules, base, producer, reader, batch, shapes)
+        if found is not None:
+            groups.append(found)
     log.debug("probed %d producers: %d groups, %d prunable", len(producers), len(groups),
               sum(g.frozen is None for g in groups))
     return groups

@@ -260,7 +260,7 @@ class _QuantWeighted(DropIn, nn.Module):
     @property  # type: ignore[override]
     def weight(self) -> Tensor:
         """The dequantized weight (what the layer computes with), in the original's dtype and layout."""
-        w = self.dequantized_weight().to(self.weight_dtype)
+        w = self.effective_weight().to(self.weight_dtype)
         return w.t() if getattr(self, "weight_layout", "out_in") == "in_out" else w
 
     @weight.setter
@@ -277,6 +277,10 @@ class _QuantWeighted(DropIn, nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         return _DQ.apply(self.weight_q, self.weight_scale, self.weight_zero_point)
+
+    def effective_weight(self) -> Tensor:
+        """The float weight that computes what the layer computes, for code that reads ``weight``."""
+        return self.dequantized_weight()
 
     def quantized_input(self, x: Tensor) -> Tensor:
         """``x`` through the layer's own input quantizer (``input_quant``, static PTQ of a model
@@ -333,6 +337,16 @@ class QuantLinear(_QuantWeighted, nn.Linear):  # type: ignore[misc]
         self.register_buffer("outlier_weight", linear.weight.detach()[:, idx].float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         adopt(self, linear, skip=("weight", "bias"))
+
+    def effective_weight(self) -> Tensor:
+        """The integer weights with SmoothQuant's division folded back in and the outlier channels'
+        float columns put back: ``x @ W^T`` with it is what ``forward`` computes (up to rounding)."""
+        w = self.dequantized_weight()
+        if not bool((self.input_multiplier == 1).all()):
+            w = w * self.input_multiplier  # (x * m) @ Wq^T = x @ (Wq * m)^T; m is 0 on outlier channels
+        if self.outliers.numel():
+            w = w + self.outlier_weight @ F.one_hot(self.outliers, self.in_features).to(w.dtype)
+        return w
 
     @property
     def input_scale(self) -> Tensor:

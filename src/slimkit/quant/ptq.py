@@ -315,6 +315,10 @@ def _report(model: nn.Module, out: nn.Module, plan: QuantPlan, batch: Batch | No
     """Fill the plan's coverage and, given a batch (and the float model, when not ``inplace``), its
     fidelity; raises ``FidelityError`` when the output departs far beyond quantization noise."""
     cfg = plan.config
+    if not plan.quantized_layers and (not plan.skipped or any(w != "excluded by config" for w in plan.skipped.values())):
+        reasons = "; ".join(f"{n}: {why}" for n, why in list(plan.skipped.items())[:3]) or \
+            "it has no Linear, Conv1d/Conv2d or Embedding layer"
+        raise ValueError(f"no layer of {type(model).__name__} could be quantized with this config ({reasons})")
     plan.coverage_ = coverage(out if inplace else model, plan.quantized_layers, plan.skipped)
     fraction = plan.coverage_["fraction"]
     if fraction < 0.5:
@@ -324,7 +328,9 @@ def _report(model: nn.Module, out: nn.Module, plan: QuantPlan, batch: Batch | No
                     " ..." if len(plan.coverage_["left_alone"]) > 3 else "")
     if batch is not None and not inplace:
         narrow = min([cfg.weight_bits, *cfg.layer_bits.values()]) < 8 or cfg.activation_bits < 8
-        plan.fidelity_ = check_fidelity(model, out, batch, 1.0 if narrow else 0.5, "quantization")
+        # 0.7 at 8 bits: a random-weight MobileNetV2 (17 depthwise blocks, ReLU6 saturating) reaches 0.53 at
+        # int8 as its honest rounding noise, while a layer that computes something else gives ~1 or more
+        plan.fidelity_ = check_fidelity(model, out, batch, 1.0 if narrow else 0.7, "quantization")
 
 
 def calibrate(model: nn.Module, batches: list[Batch], quantizers: Mapping[str, nn.Module],

@@ -171,7 +171,10 @@ class QuantLinearNBits(DropIn, nn.Linear):
 
         q = split(self.packed.reshape(self.out_features, -1), self.in_features)
         zp = split(self.zero_points, self.in_features // self.group_size)
-        w = dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp).to(self.weight_dtype)
+        w = dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp)
+        if not bool((self.input_scale == 1).all()):  # AWQ: the input is divided by the scales the weights carry
+            w = w / self.input_scale
+        w = w.to(self.weight_dtype)
         return w.t() if getattr(self, "weight_layout", "out_in") == "in_out" else w
 
     @weight.setter

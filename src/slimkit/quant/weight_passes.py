@@ -113,11 +113,13 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
                               leave=False, disable=None):
         group = groups[leader]
         layers = [cast(nn.Linear, model.get_submodule(n)) for n in group]
-        if len(calls) != len(batches):
-            raise ValueError(f"layer {leader!r} ran {len(calls)} times on {len(batches)} calibration batches; "
-                             "SmoothQuant and outlier channels need a layer that runs once per forward pass "
-                             "(list it in `exclude`)")
-        xs = [_token_rows([x], [b]) for x, b in zip(calls, batches, strict=True)]
+        if len(calls) % len(batches):
+            raise ValueError(f"layer {leader!r} ran {len(calls)} times on {len(batches)} calibration batches, not the "
+                             "same number of times on each; list it in `exclude`")
+        # a layer shared by several blocks (ALBERT) runs k times per batch: its statistics pool every call,
+        # and one scale serves them all (x / s @ (W s)^T is the same product whatever x is)
+        k = len(calls) // len(batches)
+        xs = [_token_rows([x], [b]) for x, b in zip(calls, [b for b in batches for _ in range(k)], strict=True)]
         del calls
         seen = [x for x in xs if len(x)]
         if not seen:

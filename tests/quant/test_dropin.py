@@ -211,3 +211,18 @@ def test_parity_follows_the_compression_noise(tmp_path, digits):
 class _Neg(nn.Module):
     def forward(self, x):
         return -x
+
+
+def test_a_batch_the_model_cannot_take_names_the_layer():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for preset in ("int8", "int8-dynamic", "int4-gptq"):
+        with pytest.raises(ValueError, match=r"calib_data batch 0: .* failed in layer '0' \(Linear, input shape \[2, 5\]\)"):
+            sk.quantize(model, preset, calib_data=[torch.randn(2, 5)])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_model_with_nothing_to_quantize_says_why():
+    convs = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match="no layer of Sequential could be quantized.*group-wise"):
+        sk.quantize(convs, {"activations": "none", "weight_bits": 4, "group_size": 32})

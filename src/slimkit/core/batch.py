@@ -75,6 +75,46 @@ def first_tensor(obj: Any) -> Tensor:
     return ts[0]
 
 
+def call_checked(model: nn.Module, batch: Batch, what: str) -> Any:
+    """``call(model, batch)``; a forward pass that fails raises a ``ValueError`` saying ``what`` was
+    running and naming the innermost layer that was running (and its input's shape).
+
+    >>> m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(5, 2))
+    >>> call_checked(m, torch.randn(2, 4), "calibration batch 0")
+    Traceback (most recent call last):
+    ...
+    ValueError: calibration batch 0: the model's forward pass failed in layer '2' (Linear, input shape [2, 3]): mat1 and mat2 shapes cannot be multiplied (2x3 and 5x2)
+    """
+    stack: list[tuple[str, Any]] = []
+    failed: list[tuple[str, Any]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
+        stack.append((names.get(id(module), "?"), args))
+
+    def leave(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+               torch.nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        return call(model, batch)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        failed = stack[-1:]
+        if not failed or failed[0][0] in ("", "?"):
+            raise ValueError(f"{what}: the model's forward pass failed: {e}") from e
+        name, args = failed[0]
+        module = model.get_submodule(name)
+        shape = next((list(a.shape) for a in args if isinstance(a, Tensor)), None)
+        detail = f", input shape {shape}" if shape is not None else ""
+        raise ValueError(f"{what}: the model's forward pass failed in layer {name!r} ({type(module).__name__}"
+                         f"{detail}): {str(e).splitlines()[0]}") from e
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def cache_free(model: nn.Module, batch: Batch) -> Batch:
     """``batch`` asking ``model`` for no key/value cache, where its forward takes ``use_cache`` (a
     Hugging Face decoder built with ``use_cache=True``) and the batch does not say: calibration and

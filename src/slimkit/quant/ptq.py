@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from slimkit.core.batch import Batch, cache_free, call, check_batches
+from slimkit.core.batch import Batch, cache_free, call_checked, check_batches, modes_kept
 from slimkit.core.config import register
 from slimkit.core.fidelity import check_fidelity, coverage
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
@@ -268,6 +268,10 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
 
 def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
     """Quantize with exactly ``cfg``: no pass that measures to choose (``choose``) runs here."""
+    if calib_data is not None:  # a batch the model cannot take: say so before anything is built
+        calib_data = check_batches(calib_data)  # once: it may be an iterator
+        with torch.no_grad(), modes_kept(model):
+            call_checked(model.eval(), cache_free(model, calib_data[0]), "calib_data batch 0")
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     canonicalize(target)  # Hugging Face's Conv1D as the Linear it is, while the passes work
@@ -339,11 +343,7 @@ def calibrate(model: nn.Module, batches: list[Batch], quantizers: Mapping[str, n
     each quantizer (fix its range); errors name the batch or the quantizer at fault."""
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc="calibrating", leave=False, disable=None)):
-            try:
-                call(model, batch)
-            except ValueError as e:
-                raise ValueError(f"calibration batch {i}: {e} (while observing activations; "
-                                 f"quantizers: {len(quantizers)})") from e
+            call_checked(model, batch, f"calibration batch {i} (while observing activations)")
     for name, q in quantizers.items():
         try:
             finish(q)

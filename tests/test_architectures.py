@@ -21,16 +21,18 @@ PRESETS = {
     # the presets' group of 128 is wider than these tiny models' layers
     "int4-weight": {"activations": "none", "weight_bits": 4, "group_size": 32},
     "int4-gptq": {"activations": "none", "weight_bits": 4, "group_size": 32, "rounding": "gptq"},
+    "int4-awq": {"activations": "none", "weight_bits": 4, "group_size": 32, "rounding": "awq"},
 }
 MIN_COSINE = {"int8": 0.99, "int8-dynamic": 0.99, "int8-smoothquant": 0.99, "int4-weight": 0.95,
-              "int4-gptq": 0.95}
+              "int4-gptq": 0.95, "int4-awq": 0.95}
 
 # random-weight MobileNetV2s (17 depthwise blocks, ReLU6 saturating) lose 0.08-0.13 of cosine at 8 bits as
 # rounding noise; the trained zoo MobileNetV2 keeps FP32's accuracy at int8 (tests/quant/test_ptq.py)
 NOISY = {"hf-mobilenet-v2": 0.85, "zoo-mobilenet-v2": 0.85}
 # nothing the preset covers: group-wise weights are for Linear layers (these are all-conv nets, or a
 # head of 400 inputs that groups of 32 do not divide)
-NOT_APPLICABLE = {(a, p) for a in ("hf-resnet", "hf-mobilenet-v2", "padding-cnn") for p in ("int4-weight", "int4-gptq")}
+NOT_APPLICABLE = {(a, p) for a in ("hf-resnet", "hf-mobilenet-v2", "padding-cnn")
+                  for p in ("int4-weight", "int4-gptq", "int4-awq")}
 
 FAST = [("llama-gqa", "int8-dynamic"), ("llama-gqa", "int4-gptq"), ("gpt2", "int8"), ("gemma", "int8-dynamic"),
         ("opt", "int8"), ("t5", "int8-dynamic"), ("vit", "int8"), ("hf-resnet", "int8"),
@@ -127,3 +129,46 @@ def test_structured_pruning_says_why_it_cannot(arch):
     model, batch = ARCHS[arch].build()
     with pytest.raises(ValueError, match="nothing to prune"):
         sk.prune(model, {"method": "structured", "sparsity": 0.5}, example_inputs=batch)
+
+
+ELEMENTWISE = {"prune-unstructured": {"method": "unstructured", "sparsity": 0.5},
+               "svd": {"method": "svd", "ratio": 0.5}}
+ELEMENTWISE_FAST = [("gpt2", "prune-unstructured"), ("gpt2", "svd"), ("torch-transformer", "svd"),
+                    ("t5", "svd")]
+ELEMENTWISE_ALL = [(a, o) for a in ARCHS for o in ELEMENTWISE if (a, o) not in ELEMENTWISE_FAST]
+
+
+def _zeros_or_factors(arch: str, op: str, tmp_path) -> None:
+    """Unstructured pruning and SVD: the caller's model is untouched, the result is smaller (fewer
+    parameters, or half its weights zero), runs, reloads and exports; a tied head is left alone."""
+    model, batch = ARCHS[arch].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = ELEMENTWISE[op]
+    out = sk.prune(model, cfg) if op.startswith("prune") else sk.factorize(model, cfg)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the caller's model changed"
+    count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
+    if op == "svd":
+        assert count(out) < count(model)  # never grows (tied heads are left alone)
+    else:
+        zeros = sum(int((t == 0).sum()) for t in out.parameters() if t.dim() >= 2)
+        assert zeros > 0.2 * sum(t.numel() for t in model.parameters() if t.dim() >= 2)
+    with torch.no_grad():
+        y = first_tensor(call(out, cache_free(out, batch)))
+    assert torch.isfinite(y).all()
+    sk.save(out, tmp_path / "saved")
+    fresh, _ = ARCHS[arch].build()
+    with torch.no_grad():
+        again = first_tensor(call(sk.load(tmp_path / "saved", fresh), cache_free(model, batch)))
+    assert torch.allclose(again, y, atol=1e-5, rtol=1e-4)
+    assert sk.export_onnx(out, tmp_path / "o.onnx", batch).parity.ok
+
+
+@pytest.mark.parametrize(("arch", "op"), ELEMENTWISE_FAST, ids=[f"{a}-{o}" for a, o in ELEMENTWISE_FAST])
+def test_unstructured_and_svd(arch, op, tmp_path):
+    _zeros_or_factors(arch, op, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "op"), ELEMENTWISE_ALL, ids=[f"{a}-{o}" for a, o in ELEMENTWISE_ALL])
+def test_unstructured_and_svd_matrix(arch, op, tmp_path):
+    _zeros_or_factors(arch, op, tmp_path)

@@ -7,7 +7,12 @@ import torch
 import slimkit as sk
 from slimkit.data.photos import photo_crops
 from slimkit.export.runtime import check_parity
-from slimkit.zoo.efficientnet_lite import _blocks_of, _random_state, efficientnet_lite_from_state, preprocess
+from slimkit.zoo.efficientnet_lite import (
+    _blocks_of,
+    _random_state,
+    efficientnet_lite_from_state,
+    preprocess,
+)
 
 
 def test_layout_is_read_off_the_checkpoint():

@@ -61,7 +61,8 @@ class Group:
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                  nn.Hardsigmoid, nn.Hardtanh, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
-                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
+                 nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
 _PASS_FUNCTIONS = {F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardtanh, F.leaky_relu, F.elu, torch.relu,
                    torch.sigmoid, torch.tanh, F.sigmoid, F.dropout, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d}

@@ -351,3 +351,13 @@ def test_untraceable_module_is_named_and_can_be_excluded(caplog):
     assert p.a.out_features == 8  # feeds the opaque gate: kept whole
     assert p.b.out_features == 4 and p.c.in_features == 4
     assert p(x).shape == (2, 2)
+
+
+def test_padding_modules_pass_channels_through():
+    """TensorFlow-style SAME padding (EfficientNet-Lite) is an explicit ZeroPad2d before the conv."""
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.ZeroPad2d((0, 1, 0, 1)),
+                      nn.Conv2d(16, 16, 3, stride=2, groups=16), nn.ReLU6(), nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    p = sk.prune(m, {"method": "structured", "sparsity": 0.5}, example_inputs=x)
+    assert p[0].out_channels == 8 and p[3].groups == 8 and p[5].in_channels == 8
+    assert p(x).shape == m(x).shape

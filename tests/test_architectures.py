@@ -86,9 +86,12 @@ def test_architecture(arch, preset, tmp_path):
     _sweep(arch, preset, tmp_path)
 
 
-def test_mixture_of_experts_banks_are_reported():
+def test_mixture_of_experts_banks_are_quantized_or_reported():
     model, batch = ARCHS["mixtral"].build()
-    q = sk.quantize(model, "int8-dynamic", calib_data=[batch])
+    q8 = sk.quantize(model, "int8-dynamic", calib_data=[batch])
+    assert q8.slimkit_plan.coverage_["fraction"] > 0.99  # the banks at int8, read through properties
+    assert any(n.endswith("experts.gate_up_proj") for n in q8.slimkit_plan.quantized_layers)
+    q = sk.quantize(model, PRESETS["int4-weight"], calib_data=[batch])
     alone = q.slimkit_plan.coverage_["left_alone"]
     banks = [n for n, why in alone.items() if "weight bank" in why]
     assert banks and all(".experts." in n or n.endswith("experts") or "experts" in n for n in banks)

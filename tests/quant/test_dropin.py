@@ -71,9 +71,15 @@ def test_torch_transformer_encoder_runs_and_exports(preset, tmp_path):
     ref = model(ids)
     assert float((q(ids) - ref).norm() / ref.norm()) < 0.1
     assert q.slimkit_plan.fidelity_["cosine"] > 0.99
-    # MultiheadAttention keeps its packed in_proj_weight: reported, with the reason
+    # MultiheadAttention's packed in_proj_weight, which it holds itself: int8 in the 8-bit presets,
+    # reported with the reason in the 4-bit one
     alone = q.slimkit_plan.coverage_["left_alone"]
-    assert any("in_proj_weight" in n and "MultiheadAttention" in why for n, why in alone.items())
+    held = [n for n in q.slimkit_plan.quantized_layers if n.endswith("in_proj_weight")]
+    if preset == "int4-weight":
+        assert any("in_proj_weight" in n and "MultiheadAttention" in why for n, why in alone.items())
+    else:
+        assert len(held) == 2 and q.slimkit_plan.coverage_["fraction"] == 1.0
+        assert "in_proj_weight" not in dict(attn.named_parameters()) and attn.in_proj_weight.shape == (96, 32)
     report = sk.export_onnx(q, tmp_path / "enc.onnx", ids)
     assert report.parity.ok and report.parity.file_vs_float is not None
 
@@ -172,15 +178,24 @@ class _Experts(nn.Module):
         return torch.einsum("be,eio,bi->bo", w, self.experts, x)
 
 
-def test_weights_no_layer_holds_are_reported_with_the_reason(caplog):
+def test_weights_no_layer_holds_are_quantized_at_8_bits_or_reported(caplog, tmp_path):
+    torch.manual_seed(0)
     model = _Experts().eval()
-    with caplog.at_level("WARNING"):
-        q = sk.quantize(model, "int8-dynamic")
-    cov = q.slimkit_plan.coverage_
+    x = torch.randn(4, 16)
+    q = sk.quantize(model, "int8-dynamic")  # the bank becomes int8, read through a property
+    assert isinstance(q, _Experts) and q.slimkit_plan.coverage_["fraction"] == 1.0
+    assert q.experts_q.dtype == torch.int8 and q.experts.shape == (4, 16, 16)
+    assert float((q(x) - model(x)).norm() / model(x).norm()) < 0.02
+    assert sk.export_onnx(q, tmp_path / "bank.onnx", x).parity.ok
+    loaded = sk.load(_save(q, tmp_path), _Experts().eval())
+    assert torch.allclose(loaded(x), q(x))
+    with caplog.at_level("WARNING"):  # 4-bit groups are for Linear layers: the bank is left alone, and said so
+        q4 = sk.quantize(nn.Sequential(_Experts()).eval(), {"activations": "none", "weight_bits": 4, "group_size": 16})
+    cov = q4.slimkit_plan.coverage_
     assert cov["fraction"] == pytest.approx(64 / (64 + 1024))
-    assert "3-D weight bank" in cov["left_alone"]["experts"]
+    assert "3-D weight bank" in cov["left_alone"]["0.experts"]
     assert "quantized only 6% of the weights" in caplog.text
-    assert "| experts |" in q.slimkit_plan.summary()
+    assert "| 0.experts |" in q4.slimkit_plan.summary()
 
 
 def test_parity_follows_the_compression_noise(tmp_path, digits):

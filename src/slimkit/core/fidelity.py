@@ -55,7 +55,7 @@ def coverage(model: nn.Module, compressed: list[str], skipped: Mapping[str, str]
             continue
         total += p.numel()
         owner = name.rpartition(".")[0]
-        if owner in compressed or name.startswith(prefixes):
+        if owner in compressed or name in compressed or name.startswith(prefixes):
             done += p.numel()
         elif owner in skipped:
             left.setdefault(owner, skipped[owner])

@@ -29,6 +29,7 @@ from slimkit.quant.config import QuantConfig
 from slimkit.quant.equalization import relu6_to_relu
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
+from slimkit.quant.param_weights import quantize_held_weights
 from slimkit.quant.placement import Placement, bounded_nodes, find_placement, insert_quantizers
 from slimkit.quant.weight_only import QuantEmbedding, QuantLinearNBits
 from slimkit.quant.weight_passes import needs_weight_passes, weight_passes
@@ -147,6 +148,8 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
             plan.quantized_layers.append(full)
     if cfg.quantize_embeddings:
         _swap_embeddings(model, plan, owners, cfg.embedding_bits)
+    if cfg.weight_bits == 8 and cfg.group_size is None:  # weights a module holds itself: expert banks...
+        plan.quantized_layers += quantize_held_weights(model, set(plan.quantized_layers), cfg.exclude)
     for full, why in plan.skipped.items():
         log.info("kept in float: %s (%s)", full, why)
 

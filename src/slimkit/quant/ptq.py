@@ -249,8 +249,8 @@ def _quantize_biases(model: nn.Module) -> None:
                 quant = modules.get(str(src.target)) if isinstance(src, fx.Node) and src.op == "call_module" else None
                 if isinstance(quant, ActQuant):
                     layer.quantize_bias(quant.scale)
-    for m in model.modules():
-        quant = m._modules.get("input_quant") if isinstance(m, (QuantLinear, QuantConv)) else None
+    for m in model.modules():  # module-level: the layer's own input quantizer
+        quant = m._modules.get("input_quant")
         if isinstance(m, (QuantLinear, QuantConv)) and isinstance(quant, ActQuant):
             m.quantize_bias(quant.scale)
 

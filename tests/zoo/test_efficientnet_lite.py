@@ -56,3 +56,17 @@ def test_real_depthwise_cnn_int8_exports_and_a_wrong_file_fails(tmp_path):
 
     sk.export_onnx(Negated().eval(), tmp_path / "negated.onnx", x)
     assert not check_parity(q, str(tmp_path / "negated.onnx"), x, None, 1e-2, reference=model).ok
+
+
+def test_unknown_variant_and_missing_package_say_what_to_install(monkeypatch):
+    from slimkit.zoo import efficientnet_lite as lite
+
+    with pytest.raises(ValueError, match="weights ship for lite1, lite2"):
+        lite.efficientnet_lite("lite3")
+
+    def missing(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(lite.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match="pip install it"):
+        lite.efficientnet_lite("lite2")

@@ -9,7 +9,7 @@ whose ``weight`` reads in the original layout, and one left alone is restored as
 Teach slimkit another such type with ``register_linear_like(predicate)``:
 
 >>> import torch
->>> from torch import nn
+>>> from torch import Tensor, nn
 >>> class RowMajor(nn.Module):  # a user's layer: y = x @ W + b, W stored [in, out]
 ...     def __init__(self):
 ...         super().__init__()
@@ -32,11 +32,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from slimkit.core.dropin import adopt, replace_module
 
-__all__ = ["CanonicalLinear", "register_linear_like", "canonicalize", "restore", "is_hf_conv1d", "is_linear_like", "tied_weights"]
+__all__ = ["CanonicalLinear", "register_linear_like", "canonicalize", "restore", "is_hf_conv1d", "is_linear_like", "in_own_layout", "tied_weights"]
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
@@ -46,6 +46,12 @@ def is_hf_conv1d(m: nn.Module) -> bool:
 
 
 _LINEAR_LIKE: list[Callable[[nn.Module], bool]] = [is_hf_conv1d]
+
+
+def in_own_layout(layer: nn.Module, w: Tensor) -> Tensor:
+    """An ``[out, in]`` weight as ``layer`` exposes it: transposed for a layer made from a
+    linear-like one (``weight_layout == "in_out"``), as it is otherwise."""
+    return w.t() if getattr(layer, "weight_layout", "out_in") == "in_out" else w
 
 
 def is_linear_like(m: nn.Module) -> bool:

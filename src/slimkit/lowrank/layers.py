@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from slimkit.core.dropin import adopt
+from slimkit.core.layers import in_own_layout
 
 from .cp import cp_als
 from .spatial_svd import spatial_matrix, spatial_svd
@@ -154,9 +155,9 @@ class Factorized(nn.Sequential):
         f: list[Tensor] = [m.weight for m in self.children()]  # type: ignore[misc]
         if self.method == "svd":
             w = f[1].reshape(f[1].shape[0], -1) @ f[0].reshape(f[0].shape[0], -1)
-            if getattr(self, "weight_layout", "out_in") == "in_out":  # HF's Conv1D reads [in, out]
-                return w.t()
-            return w.reshape(w.shape[0], -1, *f[0].shape[2:]) if f[0].dim() == 4 else w
+            if f[0].dim() == 2:
+                return in_own_layout(self, w)  # HF's Conv1D reads [in, out]
+            return w.reshape(w.shape[0], -1, *f[0].shape[2:])
         if self.method == "spatial-svd":  # V [r, i, kh, 1], H [o, r, 1, kw]
             return torch.einsum("rih,orw->oihw", f[0][..., 0], f[1][:, :, 0])
         if self.method == "tucker":  # U_in [r_in, i], core [r_out, r_in, kh, kw], U_out [o, r_out]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from slimkit.core.affine import choose_qparams, qrange, quantize
 from slimkit.core.dropin import DropIn, adopt
+from slimkit.core.layers import in_own_layout
 from slimkit.quant.calibrators import Observer
 
 __all__ = ["WEIGHTED_LAYERS", "ActQuant", "ScaleInput", "QuantLinear", "QuantConv", "QuantConv1d", "QuantConv2d",
@@ -230,7 +231,7 @@ class _QuantWeighted(DropIn, nn.Module):
     def weight(self) -> Tensor:
         """The dequantized weight (what the layer computes with), in the original's dtype and layout."""
         w = self.effective_weight().to(self.weight_dtype)
-        return w.t() if getattr(self, "weight_layout", "out_in") == "in_out" else w
+        return in_own_layout(self, w)
 
     @weight.setter
     def weight(self, value: Tensor) -> None:

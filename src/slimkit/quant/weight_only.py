@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimkit.core.dropin import DropIn, adopt
+from slimkit.core.layers import in_own_layout
 from slimkit.quant.modules import ScaleInput
 
 __all__ = ["group_qparams", "quantize_groups", "dequantize_groups", "rtn_groups", "pack_nibbles", "unpack_nibbles",
@@ -95,6 +96,14 @@ def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
     """The first ``n`` 4-bit values of each row packed by ``pack_nibbles``."""
     low, high = packed & 0x0F, packed >> 4
     return torch.stack([low, high], -1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def split_nibbles(packed: Tensor) -> Tensor:
+    """``unpack_nibbles`` in float arithmetic (Div, Floor; an integer floor division or a bitwise
+    AND exports as a longer chain, or not at all): every value of each row, as float."""
+    p = packed.float()
+    high = torch.floor(p / 16)
+    return torch.stack([p - 16 * high, high], -1).reshape(*packed.shape[:-1], -1)
 
 
 class _MatMulNBits(torch.autograd.Function):
@@ -164,18 +173,13 @@ class QuantLinearNBits(DropIn, nn.Linear):
         """The dequantized weight, in the original's dtype and layout (read-only). Model code that
         reads it (``nn.MultiheadAttention`` reads ``out_proj.weight``) exports it as plain ONNX: the
         nibbles are split in float (Div, Floor), which any exporter and runtime take."""
-        def split(packed: Tensor, n: int) -> Tensor:
-            p = packed.float()
-            high = torch.floor(p / 16)
-            return torch.stack([p - 16 * high, high], -1).reshape(*packed.shape[:-1], -1)[..., :n]
-
-        q = split(self.packed.reshape(self.out_features, -1), self.in_features)
-        zp = split(self.zero_points, self.in_features // self.group_size)
+        q = split_nibbles(self.packed.reshape(self.out_features, -1))[..., :self.in_features]
+        zp = split_nibbles(self.zero_points)[..., :self.in_features // self.group_size]
         w = dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp)
         if not bool((self.input_scale == 1).all()):  # AWQ: the input is divided by the scales the weights carry
             w = w / self.input_scale
         w = w.to(self.weight_dtype)
-        return w.t() if getattr(self, "weight_layout", "out_in") == "in_out" else w
+        return in_own_layout(self, w)
 
     @weight.setter
     def weight(self, value: Tensor) -> None:
@@ -289,10 +293,7 @@ class QuantEmbedding(DropIn, nn.Embedding):
         # division exports as a sign-correcting chain of Mod, Xor, Where...), reshape with constant
         # shapes and restore the ids' shape once at the end: fewer nodes for ONNX Runtime to run
         flat = ids.reshape(-1)
-        packed = self.table[flat].float()  # [n, dim / 2]
-        high = torch.floor(packed / 16)
-        q = torch.stack([packed - 16 * high, high], -1).reshape(-1, self.embedding_dim // self.group_size,
-                                                                 self.group_size)
+        q = split_nibbles(self.table[flat]).reshape(-1, self.embedding_dim // self.group_size, self.group_size)
         zp, scale = self.zero_points[flat].float().unsqueeze(-1), self.scales[flat].unsqueeze(-1)
         return ((q - zp) * scale).reshape(*ids.shape, self.embedding_dim)
 

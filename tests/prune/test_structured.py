@@ -361,3 +361,10 @@ def test_padding_modules_pass_channels_through():
     p = sk.prune(m, {"method": "structured", "sparsity": 0.5}, example_inputs=x)
     assert p[0].out_channels == 8 and p[3].groups == 8 and p[5].in_channels == 8
     assert p(x).shape == m(x).shape
+
+
+def test_bad_example_inputs_are_named_before_probing():
+    with pytest.raises(ValueError, match="example_inputs: batch 0 holds NaN"):
+        sk.prune(Dynamic(), {"sparsity": 0.5}, example_inputs=torch.full((2, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"example_inputs: .* failed in layer 'a' \(Linear, input shape \[2, 5\]\)"):
+        sk.prune(Dynamic(), {"sparsity": 0.5}, example_inputs=torch.randn(2, 5))

@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimkit.core.batch import Batch, call, check_batches, model_inputs, tensors_of
+from slimkit.core.batch import (
+    Batch,
+    call,
+    call_checked,
+    check_batches,
+    model_inputs,
+    modes_kept,
+    tensors_of,
+)
 from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
 from slimkit.core.graph import TraceError
@@ -175,6 +183,9 @@ def _global_counts(candidates: list[tuple[Any, dict[str, Any], Tensor, int]], sp
 
 
 def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads: dict[str, Tensor] | None) -> PrunePlan:
+    check_batches([example], "example_inputs")  # NaN or inf: named, before any tracing or probing
+    with torch.no_grad(), modes_kept(model):  # a batch the model cannot take: the layer it does not fit
+        call_checked(model.eval(), example, "example_inputs")
     plan = PrunePlan(config=cfg)
     modules = dict(model.named_modules())
     chosen = _prunable(model, cfg)

@@ -8,9 +8,18 @@ import torch
 JOB = Path(__file__).with_name("ddp_job.py")
 
 
+# gloo's teardown can abort a rank after the job's work is done (seen once in about ten suite runs on
+# 2 cores): a run meant to finish is tried once more, resuming from whatever checkpoint it left
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(JOB), str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if r.returncode != 0 and not extra and _TEARDOWN_ABORT in r.stderr:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return r
 
 
 def _env():

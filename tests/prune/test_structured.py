@@ -368,3 +368,72 @@ def test_bad_example_inputs_are_named_before_probing():
         sk.prune(Dynamic(), {"sparsity": 0.5}, example_inputs=torch.full((2, 4), float("nan")))
     with pytest.raises(ValueError, match=r"example_inputs: .* failed in layer 'a' \(Linear, input shape \[2, 5\]\)"):
         sk.prune(Dynamic(), {"sparsity": 0.5}, example_inputs=torch.randn(2, 5))
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> grouped conv (2 groups) -> squeeze-excite gate -> 1x1 -> pool -> linear"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.squeeze = nn.Conv2d(8, 2, 1)
+        self.excite = nn.Conv2d(2, 8, 1)
+        self.last = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = F.relu(self.grouped(F.relu(self.first(x))))
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(y.mean((2, 3), keepdim=True)))))
+        return self.fc(self.last(y * gate).mean((2, 3)))
+
+
+def test_grouped_convs_and_gating_are_followed():
+    groups = dependency_groups(SqueezeExcite(), torch.randn(2, 3, 8, 8))
+    roles = [({(m.module, m.role) for m in g.members}, g) for g in groups]
+    first = next(g for k, g in roles if ("first", "out") in k)
+    assert ("grouped", "in") in {(m.module, m.role) for m in first.members}
+    assert first.frozen is None and first.chunks == 2  # each of the grouped conv's groups keeps as many
+    gated = next(g for k, g in roles if ("grouped", "out") in k)  # y * gate couples grouped's and excite's outputs
+    assert {("excite", "out"), ("squeeze", "in"), ("last", "in")} <= {(m.module, m.role) for m in gated.members}
+    assert gated.frozen is None and gated.chunks == 2
+
+
+def test_pruning_dead_channels_of_grouped_and_gated_layers_is_exact():
+    torch.manual_seed(0)
+    net = SqueezeExcite().eval()
+    _kill(net, "first", [0, 3, 4, 7])  # two in each of the grouped conv's groups: 0-3 and 4-7
+    _kill(net, "grouped", [1, 2, 5, 6])
+    x = torch.randn(4, 3, 8, 8)
+    p = sk.prune(net, {"method": "structured", "sparsity": 0.5, "layers": ["first", "grouped"]}, example_inputs=x)
+    assert p.slimkit_plan.keep_["first"]["out"] == [1, 2, 5, 6]
+    assert p.slimkit_plan.keep_["grouped"] == {"in": [1, 2, 5, 6], "out": [0, 3, 4, 7]}
+    assert (p.grouped.groups, p.grouped.in_channels, p.grouped.out_channels) == (2, 4, 4)
+    assert p.excite.out_channels == 4 and p.last.in_channels == 4 and p.squeeze.in_channels == 4
+    with torch.no_grad():
+        assert torch.allclose(p(x), net(x), atol=1e-5)
+    assert net.grouped.in_channels == 8  # the caller's model is untouched
+
+
+def test_grouped_conv_keeps_its_groups_even():
+    """Sparsity 0.2 asks 7 of 8 channels (8 - floor(1.6)): the groups a 2-group conv reads and makes
+    round up to 8, 'last' (not grouped) keeps 5 of 6; at 0.3 they keep 6, 3 in each group."""
+    x = torch.randn(2, 3, 8, 8)
+    p = sk.prune(SqueezeExcite(), {"method": "structured", "sparsity": 0.2}, example_inputs=x)
+    assert (p.grouped.in_channels, p.grouped.out_channels, p.last.out_channels) == (8, 8, 5)
+    p = sk.prune(SqueezeExcite(), {"method": "structured", "sparsity": 0.3}, example_inputs=x)
+    assert (p.grouped.in_channels, p.grouped.out_channels, p.grouped.groups) == (6, 6, 2) and p(x).shape == (2, 3)
+    assert [c // 4 for c in p.slimkit_plan.keep_["grouped"]["out"]] == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_mixed_cnn_is_pruned_as_deep_as_torch_pruning_prunes_it():
+    """Every group of the zoo's mixed CNN is cut (the classifier aside): a quarter of the weights stay."""
+    from slimkit.zoo import mixed_cnn
+
+    net = mixed_cnn().eval()
+    x = torch.randn(2, 1, 32, 32)
+    p = sk.prune(net, {"method": "structured", "sparsity": 0.5}, example_inputs=x)
+    frozen = {g["frozen"] for g in p.slimkit_plan.groups_ if "frozen" in g}
+    assert frozen == {"model input", "model output"}
+    kept = sum(q.numel() for q in p.parameters()) / sum(q.numel() for q in net.parameters())
+    assert 0.24 < kept < 0.28 and p(x).shape == (2, 10)

@@ -106,3 +106,24 @@ def test_hugging_face_bert_when_installed(tmp_path):
     assert p.encoder.layer[1].intermediate.dense.out_features == 32
     with torch.no_grad():
         assert p(**batch).last_hidden_state.shape == (2, 8, 32)
+
+
+def test_attention_that_counts_its_heads_loses_whole_heads(tmp_path):
+    """OPT's attention reshapes by its own ``num_heads``: probing finds the head coupling only with
+    that count cut too, the plan records it, and the pruned model computes exactly what the model
+    computes with the cut heads' output columns zeroed."""
+    pytest.importorskip("transformers")
+    from slimkit.zoo.archs import ARCHS
+
+    model, batch = ARCHS["opt"].build()
+    p = sk.prune(model, {"sparsity": 0.5}, example_inputs=batch)
+    attn = p.model.decoder.layers[0].self_attn
+    assert (attn.num_heads, attn.q_proj.out_features, attn.out_proj.in_features) == (2, 16, 16)
+    assert p.slimkit_plan.attrs_["model.decoder.layers.0.self_attn"] == {"num_heads": 2}
+    assert model.model.decoder.layers[0].self_attn.num_heads == 4  # the caller's model is untouched
+    with torch.no_grad():
+        assert p(**batch).logits.shape == model(**batch).logits.shape
+    sk.save(p, tmp_path / "opt")
+    q = sk.load(tmp_path / "opt", ARCHS["opt"].build()[0])
+    with torch.no_grad():
+        assert torch.allclose(q(**batch).logits, p(**batch).logits, atol=1e-5)

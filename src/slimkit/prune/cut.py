@@ -56,14 +56,15 @@ def _cut(name: str, m: nn.Module, roles: dict[str, list[int]]) -> None:
     if not isinstance(m, (nn.Conv2d, nn.Linear)):
         raise ValueError(f"the plan does not match this model: {name!r} is a {type(m).__name__}")
     w = m.weight
-    depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
-    if depthwise:
-        assert isinstance(m, nn.Conv2d)
-        if m.groups != m.in_channels or inn is not None:
-            raise ValueError(f"the plan does not match this model: {name!r} is a grouped conv")
+    if isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.groups > 1:  # depthwise
+        if inn is not None:
+            raise ValueError(f"the plan does not match this model: {name!r} is a depthwise conv")
         if out is not None:
             w = w[out]
             m.groups = m.in_channels = m.out_channels = len(out)
+    elif isinstance(m, nn.Conv2d) and m.groups > 1:  # grouped: each group keeps as many inputs and outputs
+        w = _cut_grouped(name, m, out, inn)
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
     else:
         if out is not None:
             w = w[out]
@@ -76,6 +77,19 @@ def _cut(name: str, m: nn.Module, roles: dict[str, list[int]]) -> None:
     _set(m, "weight", w)
     if m.bias is not None and out is not None:
         _set(m, "bias", m.bias[out])
+
+
+def _cut_grouped(name: str, m: nn.Conv2d, out: Tensor | None, inn: Tensor | None) -> Tensor:
+    """A grouped conv's weight ``[out, in / groups, k, k]`` cut to the kept output channels and,
+    within each group, the kept input channels (the same number in every group)."""
+    g, per_in, per_out = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
+    out = torch.arange(m.out_channels) if out is None else out
+    inn = torch.arange(m.in_channels) if inn is None else inn
+    rows, cols = [out[out // per_out == i] for i in range(g)], [inn[inn // per_in == i] % per_in for i in range(g)]
+    if len({len(r) for r in rows}) != 1 or len({len(c) for c in cols}) != 1 or not len(rows[0]) or not len(cols[0]):
+        raise ValueError(f"the plan does not match this model: grouped conv {name!r} ({g} groups) must keep the "
+                         "same number of input and of output channels in every group")
+    return torch.cat([m.weight[r][:, c] for r, c in zip(rows, cols, strict=True)])
 
 
 def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: dict[str, Tensor] | None = None,
@@ -100,8 +114,10 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
             _cut(name, m, roles)
         for name, attrs in plan.attrs_.items():
             m = modules.get(name)
-            if m is None or not all(hasattr(m, a) for a in attrs) or set(attrs) - set(HEAD_ATTRS):
-                raise ValueError(f"the plan does not match this model: {name!r} is not an attention module with {sorted(attrs)}")
+            if m is None or not all(type(getattr(m, a, None)) is int and type(v) is int and v > 0 for a, v in attrs.items()) \
+                    or not set(attrs) <= set(HEAD_ATTRS) | {a for a in attrs if "head" in a.lower()}:
+                raise ValueError(f"the plan does not match this model: {name!r} is not an attention module with "
+                                 f"integer head counts {sorted(attrs)}")
             for a, v in attrs.items():
                 setattr(m, a, v)
     elif cfg.method == "depth":

@@ -22,6 +22,7 @@ then conservative, never wrong. The model's inputs and outputs are frozen too.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ class Group:
     size: int
     members: list[Member] = field(default_factory=list)
     frozen: str | None = None  # why these channels cannot be pruned
+    chunks: int = 1  # a grouped conv reads or makes them: each of these equal parts keeps as many
+    attrs: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> attribute -> its value per unit kept
 
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -68,6 +71,8 @@ _PASS_FUNCTIONS = {F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardtanh, F.l
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach"}
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # gating (squeeze-excite): channel c times channel c
+_MEAN = {torch.mean, "mean", torch.amax, "amax"}
 
 
 class _Builder:
@@ -97,6 +102,16 @@ class _Builder:
         ga, gb = self.groups[ra], self.groups[rb]
         ga.members += gb.members
         ga.frozen = ga.frozen or gb.frozen
+        self.chunk(ra, gb.chunks)
+
+    def chunk(self, g: int, parts: int) -> None:
+        """The group's channels fall into ``parts`` equal parts that keep the same count each."""
+        grp = self.groups[self.find(g)]
+        both = math.lcm(grp.chunks, parts)
+        if grp.size % both:
+            grp.frozen = grp.frozen or f"grouped convs split these {grp.size} channels into {grp.chunks} and {parts} parts"
+        else:
+            grp.chunks = both
 
     def add(self, g: int, member: Member) -> None:
         self.groups[self.find(g)].members.append(member)
@@ -165,6 +180,13 @@ def _module(b: _Builder, node: fx.Node, layouts: dict, fresh: Any, unknown: Any)
             return unknown(node, f"conv {name!r} on an untracked input")
         _consume(b, inp, name)
         layouts[node] = _produce(b, name, m.out_channels, excluded)
+    elif isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels and len(node.args) == 1 and inp is not None:
+        if len(inp) != 1 or inp[0][2] != 1:
+            return unknown(node, f"grouped conv {name!r} on concatenated or flattened channels")
+        _consume(b, inp, name)
+        b.chunk(inp[0][0], m.groups)
+        layouts[node] = _produce(b, name, m.out_channels, excluded)
+        b.chunk(layouts[node][0][0], m.groups)
     elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and inp is not None:
         if not _per_channel(b, inp, name, "dw"):
             return unknown(node, f"depthwise conv {name!r} on flattened features")
@@ -254,6 +276,28 @@ def _function(b: _Builder, node: fx.Node, layouts: dict, fresh: Any, unknown: An
             b.union(ga, gb)
         layouts[node] = la
         return
+    if fn in _MUL and len(node.args) == 2 and len(args) == 2 and all(layouts.get(a) is not None for a in args):
+        la, lb = layouts[args[0]], layouts[args[1]]
+        sa, sb, so = _shape(args[0]), _shape(args[1]), _shape(node)
+        if sa is None or sb is None or so is None or len(sa) != len(sb) or sa[1] != sb[1] \
+                or [(s, r) for _, s, r in la] != [(s, r) for _, s, r in lb]:
+            return unknown(node, "a product of differently laid-out tensors")
+        for (ga, _, _), (gb, _, _) in zip(la, lb, strict=True):
+            b.union(ga, gb)
+        layouts[node] = la if sa == so else lb
+        return
+    if fn in _MUL and len(node.args) == 2 and len(args) == 1 and layouts.get(args[0]) is not None \
+            and _same_channels(args[0], node):  # tensor * number
+        layouts[node] = layouts[args[0]]
+        return
+    if fn in _MEAN and isinstance(first, fx.Node) and layouts.get(first) is not None:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        si, so = _shape(first), _shape(node)
+        dims = (dims,) if isinstance(dims, int) else dims
+        if si is not None and so is not None and len(si) == 4 and isinstance(dims, (tuple, list)) \
+                and {d % 4 for d in dims} == {2, 3} and len(so) >= 2 and so[1] == si[1]:
+            layouts[node] = layouts[first]  # pooled over space: the channels stay
+            return
     if (fn in _PASS_FUNCTIONS or fn in _PASS_METHODS) and isinstance(first, fx.Node) and layouts.get(first) is not None \
             and _same_channels(first, node):
         layouts[node] = layouts[first]

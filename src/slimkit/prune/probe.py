@@ -8,9 +8,11 @@ channels ``S`` (or ``S`` shifted by one offset: a concatenation) reads those cha
 through element-wise operations only (activations, a gated MLP's product, dropout, casts); a
 BatchNorm or depthwise conv that does is carried along. Producers that reach a common consumer are
 one group (a gated MLP's gate and up projections, the branches of a residual add). Each group is
-then cut by one channel on a copy of the model, which must still run with the same output shapes:
-where the channels are reshaped (attention heads) or added to a stream another layer also writes,
-the cut fails and the group is kept whole, with the reason. This is the coupling of DepGraph (Fang
+then cut by one channel on a copy of the model, which must still run, with the same output shapes
+and the numbers the model gives with that channel's readers zeroed: where the channels are
+reshaped (attention heads) or added to a stream another layer also writes, the cut fails and the
+group is kept whole, with the reason. Attention heads are cut a head at a time, with the head
+counts an attention module keeps as attributes (OPT's ``num_heads``) where it reshapes by them. This is the coupling of DepGraph (Fang
 et al. 2023, sec. 3) established by measurement rather than by rules per operation.
 
 >>> import torch
@@ -149,27 +151,61 @@ def _spread(modules: dict[str, nn.Module], producer: str, channels: list[int], b
     return None
 
 
-def _cuts(model: nn.Module, members: list[Member], size: int, batch: Batch, shapes: list[tuple[int, ...]]) -> str | None:
+def _width(m: nn.Module, role: str) -> int:
+    if isinstance(m, nn.Linear):
+        return m.in_features if role == "in" else m.out_features
+    return int(m.in_channels if role == "in" else m.num_features if isinstance(m, _PASS) else m.out_channels)  # type: ignore[arg-type]
+
+
+def _cuts(model: nn.Module, members: list[Member], size: int, batch: Batch, shapes: list[tuple[int, ...]],
+          attrs: dict[str, dict[str, int]] | None = None) -> str | None:
     """Why removing the group's first unit (one channel, or ``repeat`` features: a head) breaks
-    ``model`` (on a copy), or None if it still runs with the same output shapes."""
+    ``model`` (on a copy, with ``attrs`` set to ``size - 1`` units), or None if the cut model
+    computes what the model computes with that unit's readers zeroed: the same output shapes, the
+    same numbers."""
     from .cut import _cut
 
-    work = copy.deepcopy(model)
-    modules = dict(work.named_modules())
+    work, zeroed = copy.deepcopy(model), copy.deepcopy(model)
+    modules, zmods = dict(work.named_modules()), dict(zeroed.named_modules())
     try:
         for mb in members:
             m = modules[mb.module]
             role = "in" if mb.role == "in" else "out"
-            width = (m.in_features if role == "in" else m.out_features) if isinstance(m, nn.Linear) else (  # type: ignore[union-attr]
-                m.in_channels if role == "in" else m.num_features if isinstance(m, _PASS) else m.out_channels)  # type: ignore[union-attr]
             drop = set(range(mb.offset, mb.offset + mb.repeat))
-            _cut(mb.module, m, {role: [i for i in range(int(width)) if i not in drop]})  # type: ignore[call-overload]
+            _cut(mb.module, m, {role: [i for i in range(_width(m, role)) if i not in drop]})
+            if role == "in":
+                with torch.no_grad():
+                    zmods[mb.module].weight[:, mb.offset:mb.offset + mb.repeat] = 0  # type: ignore[index]
+        for name, at in (attrs or {}).items():
+            for a, unit in at.items():
+                setattr(modules[name], a, (size - 1) * unit)
         with torch.no_grad():
-            out = call(work, batch)
+            out, ref = call(work, batch), call(zeroed, batch)
     except Exception as e:  # any failure means the channels are tied to something not cut with them
         return f"cutting its channels breaks the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    got = [tuple(t.shape) for t in tensors_of(out)]
-    return None if got == shapes else "cutting its channels changes the model's output shapes"
+    got, want = tensors_of(out), tensors_of(ref)
+    if [tuple(t.shape) for t in got] != shapes:
+        return "cutting its channels changes the model's output shapes"
+    for cut_t, ref_t in zip(got, want, strict=True):
+        if cut_t.is_floating_point() and not torch.allclose(cut_t, ref_t, rtol=1e-3,
+                                                            atol=1e-4 * (1.0 + float(ref_t.abs().max()))):
+            return "cutting its channels changes what the model computes (not only the cut channels' share)"
+    return None
+
+
+def _head_attrs(modules: dict[str, nn.Module], value: str, heads: int, q_heads: int) -> dict[str, dict[str, int]]:
+    """The head counts an attention module keeps as attributes (``num_heads = 4``): integer
+    attributes of ``value``'s parent equal to the number of key/value or of query heads."""
+    parent = value.rpartition(".")[0]
+    found: dict[str, int] = {}
+    for a, v in vars(modules[parent]).items():
+        if a.startswith("_") or type(v) is not int or "dim" in a.lower() or "size" in a.lower():
+            continue  # head_dim, attention_head_size: sizes, not counts
+        if v == q_heads and ("head" in a.lower()):
+            found[a] = q_heads // heads
+        elif v == heads and ("head" in a.lower()):
+            found[a] = 1
+    return {parent: found} if found else {}
 
 
 def _heads(model: nn.Module, modules: dict[str, nn.Module], base: dict[str, Tensor], value: str, out: str,
@@ -194,8 +230,12 @@ def _heads(model: nn.Module, modules: dict[str, nn.Module], base: dict[str, Tens
     for d in [d for d in range(2, v.out_features // 2 + 1) if v.out_features % d == 0]:
         members = [Member(n, "out", 0, d) for n in [value, *kv]] + [Member(n, "out", 0, d * g) for n in q] + \
                   [Member(out, "in", 0, d * g)]
-        if _cuts(model, members, v.out_features // d, batch, shapes) is None:
-            return Group(v.out_features // d, members)
+        heads = v.out_features // d
+        if _cuts(model, members, heads, batch, shapes) is None:
+            return Group(heads, members)
+        attrs = _head_attrs(modules, value, heads, heads * g)  # an attention module that counts its heads
+        if attrs and _cuts(model, members, heads, batch, shapes, attrs) is None:
+            return Group(heads, members, attrs=attrs)
     return None
 
 

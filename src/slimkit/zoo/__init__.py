@@ -18,11 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .mixed import mixed_cnn
 from .mlp import mlp
 from .mobilenet import mobilenet_v2
 from .resnet import resnet18
 
-__all__ = ["resnet18", "mobilenet_v2", "mlp", "digits_model", "trained", "DIGITS_MODELS", "cache_dir"]
+__all__ = ["resnet18", "mobilenet_v2", "mlp", "mixed_cnn", "digits_model", "trained", "DIGITS_MODELS", "cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "resnet18": (lambda: resnet18(width=16, in_channels=1, small_input=True), 6),
     "mobilenet_v2": (lambda: mobilenet_v2(width_mult=0.5, in_channels=1, small_input=True), 5),
     "mlp": (lambda: mlp(), 10),
+    "mixed_cnn": (lambda: mixed_cnn(), 4),  # grouped conv, squeeze-excite, concat, residual, flatten
 }
 
 

@@ -241,3 +241,40 @@ def test_a_model_with_nothing_to_quantize_says_why():
     convs = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
     with pytest.raises(ValueError, match="no layer of Sequential could be quantized.*group-wise"):
         sk.quantize(convs, {"activations": "none", "weight_bits": 4, "group_size": 32})
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_the_departing_layer_is_named_past_folded_batchnorms():
+    """Static INT8 folds each BatchNorm into the conv before it (the BatchNorm is gone from the
+    result); the search for the layer that departs compares such a conv with its BatchNorm's
+    output, so it names the layer that computes something else, not the first folded one."""
+    import copy
+
+    from slimkit.core.fidelity import first_departing_layer
+    from slimkit.core.graph import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = _TwoConvs().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 0.5)
+    x = torch.randn(4, 3, 8, 8)
+    folded = torch.fx.symbolic_trace(copy.deepcopy(model))
+    assert len(fold_batchnorm(folded)) == 2
+    assert first_departing_layer(model, folded, x, 0.05) is None  # folding alone computes the same
+    with torch.no_grad():
+        folded.conv2.weight.neg_()
+        folded.conv2.bias.neg_()
+    assert first_departing_layer(model, folded, x, 0.05) == "conv2"

@@ -244,3 +244,21 @@ def test_keep_float_keeps_the_most_sensitive_layers_by_name(trained_resnet, digi
         sk.quantize(trained_resnet, {"keep_float": 21}, calib_data=calib)
     with pytest.raises(ValueError, match="keep_float scan"):
         sk.quantize(trained_resnet, {"activations": "dynamic", "keep_float": 1})
+
+
+def test_depthwise_convs_keep_8_bit_weights_under_reduce_range(tmp_path):
+    """``reduce_range`` keeps weights to 7 bits where the uint8 x int8 kernels could saturate; a
+    depthwise conv runs on ONNX Runtime's depthwise kernel, which widens to 16 bits, so it keeps
+    all 8 (its 9 weights a channel are where precision is scarcest)."""
+    from slimkit.quant.config import cannot_saturate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    assert [cannot_saturate(m) for m in (model[0], model[2], model[4], model[6])] == [False, True, False, False]
+    x = torch.randn(16, 3, 6, 6)
+    q = sk.quantize(model, "int8", calib_data=[x])
+    widths = {n: int(q.get_submodule(n).weight_q.abs().max()) for n in ("0", "2", "4", "6")}
+    assert widths == {"0": 63, "2": 127, "4": 63, "6": 63}
+    rep = sk.export_onnx(q, tmp_path / "dw.onnx", x[:2])
+    assert rep.parity.ok and rep.lint.ok

@@ -3,6 +3,8 @@ for far fewer passes; and GPTQ / AWQ on a GPT with tied embeddings."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -230,3 +232,34 @@ def test_smoothquant_pools_a_layer_that_runs_twice_per_pass():
     q = sk.quantize(_encoder(_Twice), {**sk.presets()["int8-smoothquant"], "exclude": ["pool"]},
                     calib_data=_token_batches())
     assert "pool" not in q.slimkit_plan.passes["smoothquant"]
+
+
+def test_a_traced_model_is_walked_once_for_all_its_layers(monkeypatch):
+    """A GraphModule (BatchNorm folded by tracing: no blocks left to run alone) is walked node by
+    node: each layer's inputs come with the layers before it as the caller left them, and the
+    walk equals re-running the whole model per layer, in one pass instead of one per layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                        nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 5))
+    gm = torch.fx.symbolic_trace(copy.deepcopy(net)).eval()
+    names = ["0", "2", "4", "6"]
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    runs = [0]
+    gm.register_forward_pre_hook(lambda m, a: runs.__setitem__(0, runs[0] + 1))
+
+    def drive(model: nn.Module) -> list[list[Tensor]]:
+        got = []
+        for name, xs in sequential.sequential_inputs(model, names, batches):
+            got.append(xs)
+            with torch.no_grad():
+                model.get_submodule(name).weight.mul_(0.5)  # what a rounding pass would do, layer by layer
+        return got
+
+    walked = drive(gm)
+    assert runs[0] == 0  # never called as a whole: the graph is walked
+    monkeypatch.setattr(sequential, "_graph_walk", lambda *a: None)
+    again = drive(torch.fx.symbolic_trace(copy.deepcopy(net)).eval())  # the whole model once per layer, on a fresh copy
+    for a, b in zip(walked, again, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y)
+    assert [tuple(x[0].shape) for x in walked] == [(2, 3, 6, 6), (2, 8, 6, 6), (2, 8, 6, 6), (2, 144)]

@@ -95,28 +95,37 @@ def output_fidelity(original: nn.Module, result: nn.Module, batch: Batch) -> dic
 @torch.no_grad()
 def first_departing_layer(original: nn.Module, result: nn.Module, batch: Batch, limit: float) -> str | None:
     """The first module (in the order the forward pass runs them), present under the same name in
-    both models, whose output departs from the original's by more than ``limit`` (relative L2)."""
+    both models, whose output departs from the original's by more than ``limit`` (relative L2).
+    A layer the result folded a BatchNorm into is compared with that BatchNorm's output."""
     names = {n for n, _ in original.named_modules() if n} & {n for n, _ in result.named_modules() if n}
+    gone = {n for n, m in original.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} - names
     outputs: dict[int, dict[str, Tensor]] = {0: {}, 1: {}}
     order: list[str] = []
+    made_by: dict[int, tuple[str, Any]] = {}  # the original's layer outputs, by identity (kept alive)
+    folded: dict[str, str] = {}  # layer -> the BatchNorm folded into it
 
     def hook(side: int, name: str, module: nn.Module, args: Any, out: Any) -> None:
+        if side == 0 and isinstance(out, Tensor):
+            made_by[id(out)] = (name, out)
+        if side == 0 and name in gone and args and isinstance(args[0], Tensor) and id(args[0]) in made_by:
+            folded.setdefault(made_by[id(args[0])][0], name)
         try:
             outputs[side].setdefault(name, first_tensor(out).detach())
         except (TypeError, ValueError):
             return
-        if side == 0 and name not in order:
+        if side == 0 and name not in order and name in names:
             order.append(name)
 
     for side, model in enumerate((original, result)):
-        handles = [model.get_submodule(n).register_forward_hook(partial(hook, side, n)) for n in names]
+        watched = names | gone if side == 0 else names
+        handles = [model.get_submodule(n).register_forward_hook(partial(hook, side, n)) for n in watched]
         try:
             call(model, batch)
         finally:
             for h in handles:
                 h.remove()
     for name in order:  # a module finishes after its children, so the innermost departing one comes first
-        a, b = outputs[0].get(name), outputs[1].get(name)
+        a, b = outputs[0].get(folded.get(name, name)), outputs[1].get(name)
         if a is not None and b is not None and a.is_floating_point() and relative_error(b, a) > limit:
             return name
     return None

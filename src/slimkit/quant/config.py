@@ -12,11 +12,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from slimkit.core.config import Config, check_choice, check_range
 from slimkit.quant.calibrators import CALIBRATORS
 
-__all__ = ["QuantConfig", "PRESETS"]
+__all__ = ["QuantConfig", "PRESETS", "cannot_saturate"]
 
+
+def cannot_saturate(module: nn.Module | None) -> bool:
+    """Whether ONNX Runtime's integer kernel for ``module`` computes its products exactly whatever
+    the weights: a depthwise conv runs on MLAS's depthwise kernel, which widens the uint8 inputs
+    and int8 weights to 16 bits before multiplying (``qdwconv``), not on the uint8 x int8 pair-sum
+    instructions that saturate in int16 on CPUs without VNNI."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels \
+        and module.out_channels % module.groups == 0
 
 @dataclass(frozen=True, kw_only=True)
 class QuantConfig(Config):
@@ -28,7 +38,8 @@ class QuantConfig(Config):
     - ``reduce_range``: keep 8-bit weights to 7 bits. On x86 CPUs without VNNI the uint8 x int8
       kernels sum pairs of products in int16 and saturate; 7-bit weights cannot overflow (ONNX
       Runtime's own ``reduce_range`` advice). Costs about one bit of weight precision. Narrower
-      weights cannot overflow and are left alone. Dynamic layers with full 8-bit weights export
+      weights cannot overflow and are left alone, and so are depthwise convs, whose kernel widens
+      both operands to 16 bits (``cannot_saturate``): they keep 8 bits. Dynamic layers with full 8-bit weights export
       them as uint8 with a zero-point of 128, which the uint8 x uint8 kernels multiply exactly but
       more slowly (benchmarks/results/transformer_quant.md).
     - ``calibrator``: one of ``minmax``, ``moving_average``, ``percentile``, ``entropy``, ``mse``.
@@ -205,17 +216,19 @@ class QuantConfig(Config):
     def effective_weight_bits(self) -> int:
         return self.bits_for("")
 
-    def bits_for(self, layer: str) -> int:
+    def bits_for(self, layer: str, module: nn.Module | None = None) -> int:
         """The weight bits ``layer`` is quantized to (``layer_bits``, else ``weight_bits``; 8 becomes
-        7 with ``reduce_range``)."""
+        7 with ``reduce_range``, except for a depthwise conv ``module``, which cannot saturate)."""
         bits = self.layer_bits.get(layer, self.weight_bits)
-        return min(bits, 7) if self.reduce_range else bits
+        return min(bits, 7) if self.reduce_range and not cannot_saturate(module) else bits
 
 
 PRESETS: dict[str, QuantConfig] = {
-    # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights, per-tensor uint8 activations,
-    # embedding tables (if any) as int8 rows.
-    "int8": QuantConfig(quantize_embeddings=True),
+    # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights (7-bit, 8 for depthwise convs),
+    # per-tensor uint8 activations, bias correction from the calibration data (EfficientNet-Lite1:
+    # +4 dB logits SQNR for 2 s more; benchmarks/results/ptq_real_cnn.md), embedding tables (if
+    # any) as int8 rows.
+    "int8": QuantConfig(quantize_embeddings=True, bias_correction=True),
     # Dynamic INT8 with 7-bit int8 weights (the fast uint8 x int8 kernels, no saturation).
     "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),
     # Calibrated dynamic INT8 for transformers: SmoothQuant (alpha 0.5, the paper's default for

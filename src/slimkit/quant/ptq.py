@@ -122,7 +122,7 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
             if isinstance(child, nn.Conv1d) and dynamic:
                 plan.skipped[full] = "dynamic quantization supports Conv2d and Linear"
                 continue
-            bits = cfg.bits_for(full)
+            bits = cfg.bits_for(full, child)
             if cfg.group_size is not None:
                 if not isinstance(child, nn.Linear):
                     plan.skipped[full] = "group-wise weight-only quantization covers Linear layers"
@@ -281,11 +281,13 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
     plan = QuantPlan(config=cfg)
     if needs_weight_passes(cfg):
         if calib_data is None:
-            wanted = [n for n, on in (("equalize", cfg.equalize), ("bias_correction", cfg.bias_correction),
+            wanted = [n for n, on in (("static activations", cfg.activations == "static"), ("equalize", cfg.equalize),
+                                      ("bias_correction", cfg.bias_correction),
                                       ("smooth_alpha", cfg.smooth_alpha is not None),
                                       ("outlier_threshold", cfg.outlier_threshold is not None),
                                       (f"rounding={cfg.rounding!r}", cfg.rounding != "nearest")) if on]
-            raise ValueError(f"{', '.join(wanted)} need calib_data (batches of the model's inputs)")
+            raise ValueError(f"calib_data is required for this config but none was given ({', '.join(wanted)} "
+                             "need calib_data: batches of the model's inputs)")
         passes_data = [cache_free(model, b) for b in check_batches(calib_data)]
         if cfg.calib_batches is not None:
             passes_data = passes_data[: cfg.calib_batches]

@@ -14,6 +14,10 @@ runs between blocks, or a block gets arguments of its own), each block's inputs 
 the model. Layers outside the stack (an embedding projection, an output head) get their inputs
 from the whole model.
 
+A torch.fx ``GraphModule`` (a model whose BatchNorms were folded by tracing it) has no blocks left
+to run one by one; where its graph calls each layer once, it is walked node by node over all
+batches at once, pausing before each layer: one forward pass in all (``_graph_walk``).
+
 It is a generator: the caller takes ``(name, inputs)``, quantizes or replaces that layer in the
 model, and the next layer's inputs are computed from the model as it is then.
 
@@ -37,9 +41,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from slimkit.core.batch import Batch, call
+from slimkit.core.batch import Batch, as_args, call
 
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
 
@@ -104,6 +108,49 @@ def _catch(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tup
     finally:
         handle.remove()
     return caught
+
+
+def _graph_walk(model: nn.Module, names: list[str], batches: list[Batch]) -> Iterator[tuple[str, list[Tensor]]] | None:
+    """``sequential_inputs`` for a GraphModule whose graph calls each of ``names`` once, in that
+    order, on positional batches; None otherwise (the general path then runs)."""
+    if not isinstance(model, fx.GraphModule) or not all(isinstance(b, (Tensor, tuple, list)) for b in batches):
+        return None
+    nodes = list(model.graph.nodes)
+    calls: dict[str, list[fx.Node]] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
+    if any(len(calls.get(name, [])) != 1 or not calls[name][0].args or not isinstance(calls[name][0].args[0], fx.Node)
+           for name in names):
+        return None
+    placeholders = sum(n.op == "placeholder" for n in nodes)
+    if any(len(as_args(b)) != placeholders for b in batches):
+        return None
+    at = {calls[name][0]: name for name in names}
+    position = {n: i for i, n in enumerate(nodes)}
+    if [at[n] for n in sorted(at, key=position.__getitem__)] != list(names):
+        return None
+    return _walk(model, nodes, at, batches)
+
+
+@torch.no_grad()
+def _walk(model: fx.GraphModule, nodes: list[fx.Node], at: dict[fx.Node, str], batches: list[Batch]
+          ) -> Iterator[tuple[str, list[Tensor]]]:
+    runs = [fx.Interpreter(model) for _ in batches]  # one environment per batch; values freed after last use
+    for run, b in zip(runs, batches, strict=True):
+        run.env, run.args_iter = {}, iter(as_args(b))
+    left = len(at)
+    for node in nodes:
+        if node in at:
+            src = node.args[0]
+            yield at[node], [r.env[src].detach().clone() for r in runs]  # type: ignore[index]
+            left -= 1
+            if not left:
+                return  # the rest of the pass is not needed
+        for r in runs:
+            r.env[node] = r.run_node(node)  # a replaced or changed layer is looked up as it is now
+            for dead in r.user_to_last_uses.get(node, []):
+                del r.env[dead]
 
 
 @torch.no_grad()
@@ -176,6 +223,10 @@ def sequential_inputs(model: nn.Module, names: list[str], batches: list[Batch], 
     ``frozen``: the caller leaves the model as it is until the end (it only collects statistics),
     so one run of a block records all of that block's layers in ``names`` and gives the next
     block's inputs; memory then holds one block's inputs instead of one layer's."""
+    walk = _graph_walk(model, names, batches)
+    if walk is not None:
+        yield from walk
+        return
     stack = repeated_blocks(model)
     held: tuple[int, list[tuple[Any, Any]] | None] | None = None  # a block of the stack, its inputs
     outputs: list[Any] | None = None  # the held block's outputs, from a frozen run

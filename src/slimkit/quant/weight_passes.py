@@ -271,7 +271,7 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                              desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction", leave=False,
                              disable=None):
             layer = cast(nn.Linear | nn.Conv1d | nn.Conv2d, model.get_submodule(name))
-            bits = cfg.bits_for(name)
+            bits = cfg.bits_for(name, layer)
             grid, input_scale = None, None
             fwd = _forward(layer)
             w = layer.weight.detach().clone()

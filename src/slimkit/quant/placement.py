@@ -5,8 +5,10 @@ Rules (the shape ONNX Runtime's QDQ fusions expect):
   matmul) are quantized, by one quantizer per producing tensor, shared by all its consumers;
 - an activation (ReLU, ReLU6) that follows an op is quantized after it, so the runtime folds it
   into the integer op's output range (ReLU -> Q with zero-point 0 is removed);
-- *shape* ops (max pooling, flatten, reshape, permute...) keep their input's scale: their output
-  reuses the input's quantizer, as the runtime requires to drop the Q/DQ around them.
+- *shape* ops (max pooling, flatten, reshape, permute, zero padding...) keep their input's scale:
+  their output reuses the input's quantizer, as the runtime requires to drop the Q/DQ around them
+  (a zero pad between a conv's ReLU6 and the next conv, TensorFlow's SAME padding, then runs on
+  uint8 and the conv before it stays an integer conv).
 
 The result is a ``Placement``: plain data that is saved in the plan and applied again on load.
 
@@ -63,10 +65,15 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "compute"
         if isinstance(m, SHAPE_MODULES):
             return "shape"
+        if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)) and float(m.value) == 0.0:
+            return "shape"  # zero maps to the zero-point exactly: padding commutes with quantizing
     elif node.op == "call_function":
         if node.target in COMPUTE_FUNCTIONS:
             return "compute"
         if node.target in SHAPE_FUNCTIONS:
+            return "shape"
+        if node.target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == \
+                "constant" and not (node.kwargs.get("value") or (node.args[3] if len(node.args) > 3 else 0)):
             return "shape"
     elif node.op == "call_method":
         if node.target in COMPUTE_METHODS:

@@ -1,0 +1,137 @@
+"""Rewrites of the exported ONNX graph that let ONNX Runtime run more of a quantized model in integers.
+
+``fold_pads_into_convs``: a zero ``Pad`` in front of a conv (PyTorch has no asymmetric conv padding,
+so TensorFlow-style SAME padding is an explicit pad) sits between quantizers,
+``DQ -> Pad -> Q -> DQ -> Conv``, where ONNX Runtime leaves it in float between a dequantize and a
+quantize. Both quantizers share one scale and zero-point (the placement makes a pad keep its
+input's), and zero is exactly the zero-point, so the pad goes into the conv's own ``pads``
+attribute (ONNX convs pad each side separately): ``DQ -> Conv(pads + p)``, the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["fold_pads_into_convs"]
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values known without running the graph: initializers, Constant outputs, and Casts of them."""
+    known = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Cast" and node.input[0] in known:
+            to = next(a.i for a in node.attribute if a.name == "to")
+            known[node.output[0]] = known[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(to))
+    return known
+
+
+def _fold(graph: onnx.GraphProto, name: str, known: dict[str, np.ndarray], opset: list[onnx.OperatorSetIdProto]
+          ) -> np.ndarray | None:
+    """The value of ``name`` when every node it depends on is computed from constants alone (the
+    pad widths torch writes as a Shape-free chain of Reshape, Slice and Cast), else None."""
+    from onnx.reference import ReferenceEvaluator
+
+    producer = {o: n for n in graph.node for o in n.output}
+    needed: list[onnx.NodeProto] = []
+    stack, seen = [name], set()
+    while stack:
+        x = stack.pop()
+        if x in known or x in seen or not x:
+            continue
+        seen.add(x)
+        node = producer.get(x)
+        if node is None or node.op_type in ("QuantizeLinear", "DequantizeLinear") or len(needed) > 64:
+            return None  # a graph input, or more than pad arithmetic
+        needed.append(node)
+        stack += list(node.input)
+    order = [n for n in graph.node if any(n is m for m in needed)]
+    leaves = {i for n in order for i in n.input if i in known}
+    sub = helper.make_model(helper.make_graph(order, "fold", [], [helper.make_tensor_value_info(name, 0, None)],
+                                              [numpy_helper.from_array(known[i], i) for i in leaves]),
+                            opset_imports=opset)
+    try:
+        got: list[Any] = ReferenceEvaluator(sub).run(None, {})
+        return np.asarray(got[0])
+    except Exception:  # an op the evaluator lacks: leave the pad as it is
+        return None
+
+
+def _same(known: dict[str, np.ndarray], a: str, b: str) -> bool:
+    return a == b or (a in known and b in known and np.array_equal(known[a], known[b])
+                      and known[a].dtype == known[b].dtype)
+
+
+def fold_pads_into_convs(model: onnx.ModelProto) -> int:
+    """Fold every zero 4-D ``Pad`` that sits between a dequantize and a same-scale quantize read
+    only by convs into those convs' ``pads``, in place; returns how many were folded."""
+    graph = model.graph
+    known = _constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    drop: list[onnx.NodeProto] = []
+    for pad in list(graph.node):
+        if pad.op_type != "Pad" or len(pad.input) < 2:
+            continue
+        if pad.input[1] not in known:
+            widths = _fold(graph, pad.input[1], known, list(model.opset_import))
+            if widths is None:
+                continue
+            known[pad.input[1]] = widths
+        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+        value = known.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        pads = known[pad.input[1]].astype(np.int64).tolist()
+        if mode != "constant" or value is None or np.any(value != 0) or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) \
+                or len(pad.input) > 3 and pad.input[3]:
+            continue
+        dq0 = producer.get(pad.input[0])
+        q = consumers.get(pad.output[0], [])
+        if dq0 is None or dq0.op_type != "DequantizeLinear" or len(q) != 1 or q[0].op_type != "QuantizeLinear":
+            continue
+        q1 = q[0]
+        dq = consumers.get(q1.output[0], [])
+        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or pad.output[0] in outputs or q1.output[0] in outputs:
+            continue
+        convs = consumers.get(dq[0].output[0], [])
+        if not convs or dq[0].output[0] in outputs or any(c.op_type != "Conv" or c.input[0] != dq[0].output[0]
+                                                         or any(a.name == "auto_pad" for a in c.attribute)
+                                                         for c in convs):
+            continue
+        if not all(_same(known, x, y) for x, y in zip(dq0.input[1:], q1.input[1:], strict=False)) \
+                or len(dq0.input) != len(q1.input):
+            continue
+        top, left, bottom, right = pads[2], pads[3], pads[6], pads[7]
+        for conv in convs:
+            old = next((a for a in conv.attribute if a.name == "pads"), None)
+            before = list(old.ints) if old is not None else [0, 0, 0, 0]
+            new = [before[0] + top, before[1] + left, before[2] + bottom, before[3] + right]
+            if old is not None:
+                conv.attribute.remove(old)
+            conv.attribute.append(helper.make_attribute("pads", new))
+            conv.input[0] = dq0.output[0]
+        drop += [pad, q1, dq[0]]
+    for n in drop:
+        graph.node.remove(n)
+    if drop:
+        _drop_dead(graph)
+    return len(drop) // 3
+
+
+def _drop_dead(graph: onnx.GraphProto) -> None:
+    """Remove the nodes nothing reads any more (the folded pads' width arithmetic)."""
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)

@@ -56,7 +56,7 @@ def _fold(graph: onnx.GraphProto, name: str, known: dict[str, np.ndarray], opset
                                               [numpy_helper.from_array(known[i], i) for i in leaves]),
                             opset_imports=opset)
     try:
-        got: list[Any] = ReferenceEvaluator(sub).run(None, {})
+        got: Any = ReferenceEvaluator(sub).run(None, {})
         return np.asarray(got[0])
     except Exception:  # an op the evaluator lacks: leave the pad as it is
         return None

@@ -41,8 +41,11 @@ from slimkit.zoo.efficientnet_lite import efficientnet_lite, preprocess
 log = logging.getLogger("ptq_real_cnn")
 
 SIZES = {"lite1": 240, "lite2": 260}
-INT8 = ["int8", "int8-percentile", "int8-entropy", "int8-cle"]  # slimkit: the default and each option tried
-W4A8 = ["w4a8", "w4a8-adaround"]
+INT8 = ["int8", "int8-percentile", "int8-entropy"]  # slimkit: the default and each option tried
+W4A8 = ["w4a8"]
+# Not run yet: int8-cle (on Lite1 it ran for over 8 minutes without finishing, where int8 takes 10 s)
+# and w4a8-adaround (its cost on this network is not cut yet); see the results' note.
+NOT_RUN = ["int8-cle", "w4a8-adaround"]
 
 
 def logits(path: str, x: torch.Tensor) -> np.ndarray:
@@ -166,7 +169,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{r['sqnr_db']:.1f} | {r['size_x']:.1%} | {r['x_b1']:.2f}x ({r['ms_b1']:.1f} ms) | "
                      f"{r['x_b8']:.2f}x ({r['ms_b8']:.1f} ms) | {r['integer_ops']} / {floats} | {r['seconds']:.0f} | "
                      f"{r['note']} |")
-    lines += ["", f"Run took {res['seconds']:.0f} s."]
+    lines += ["", f"Not run in this file: {', '.join(NOT_RUN)} (int8-cle ran for over 8 minutes on Lite1 without "
+              "finishing; AdaRound's cost on this network is not cut yet).", "", f"Run took {res['seconds']:.0f} s."]
     return "\n".join(lines)
 
 

@@ -437,3 +437,13 @@ def test_the_mixed_cnn_is_pruned_as_deep_as_torch_pruning_prunes_it():
     assert frozen == {"model input", "model output"}
     kept = sum(q.numel() for q in p.parameters()) / sum(q.numel() for q in net.parameters())
     assert 0.24 < kept < 0.28 and p(x).shape == (2, 10)
+
+
+def test_a_plan_that_leaves_a_grouped_conv_uneven_is_refused():
+    x = torch.randn(2, 3, 8, 8)
+    net = SqueezeExcite()
+    plan = sk.prune(net, {"method": "structured", "sparsity": 0.5}, example_inputs=x).slimkit_plan.to_dict()
+    plan["keep"]["grouped"]["out"] = [0, 1, 2, 4]  # three from the first group, one from the second
+    with pytest.raises(ValueError, match="grouped conv 'grouped' .* same number"):
+        apply_plan(net, PrunePlan.from_dict(plan))
+    assert net.grouped.out_channels == 8

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from slimkit.core.graph import TraceError
 from slimkit.core.layers import canonicalize, is_linear_like, tied_weights
 from slimkit.core.plans import attach
 
+from .allocate import global_counts, keep_count, kept_channels
 from .config import PruneConfig
 from .cut import apply_plan, dim_size
 from .dependency import Group, Member, dependency_groups
@@ -161,44 +161,6 @@ def _member_scores(modules: dict[str, nn.Module], mb: Member, size: int, cfg: Pr
     return rows[mb.offset:mb.offset + size * mb.repeat].reshape(size, mb.repeat).sum(1)
 
 
-def _keep_count(size: int, sparsity: float, round_to: int) -> int:
-    keep = size - math.floor(sparsity * size + 1e-9)
-    if round_to > 1:
-        keep = min(size, math.ceil(keep / round_to) * round_to)
-    return max(1, keep)
-
-
-def _kept(total: Tensor, k: int, chunks: int) -> Tensor:
-    """The indices of the ``k`` best channels, the same number from each of ``chunks`` equal parts
-    (``k`` rounded up to a multiple of ``chunks``), in order."""
-    if chunks == 1:
-        return torch.sort(torch.topk(total, k, sorted=False).indices).values
-    per, each = total.numel() // chunks, max(1, math.ceil(k / chunks))
-    parts = total.reshape(chunks, per).topk(min(each, per), dim=1, sorted=False).indices
-    return torch.sort((parts + torch.arange(chunks).unsqueeze(1) * per).flatten()).values
-
-
-def _global_counts(candidates: list[tuple[Any, dict[str, Any], Tensor, int]], sparsity: float) -> list[int]:
-    """Channels kept per group when one threshold runs over every group's scores (each group's
-    scores normalized to mean 1, so groups compare by how unequal their channels are, not by the
-    size of their weights): the least important ``sparsity`` of all channels go, wherever they are.
-    A group keeps at least one channel (``round_to`` channels when rounding)."""
-    if not candidates:
-        return []
-    pooled = torch.cat([t for _, _, t, _ in candidates])
-    n_remove = math.floor(sparsity * pooled.numel() + 1e-9)
-    if n_remove == 0:
-        return [g.size for g, _, _, _ in candidates]
-    threshold = torch.kthvalue(pooled.double(), n_remove).values
-    counts = []
-    for g, _, total, round_to in candidates:
-        keep = int((total.double() > threshold).sum())
-        if round_to > 1:
-            keep = math.ceil(keep / round_to) * round_to
-        counts.append(min(g.size, max(keep, round_to, 1)))
-    return counts
-
-
 def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads: dict[str, Tensor] | None) -> PrunePlan:
     check_batches([example], "example_inputs")  # NaN or inf: named, before any tracing or probing
     with torch.no_grad(), modes_kept(model):  # a batch the model cannot take: the layer it does not fit
@@ -236,10 +198,10 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
         whole_units = any(mb.repeat > 1 and mb.role == "out" for mb in g.members)  # heads: round_to is in features
         candidates.append((g, entry, total / total.mean().clamp_min(1e-12), 1 if whole_units else cfg.round_to))
         plan.groups_.append(entry)
-    counts = _global_counts(candidates, cfg.sparsity) if cfg.scope == "global" else \
-        [_keep_count(g.size, cfg.sparsity, r) for g, _, _, r in candidates]
+    counts = global_counts(candidates, cfg.sparsity) if cfg.scope == "global" else \
+        [keep_count(g.size, cfg.sparsity, r) for g, _, _, r in candidates]
     for (g, entry, total, _), k in zip(candidates, counts, strict=True):
-        kept = _kept(total, k, g.chunks) if k < g.size else torch.arange(g.size)
+        kept = kept_channels(total, k, g.chunks) if k < g.size else torch.arange(g.size)
         entry["kept"] = int(kept.numel())
         if entry["kept"] == g.size:
             continue

@@ -151,19 +151,13 @@ def _spread(modules: dict[str, nn.Module], producer: str, channels: list[int], b
     return None
 
 
-def _width(m: nn.Module, role: str) -> int:
-    if isinstance(m, nn.Linear):
-        return m.in_features if role == "in" else m.out_features
-    return int(m.in_channels if role == "in" else m.num_features if isinstance(m, _PASS) else m.out_channels)  # type: ignore[arg-type]
-
-
 def _cuts(model: nn.Module, members: list[Member], size: int, batch: Batch, shapes: list[tuple[int, ...]],
           attrs: dict[str, dict[str, int]] | None = None) -> str | None:
     """Why removing the group's first unit (one channel, or ``repeat`` features: a head) breaks
     ``model`` (on a copy, with ``attrs`` set to ``size - 1`` units), or None if the cut model
     computes what the model computes with that unit's readers zeroed: the same output shapes, the
     same numbers."""
-    from .cut import _cut
+    from .cut import _cut, dim_size
 
     work, zeroed = copy.deepcopy(model), copy.deepcopy(model)
     modules, zmods = dict(work.named_modules()), dict(zeroed.named_modules())
@@ -172,7 +166,7 @@ def _cuts(model: nn.Module, members: list[Member], size: int, batch: Batch, shap
             m = modules[mb.module]
             role = "in" if mb.role == "in" else "out"
             drop = set(range(mb.offset, mb.offset + mb.repeat))
-            _cut(mb.module, m, {role: [i for i in range(_width(m, role)) if i not in drop]})
+            _cut(mb.module, m, {role: [i for i in range(dim_size(m, role)) if i not in drop]})
             if role == "in":
                 with torch.no_grad():
                     zmods[mb.module].weight[:, mb.offset:mb.offset + mb.repeat] = 0  # type: ignore[index]

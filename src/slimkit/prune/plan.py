@@ -143,7 +143,7 @@ def _member_scores(modules: dict[str, nn.Module], mb: Member, size: int, cfg: Pr
     weight scores in that layer (its output row, its input column or its BatchNorm scale)."""
     m = modules[mb.module]
     if mb.role == "dw":
-        return None  # as in Torch-Pruning's group norm (with them: 0.27 points lower on MobileNetV2, 4 runs)
+        return None  # as in Torch-Pruning's group norm (benchmarks/results/pruning_peer.md: the same channels)
     if mb.role == "bn":
         if getattr(m, "weight", None) is None:
             return None  # a BatchNorm without affine scale has no say

@@ -225,9 +225,8 @@ class QuantConfig(Config):
 
 PRESETS: dict[str, QuantConfig] = {
     # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights (7-bit, 8 for depthwise convs),
-    # per-tensor uint8 activations, bias correction from the calibration data (EfficientNet-Lite1:
-    # +4 dB logits SQNR for 2 s more; benchmarks/results/ptq_real_cnn.md), embedding tables (if
-    # any) as int8 rows.
+    # per-tensor uint8 activations, bias correction from the calibration data (EfficientNet-Lite:
+    # benchmarks/results/ptq_real_cnn.md), embedding tables (if any) as int8 rows.
     "int8": QuantConfig(quantize_embeddings=True, bias_correction=True),
     # Dynamic INT8 with 7-bit int8 weights (the fast uint8 x int8 kernels, no saturation).
     "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),

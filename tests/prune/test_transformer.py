@@ -1,5 +1,7 @@
 """Heads and FFN neurons of BERT-style blocks (structure found by duck typing, no transformers needed)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,66 @@ def test_attention_that_counts_its_heads_loses_whole_heads(tmp_path):
     q = sk.load(tmp_path / "opt", ARCHS["opt"].build()[0])
     with torch.no_grad():
         assert torch.allclose(q(**batch).logits, p(**batch).logits, atol=1e-5)
+
+
+class _Fused(nn.Module):
+    """One fused q/k/v projection: ``split`` into q, k, v then heads (GPT-2, which splits by its
+    ``split_size``), or heads then q, k, v (GPT-NeoX, whose view infers the head count)."""
+
+    def __init__(self, layout: str, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.layout, self.num_heads, self.head_dim, self.split_size = layout, heads, dim // heads, dim
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        y = self.qkv(x)
+        if self.layout == "split":
+            q, k, v = (z.view(n, t, -1, self.head_dim).transpose(1, 2) for z in y.split(self.split_size, dim=2))
+        else:
+            q, k, v = y.view(n, t, -1, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, -1)
+        return self.proj(a)
+
+
+class _FusedNet(nn.Module):
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.attn, self.head = _Fused(layout), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(x + self.attn(x))
+
+
+@pytest.mark.parametrize("layout", ["split", "interleaved"])
+def test_fused_qkv_projection_loses_whole_heads(layout):
+    """Both fused layouts lose whole heads: the pruned model computes exactly what the model computes
+    with the dropped heads' output columns zeroed, and GPT-2's split width follows the cut."""
+    torch.manual_seed(0)
+    model, x = _FusedNet(layout).eval(), torch.randn(2, 5, 16)
+    p = sk.prune(model, {"sparsity": 0.5}, example_inputs=x)
+    plan = p.slimkit_plan
+    assert (p.attn.qkv.out_features, p.attn.proj.in_features) == (24, 8)
+    assert plan.attrs_.get("attn", {}) == ({"num_heads": 2, "split_size": 8} if layout == "split" else {})
+    kept = plan.keep_["attn.proj"]["in"]
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.attn.proj.weight[:, [c for c in range(16) if c not in kept]] = 0
+        assert torch.allclose(p(x), ref(x), atol=1e-5)
+    assert model.attn.qkv.out_features == 48  # the caller's model is untouched
+
+
+def test_multihead_attention_left_whole_is_reported(caplog):
+    """torch's own nn.MultiheadAttention cannot lose a head as the class it is: the plan names it
+    and why, its weights count as not compressed, and the verb warns when little was cut."""
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 16, batch_first=True, dropout=0.0), 2).eval()
+    with caplog.at_level("WARNING", logger="slimkit"):
+        p = sk.prune(enc, {"sparsity": 0.5}, example_inputs=torch.randn(2, 5, 32))
+    plan = p.slimkit_plan
+    assert plan.skipped["layers.0.self_attn"].startswith("nn.MultiheadAttention: its heads are kept whole")
+    assert "layers.1.self_attn.out_proj" in plan.skipped
+    attn = sum(q.numel() for n, q in enc.named_parameters() if "self_attn" in n and q.dim() == 2)
+    total = sum(q.numel() for q in enc.parameters() if q.dim() == 2)
+    assert plan.coverage_["fraction"] == pytest.approx(1 - attn / total)
+    assert "left alone: nn.MultiheadAttention" in plan.summary()
+    assert any("structured pruning cut layers holding only" in r.getMessage() for r in caplog.records)

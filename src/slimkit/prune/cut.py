@@ -15,7 +15,6 @@ from slimkit.core.plans import attach
 
 from .importance import weight_scores
 from .masks import fraction_mask, weight_nm_mask
-from .transformer import HEAD_ATTRS
 
 if TYPE_CHECKING:
     from .plan import PrunePlan
@@ -114,10 +113,9 @@ def apply_plan(base: nn.Module, plan: PrunePlan, inplace: bool = False, masks: d
             _cut(name, m, roles)
         for name, attrs in plan.attrs_.items():
             m = modules.get(name)
-            if m is None or not all(type(getattr(m, a, None)) is int and type(v) is int and v > 0 for a, v in attrs.items()) \
-                    or not set(attrs) <= set(HEAD_ATTRS) | {a for a in attrs if "head" in a.lower()}:
+            if m is None or not all(type(getattr(m, a, None)) is int and type(v) is int and v > 0 for a, v in attrs.items()):
                 raise ValueError(f"the plan does not match this model: {name!r} is not an attention module with "
-                                 f"integer head counts {sorted(attrs)}")
+                                 f"integer head counts or widths {sorted(attrs)}")
             for a, v in attrs.items():
                 setattr(m, a, v)
     elif cfg.method == "depth":

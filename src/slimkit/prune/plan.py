@@ -47,6 +47,7 @@ from .dependency import Group, Member, dependency_groups
 from .importance import taylor_importance, weight_scores
 from .masks import fraction_mask, global_masks, nm_view, weight_nm_mask
 from .probe import probed_groups
+from .report import left_whole, output_writers, pruned_coverage
 from .transformer import transformer_blocks, transformer_groups
 
 __all__ = ["PrunePlan", "search", "apply_plan", "prune_model"]
@@ -70,12 +71,13 @@ class PrunePlan:
     dropped_: list[str] = field(default_factory=list)  # depth pruning: blocks replaced by the identity
     scores_: dict[str, float] = field(default_factory=dict)  # depth pruning: output change without each block
     skipped: dict[str, str] = field(default_factory=dict)  # layers left alone, with the reason
+    coverage_: dict[str, Any] = field(default_factory=dict)  # structured: share of the weights in cut layers
     kind = "prune"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": self.config.to_dict(), "keep": self.keep_, "sizes": self.sizes_,
                 "groups": self.groups_, "sparsity": self.sparsity_, "attrs": self.attrs_, "dropped": self.dropped_,
-                "scores": self.scores_, "skipped": self.skipped}
+                "scores": self.scores_, "skipped": self.skipped, "coverage": self.coverage_}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
@@ -86,7 +88,8 @@ class PrunePlan:
                    attrs_={str(k): {str(a): int(v) for a, v in attrs.items()} for k, attrs in d.get("attrs", {}).items()},
                    dropped_=[str(n) for n in d.get("dropped", [])],
                    scores_={str(k): float(v) for k, v in d.get("scores", {}).items()},
-                   skipped={str(k): str(v) for k, v in d.get("skipped", {}).items()})
+                   skipped={str(k): str(v) for k, v in d.get("skipped", {}).items()},
+                   coverage_=dict(d.get("coverage", {})))
 
     def summary(self) -> str:
         if self.config.method == "depth":
@@ -101,6 +104,7 @@ class PrunePlan:
         for i, g in enumerate(self.groups_):
             rows.append(f"| {i} | {g['channels']} -> {g['kept']} | {', '.join(g['members'][:4])}"
                         f"{' ...' if len(g['members']) > 4 else ''} | {g.get('frozen') or ''} |")
+        rows += [f"| - | - | {n} | left alone: {why} |" for n, why in self.skipped.items()]
         return "\n".join(rows)
 
 
@@ -227,6 +231,8 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
             d = int(modules[f"{pre}attention.self"].attention_head_size)  # type: ignore[arg-type]
             n = len(plan.keep_[q]["out"]) // d
             plan.attrs_[f"{pre}attention.self"] = {"num_attention_heads": n, "all_head_size": n * d}
+    plan.skipped = left_whole(model, plan.keep_, groups, plan.groups_, cfg.exclude, output_writers(model, example))
+    plan.coverage_ = pruned_coverage(model, plan.keep_, plan.skipped)
     if not plan.keep_:
         reasons = sorted({g.get("frozen", "") for g in plan.groups_} - {""})
         if not plan.groups_:
@@ -364,4 +370,10 @@ def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None
         after = sum(p.numel() for p in out.parameters())
         log.info("%s pruning: %s parameters -> %d; %d groups cut", cfg.method, before, after,
                  sum(1 for g in plan.groups_ if g["kept"] < g["channels"]))
+        fraction = plan.coverage_.get("fraction", 1.0)
+        if fraction < 0.5:
+            alone = sorted(plan.skipped.items())
+            log.warning("structured pruning cut layers holding only %.0f%% of the weights of %s; left whole: %s%s",
+                        100 * fraction, type(model).__name__, "; ".join(f"{n} ({why})" for n, why in alone[:3]),
+                        " ..." if len(alone) > 3 else "")
     return out

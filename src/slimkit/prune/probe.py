@@ -161,15 +161,17 @@ def _cuts(model: nn.Module, members: list[Member], size: int, batch: Batch, shap
 
     work, zeroed = copy.deepcopy(model), copy.deepcopy(model)
     modules, zmods = dict(work.named_modules()), dict(zeroed.named_modules())
+    drops: dict[tuple[str, str], set[int]] = {}  # one layer may hold several segments (fused q, k, v)
+    for mb in members:
+        drops.setdefault((mb.module, "in" if mb.role == "in" else "out"), set()).update(
+            range(mb.offset, mb.offset + mb.repeat))
     try:
-        for mb in members:
-            m = modules[mb.module]
-            role = "in" if mb.role == "in" else "out"
-            drop = set(range(mb.offset, mb.offset + mb.repeat))
-            _cut(mb.module, m, {role: [i for i in range(dim_size(m, role)) if i not in drop]})
+        for (name, role), drop in drops.items():
+            m = modules[name]
+            _cut(name, m, {role: [i for i in range(dim_size(m, role)) if i not in drop]})
             if role == "in":
                 with torch.no_grad():
-                    zmods[mb.module].weight[:, mb.offset:mb.offset + mb.repeat] = 0  # type: ignore[index]
+                    zmods[name].weight[:, sorted(drop)] = 0  # type: ignore[index]
         for name, at in (attrs or {}).items():
             for a, unit in at.items():
                 setattr(modules[name], a, (size - 1) * unit)
@@ -233,6 +235,45 @@ def _heads(model: nn.Module, modules: dict[str, nn.Module], base: dict[str, Tens
     return None
 
 
+def _fused_heads(model: nn.Module, modules: dict[str, nn.Module], base: dict[str, Tensor], fused: str,
+                 batch: Batch, shapes: list[tuple[int, ...]]) -> Group | None:
+    """Attention heads behind one fused query/key/value projection (``3 * width`` outputs) read by an
+    output projection of ``width`` inputs in the same module: a head's rows are ``d`` rows in each
+    third (``split`` into q, k, v, then heads: GPT-2) or ``3 * d`` adjacent rows (heads, then q, k, v:
+    GPT-NeoX). Each layout and head width the attention module's integer attributes suggest is cut
+    by one head and must compute what zeroing that head's output columns computes; the module's
+    integer attributes equal to the head count or to ``width`` follow the cut. None if none does."""
+    f = modules[fused]
+    parent = fused.rpartition(".")[0]
+    if not isinstance(f, nn.Linear) or f.out_features % 3 or not parent:
+        return None
+    width = f.out_features // 3
+    outs = [n for n, m in modules.items() if n.rpartition(".")[0] == parent and n != fused and n in base
+            and isinstance(m, nn.Linear) and m.in_features == width]
+    if len(outs) != 1:
+        return None
+    ints = {a: v for a, v in vars(modules[parent]).items() if not a.startswith("_") and type(v) is int and v > 1}
+    # head widths the attributes suggest (num_heads = 4: width // 4; head_dim = 8: 8), "head" names first
+    named = [v for a, v in ints.items() if "head" in a.lower()] + [v for a, v in ints.items() if "head" not in a.lower()]
+    widths = list(dict.fromkeys(d for v in named if v < width and width % v == 0 for d in (width // v, v)))
+    for d in [d for d in widths if 1 < d < width]:
+        heads = width // d
+        counts = {a: 1 for a, v in ints.items() if v == heads and "head" in a.lower()
+                  and "dim" not in a.lower() and "size" not in a.lower()}  # num_heads, not head_dim
+        spans = {a: d for a, v in ints.items() if v == width}  # GPT-2's split_size: the q, k, v width
+        tries: list[dict[str, int]] = [{}]
+        for t in (counts, *({**counts, a: d} for a in spans), {**counts, **spans}):  # the fewest attributes first
+            if t and t not in tries:
+                tries.append(t)
+        for rows in ([Member(fused, "out", s * width, d) for s in range(3)], [Member(fused, "out", 0, 3 * d)]):
+            members = [*rows, Member(outs[0], "in", 0, d)]
+            for at in tries:
+                attrs = {parent: at} if at else {}
+                if _cuts(model, members, heads, batch, shapes, attrs) is None:
+                    return Group(heads, members, attrs=attrs)
+    return None
+
+
 def probed_groups(model: nn.Module, example_inputs: Batch, exclude: tuple[str, ...] = ()) -> list[Group]:
     """The coupled channel groups of ``model``, found by probing (see the module doc). Layers that
     run more than once per forward pass (shared weights) and excluded layers stay out of groups."""
@@ -264,6 +305,7 @@ def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Gro
 
     reads: dict[str, list[Member]] = {}
     spread_heads: list[tuple[str, str]] = []
+    fused_groups: list[Group] = []
     for p in producers:
         m = modules[p]
         size = m.out_features if isinstance(m, nn.Linear) else m.out_channels  # type: ignore[union-attr]
@@ -275,6 +317,11 @@ def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Gro
         # pushed both ways: a ReLU (or a negative BatchNorm scale) can hide one direction
         up, down = (watch.run(batch, (p, channels, v))[0] for v in (value, -value))
         members = _roles(modules, p, channels, base, up, down)
+        if members is None and p not in exclude:
+            fused = _fused_heads(model, modules, base, p, batch, shapes)
+            if fused is not None:
+                fused_groups.append(fused)
+                continue
         if members is None:
             spread = _spread(modules, p, channels, base, up)
             if spread is not None:  # grouped-query attention: a key/value channel read by g query heads
@@ -288,7 +335,7 @@ def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Gro
     by_root: dict[str, list[str]] = {}
     for p in reads:
         by_root.setdefault(find(p), []).append(p)
-    groups: list[Group] = []
+    groups: list[Group] = list(fused_groups)
     for ps in by_root.values():
         m0 = modules[ps[0]]
         size = m0.out_features if isinstance(m0, nn.Linear) else m0.out_channels  # type: ignore[union-attr]
@@ -303,7 +350,8 @@ def _probe(model: nn.Module, batch: Batch, exclude: tuple[str, ...]) -> list[Gro
         why = _cuts(model, members, size, batch, shapes)
         dense_in = [mb.module for mb in members if mb.role == "in"]
         if why is not None and len(ps) == 1 and len(dense_in) == 1 and len(members) == 2:
-            heads = _heads(model, modules, base, ps[0], dense_in[0], batch, shapes)  # attention: value -> output
+            heads = _fused_heads(model, modules, base, ps[0], batch, shapes) or \
+                _heads(model, modules, base, ps[0], dense_in[0], batch, shapes)  # attention: value -> output
             if heads is not None:
                 groups.append(heads)
                 continue

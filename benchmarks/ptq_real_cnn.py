@@ -13,7 +13,7 @@ SQNR in dB (``10 log10(|y|^2 / |y - y_q|^2)``), file size as a share of FP32's, 
 lint), and the seconds quantizing took. Peers: ONNX Runtime's ``quantize_static`` (QDQ, per-channel
 S8 weights, U8 activations; min-max, percentile and entropy; with and without ``reduce_range``) and
 NNCF's post-training quantization (ONNX backend) when it is installed. W4A8: round-to-nearest
-against AdaRound.
+against AdaRound (the ``w4a8`` and ``w4a8-adaround`` presets).
 
     python benchmarks/ptq_real_cnn.py [--quick]
 """
@@ -42,10 +42,9 @@ log = logging.getLogger("ptq_real_cnn")
 
 SIZES = {"lite1": 240, "lite2": 260}
 INT8 = ["int8", "int8-percentile", "int8-entropy"]  # slimkit: the default and each option tried
-W4A8 = ["w4a8"]
-# Not run yet: int8-cle (on Lite1 it ran for over 8 minutes without finishing, where int8 takes 10 s)
-# and w4a8-adaround (its cost on this network is not cut yet); see the results' note.
-NOT_RUN = ["int8-cle", "w4a8-adaround"]
+W4A8 = ["w4a8", "w4a8-adaround"]  # round-to-nearest on the output-error grid, AdaRound on the weights' MSE grid
+# Not run yet: int8-cle (on Lite1 it ran for over 8 minutes without finishing, where int8 takes 10 s).
+NOT_RUN = ["int8-cle"]
 
 
 def logits(path: str, x: torch.Tensor) -> np.ndarray:
@@ -169,8 +168,12 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{r['sqnr_db']:.1f} | {r['size_x']:.1%} | {r['x_b1']:.2f}x ({r['ms_b1']:.1f} ms) | "
                      f"{r['x_b8']:.2f}x ({r['ms_b8']:.1f} ms) | {r['integer_ops']} / {floats} | {r['seconds']:.0f} | "
                      f"{r['note']} |")
-    lines += ["", f"Not run in this file: {', '.join(NOT_RUN)} (int8-cle ran for over 8 minutes on Lite1 without "
-              "finishing; AdaRound's cost on this network is not cut yet).", "", f"Run took {res['seconds']:.0f} s."]
+    lines += ["", "W4A8: 4-bit weights (values in [-7, 7]), the stem, the classifier and the depthwise convs INT8, "
+              "bias correction; `w4a8` rounds to nearest on the grid clipped by the output error, `w4a8-adaround` "
+              "learns the rounding (300 steps per layer on sampled output positions) from the grid clipped by the "
+              "weights' own error.", "",
+              f"Not run in this file: {', '.join(NOT_RUN)} (it ran for over 8 minutes on Lite1 without finishing).", "",
+              f"Run took {res['seconds']:.0f} s."]
     return "\n".join(lines)
 
 

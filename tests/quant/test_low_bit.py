@@ -88,7 +88,7 @@ def test_adaround_beats_round_to_nearest_at_4_bits_on_the_mlp(trained_mlp, digit
 @pytest.mark.slow
 def test_adaround_beats_round_to_nearest_at_4_bits(trained_resnet, digits):
     calib = _calib(digits, 64)
-    rtn = sk.quantize(trained_resnet, "w4a8", calib_data=calib)
+    rtn = sk.quantize(trained_resnet, {"weight_bits": 4, "reduce_range": False}, calib_data=calib)
     ada = sk.quantize(trained_resnet, {"weight_bits": 4, "reduce_range": False, "rounding": "adaround",
                                        "adaround_iterations": 100}, calib_data=calib)
     assert _sqnr(trained_resnet, ada, digits.test_x) > _sqnr(trained_resnet, rtn, digits.test_x) + 1.0
@@ -138,8 +138,14 @@ def test_low_bit_models_save_load_and_export(trained_resnet, digits, tmp_path):
 
 
 def test_low_bit_bad_input(trained_mlp):
-    with pytest.raises(ValueError, match="rounding='adaround' need calib_data"):
+    with pytest.raises(ValueError, match="bias_correction, rounding='adaround' need calib_data"):
         sk.quantize(trained_mlp, "w4a8-adaround")
+    with pytest.raises(ValueError, match="weight_grid"):
+        sk.QuantConfig(weight_grid="percentile")
+    with pytest.raises(ValueError, match="int8_layers names 'nope'"):
+        sk.quantize(trained_mlp, {"weight_bits": 4, "activations": "none", "int8_layers": ["nope"]})
+    with pytest.raises(ValueError, match="int8_layers fixes some widths"):
+        sk.QuantConfig(weight_bits=4, int8_layers=("first",), mixed_bits=(4, 8), target_bits=6.0)
     with pytest.raises(ValueError, match="equalize, bias_correction need calib_data"):
         sk.quantize(trained_mlp, "int8-cle")
     with pytest.raises(ValueError, match="rounding"):
@@ -168,3 +174,58 @@ def test_equalization_is_kept_only_where_it_helps_the_trained_mobilenet(digits):
     assert abs(report["sqnr_db_with"] - report["sqnr_db_without"]) > 1.0  # it matters on this net, one way or the other
     # so equalization never costs fidelity on held-out digits
     assert _sqnr(mnv2, q, x) >= _sqnr(mnv2, plain, x) - 0.5
+
+
+def test_clipped_grid_beats_the_max_grid_at_4_bits(trained_mlp, digits):
+    """weight_grid='output' clips each channel where the output error on the calibration data is least:
+    4-bit integers still (the clipped weights sit at the grid's ends), the outputs closer than the
+    largest-magnitude grid's."""
+    calib = _calib(digits, 128)
+    cfg = {"weight_bits": 4, "reduce_range": False, "activations": "none"}
+    plain = sk.quantize(trained_mlp, cfg)
+    clipped = sk.quantize(trained_mlp, {**cfg, "weight_grid": "output"}, calib_data=calib)
+    assert clipped.slimkit_plan.passes["clipped_grid"] == ["1", "3", "5"]
+    assert _sqnr(trained_mlp, clipped, digits.test_x) > _sqnr(trained_mlp, plain, digits.test_x) + 0.5
+    w = [m.weight_q for m in clipped.modules() if isinstance(m, QuantLinear)]
+    assert all(int(t.abs().max()) == 7 for t in w)
+    with pytest.raises(ValueError, match="weight_grid='output' need calib_data"):
+        sk.quantize(trained_mlp, {**cfg, "weight_grid": "output"})
+    own = sk.quantize(trained_mlp, {**cfg, "weight_grid": "mse"})  # the weights' own error: no data
+    assert own.slimkit_plan.passes["clipped_grid"] == ["1", "3", "5"]
+    assert all(int(m.weight_q.abs().max()) == 7 for m in own.modules() if isinstance(m, QuantLinear))
+
+
+def test_int8_layers_become_layer_bits_in_the_plan(trained_resnet, digits):
+    """'first', 'last' and 'depthwise' resolve to names: 7 bits (8 for a depthwise conv), the rest
+    at weight_bits; the plan's config says which, and replays on load."""
+    from slimkit.quant.config import resolve_int8_layers
+    from slimkit.zoo import mobilenet_v2
+
+    m = mobilenet_v2(in_channels=1)
+    cfg = resolve_int8_layers(m, sk.QuantConfig(weight_bits=4, reduce_range=False,
+                                                int8_layers=("first", "last", "depthwise")))
+    convs = [(n, x) for n, x in m.named_modules() if isinstance(x, (nn.Conv2d, nn.Linear))]
+    depthwise = {n for n, x in convs if isinstance(x, nn.Conv2d) and x.groups > 1}
+    assert cfg.layer_bits == {convs[0][0]: 7, convs[-1][0]: 7, **{n: 8 for n in depthwise}} and not cfg.int8_layers
+    q = sk.quantize(trained_resnet, "w4a8", calib_data=_calib(digits, 64))
+    bits = q.slimkit_plan.config.layer_bits
+    assert set(bits.values()) == {7} and len(bits) == 2  # ResNet: stem and classifier, no depthwise conv
+    widths = {n: int(x.weight_q.abs().max()) for n, x in q.named_modules() if isinstance(x, (QuantConv, QuantLinear))}
+    assert all(widths[n] <= 63 for n in bits) and max(v for n, v in widths.items() if n not in bits) == 7
+
+
+def test_conv_patches_reproduce_the_conv():
+    """AdaRound's conv loss on sampled positions: the patch products are the conv's outputs there,
+    for a dense conv with stride and 'same' padding and for a depthwise one."""
+    from slimkit.quant.patches import conv_patches
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 9, 9)
+    for conv in (nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=False), nn.Conv2d(6, 5, 3, padding="same", bias=False),
+                 nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)):
+        forward, rows = conv_patches(conv, [x], per_image=10**6, batch_rows=10**6)
+        full = conv(x).permute(0, 2, 3, 1).reshape(-1, conv.out_channels)
+        got = forward(rows[0], conv.weight)
+        assert got.shape == full.shape
+        torch.testing.assert_close(got.sort(0).values, full.sort(0).values, atol=1e-5, rtol=1e-5)
+    assert conv_patches(nn.Conv2d(6, 6, 3, groups=2), [x]) is None  # grouped, not depthwise: the full conv

@@ -108,7 +108,7 @@ def test_freezing_schedule_follows_the_config():
 def test_qat_w4a8_beats_round_to_nearest_ptq_and_exports_integer_onnx(trained_resnet, digits, tmp_path):
     calib = batches(digits.train_x[:256], None, 64)
     train = batches(digits.train_x[:640], digits.train_y[:640], 32)
-    ptq = sk.quantize(trained_resnet, "w4a8", calib_data=calib)
+    ptq = sk.quantize(trained_resnet, W4, calib_data=calib)  # round to nearest, every layer 4-bit
     q = sk.qat(trained_resnet, {**W4, "epochs": 1}, train, calib_data=calib)
     x = digits.test_x
     # one epoch: +1.5 to +3 dB over round to nearest, depending on the checkpoint the zoo trained
@@ -129,7 +129,7 @@ def test_qat_w4a8_beats_round_to_nearest_ptq_and_exports_integer_onnx(trained_re
 def test_lsq_with_distillation_and_pact_beat_round_to_nearest(trained_resnet, digits, tmp_path):
     calib = batches(digits.train_x[:256], None, 64)
     train = batches(digits.train_x[:320], digits.train_y[:320], 32)
-    ptq = sk.quantize(trained_resnet, "w4a8", calib_data=calib)
+    ptq = sk.quantize(trained_resnet, W4, calib_data=calib)  # round to nearest, every layer 4-bit
     base = _sqnr(trained_resnet, ptq, digits.test_x)
     for preset, extra in (("w4a8-lsq", {"distill": True}), ("w4a8-pact", {})):
         cfg = sk.QATConfig(**{**sk.qat_presets()[preset], "epochs": 1, **extra})

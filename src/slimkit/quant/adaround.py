@@ -66,12 +66,15 @@ def adaround(weight: Tensor, scale: Tensor, qmin: int, qmax: int, forward: Calla
         nearest = s * torch.clamp(torch.round(w / s), qmin, qmax)
         norm = sum(float((forward(x, nearest) - forward(x, w)).pow(2).mean()) for x in inputs) / len(inputs)
     norm = max(norm, 1e-30)
+    targets: dict[int, Tensor] = {}  # each mini-batch's float output, computed once
     for it in range(iterations):
-        x = inputs[it % len(inputs)]
+        i = it % len(inputs)
+        x = inputs[i]
         soft = s * torch.clamp(floor + rectified_sigmoid(v), qmin, qmax)
-        with torch.no_grad():
-            target = forward(x, w)
-        rec = (forward(x, soft) - target).pow(2).mean() / norm
+        if i not in targets:
+            with torch.no_grad():
+                targets[i] = forward(x, w)
+        rec = (forward(x, soft) - targets[i]).pow(2).mean() / norm
         t = it / iterations
         if t < warmup:
             loss = rec

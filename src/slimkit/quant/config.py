@@ -10,7 +10,7 @@ ValueError: weight_bits must be in [2, 8], got 9
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -51,6 +51,11 @@ class QuantConfig(Config):
       With ``calib_data`` the model is quantized with and without it and equalization is kept only
       if it brings the outputs closer to the float model's on that data.
     - ``bias_correction``: subtract the output shift weight rounding causes, measured on the data.
+    - ``weight_grid``: each channel's weight scale from its largest magnitude (``"max"``), or a
+      clipping ratio of it (``clipping.py``; worth it at four bits, where a few outliers would take
+      most of the 15 levels): the one whose rounding moves the channel's output least on
+      ``calib_data`` (``"output"``, the grid for round-to-nearest), or the one leaving the least
+      squared error in the weights themselves (``"mse"``, no data needed; the grid AdaRound starts from).
     - ``rounding``: ``"nearest"``, or ``"adaround"`` (learned up/down rounding per weight, layer by
       layer, ``adaround_iterations`` steps each). Equalization, AdaRound and bias correction need
       ``calib_data`` and compose in that order.
@@ -80,6 +85,11 @@ class QuantConfig(Config):
       layer's weight is quantized when that layer is, and kept in float (still shared) when it is
       not; the plan says so.
     - ``layer_bits``: weight bits per layer (module name), overriding ``weight_bits``.
+    - ``int8_layers``: layers that keep INT8 weights in a narrower config: module names, or
+      ``"first"`` and ``"last"`` (the first and last Linear/Conv layer the model defines, not
+      excluded: a CNN's stem and classifier) and ``"depthwise"`` (every depthwise conv: a few
+      weights per channel, which four bits cannot hold). They become ``layer_bits`` in the plan's
+      config: 8 for a depthwise conv, 7 elsewhere (the int8 preset's widths: no kernel saturates).
     - ``keep_float``: the sensitivity pass. Each layer is quantized alone and the outputs' change on
       ``calib_data`` measured; the ``keep_float`` layers that change them most stay in float (added
       to ``exclude`` in the plan's config; the scan, by name, in ``plan.passes["keep_float"]``).
@@ -103,6 +113,7 @@ class QuantConfig(Config):
     calib_batches: int | None = None
     equalize: bool = False
     bias_correction: bool = False
+    weight_grid: str = "max"
     rounding: str = "nearest"
     adaround_iterations: int = 1000
     group_size: int | None = None
@@ -116,6 +127,7 @@ class QuantConfig(Config):
     quantize_embeddings: bool = False
     embedding_bits: int = 8
     layer_bits: dict[str, int] = field(default_factory=dict)
+    int8_layers: tuple[str, ...] = ()
     mixed_bits: tuple[int, ...] = ()
     target_bits: float | None = None
     target_sqnr_db: float | None = None
@@ -131,6 +143,10 @@ class QuantConfig(Config):
         if self.calib_batches is not None:
             check_range("calib_batches", self.calib_batches, 1, float("inf"))
         check_choice("rounding", self.rounding, ("nearest", "adaround", "gptq", "awq"))
+        check_choice("weight_grid", self.weight_grid, ("max", "mse", "output"))
+        if self.weight_grid != "max" and self.group_size is not None:
+            raise ValueError(f"weight_grid={self.weight_grid!r} chooses per-channel scales; group-wise weights choose theirs "
+                             "per group (rounding='awq' clips them by the output error)")
         self._validate_groups()
         check_range("adaround_iterations", self.adaround_iterations, 1, 10**6)
         if self.equalize and not self.fold_bn:
@@ -141,6 +157,10 @@ class QuantConfig(Config):
             raise ValueError("layer_bits must map module names (strings) to bit widths")
         for name, bits in self.layer_bits.items():
             check_range(f"layer_bits[{name!r}]", bits, 2, 8)
+        if not all(isinstance(n, str) and n for n in self.int8_layers):
+            raise ValueError(f"int8_layers must be module names or 'first', 'last', 'depthwise'; got {self.int8_layers!r}")
+        if self.int8_layers and self.mixed_bits:
+            raise ValueError("int8_layers fixes some widths; with mixed_bits the search chooses every layer's width")
         self._validate_mixed()
         self._validate_keep_float()
         check_choice("embedding_bits", self.embedding_bits, (8, 4))
@@ -223,6 +243,33 @@ class QuantConfig(Config):
         return min(bits, 7) if self.reduce_range and not cannot_saturate(module) else bits
 
 
+def resolve_int8_layers(model: nn.Module, cfg: QuantConfig) -> QuantConfig:
+    """``cfg`` with ``int8_layers`` turned into ``layer_bits`` for ``model`` (explicit ``layer_bits``
+    win); names that are not Linear/Conv layers of ``model`` are an error."""
+    if not cfg.int8_layers:
+        return cfg
+    from .modules import WEIGHTED_LAYERS
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_LAYERS)
+              and not any(n == e or n.startswith(e + ".") for e in cfg.exclude)]
+    names = dict(layers)
+    chosen: list[str] = []
+    for entry in cfg.int8_layers:
+        if entry == "first":
+            chosen += [n for n, _ in layers[:1]]
+        elif entry == "last":
+            chosen += [n for n, _ in layers[-1:]]
+        elif entry == "depthwise":
+            chosen += [n for n, m in layers if cannot_saturate(m)]
+        elif entry in names:
+            chosen.append(entry)
+        else:
+            raise ValueError(f"int8_layers names {entry!r}, which is not a Linear/Conv layer of {type(model).__name__} "
+                             f"(or is excluded); its layers are {[n for n, _ in layers][:6]} ...")
+    bits = {n: 8 if cannot_saturate(names[n]) else 7 for n in chosen}
+    return replace(cfg, layer_bits={**bits, **cfg.layer_bits}, int8_layers=())
+
+
 PRESETS: dict[str, QuantConfig] = {
     # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights (7-bit, 8 for depthwise convs),
     # per-tensor uint8 activations, bias correction from the calibration data (EfficientNet-Lite:
@@ -240,9 +287,15 @@ PRESETS: dict[str, QuantConfig] = {
     "int8-entropy": QuantConfig(calibrator="entropy"),
     # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).
     "int8-cle": QuantConfig(equalize=True, bias_correction=True),
-    # 4-bit per-channel weights (int8 storage in ONNX, values in [-7, 7]), 8-bit activations.
-    "w4a8": QuantConfig(weight_bits=4, reduce_range=False),
-    "w4a8-adaround": QuantConfig(weight_bits=4, reduce_range=False, rounding="adaround"),
+    # 4-bit per-channel weights (int8 storage in ONNX, values in [-7, 7]) on a clipped grid, 8-bit
+    # activations, bias correction; the stem, the classifier and depthwise convs stay INT8. With
+    # AdaRound: 300 steps per layer from the weights' MSE grid (EfficientNet-Lite:
+    # benchmarks/results/ptq_real_cnn.md).
+    "w4a8": QuantConfig(weight_bits=4, reduce_range=False, weight_grid="output", bias_correction=True,
+                        int8_layers=("first", "last", "depthwise")),
+    "w4a8-adaround": QuantConfig(weight_bits=4, reduce_range=False, weight_grid="mse", bias_correction=True,
+                                 rounding="adaround", adaround_iterations=300,
+                                 int8_layers=("first", "last", "depthwise")),
     # 4-bit weight-only Linear layers in groups of 128 (MatMulNBits), for transformers.
     # Embedding tables as int8 rows.
     "int4-weight": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128,

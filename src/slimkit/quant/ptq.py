@@ -25,7 +25,7 @@ from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, t
 from slimkit.core.layers import canonicalize, restore
 from slimkit.core.plans import attach
 from slimkit.quant.calibrators import make_observer
-from slimkit.quant.config import QuantConfig
+from slimkit.quant.config import QuantConfig, resolve_int8_layers
 from slimkit.quant.equalization import relu6_to_relu
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
@@ -260,6 +260,7 @@ def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
     """Quantize ``model`` after training. Returns the quantized model with ``.slimkit_plan``."""
     from slimkit.quant import choose  # the passes that measure to choose a config call back here
 
+    cfg = resolve_int8_layers(model, cfg)  # "first", "last", "depthwise": names, in the plan's config
     if cfg.keep_float:
         return choose.keep_float(model, cfg, calib_data, inplace)
     if cfg.mixed_bits:
@@ -280,15 +281,18 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
     canonicalize(target)  # Hugging Face's Conv1D as the Linear it is, while the passes work
     plan = QuantPlan(config=cfg)
     if needs_weight_passes(cfg):
-        if calib_data is None:
+        data_free = cfg.weight_grid == "mse" and not (cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest"
+                                                       or cfg.smooth_alpha is not None or cfg.outlier_threshold is not None)
+        if calib_data is None and not data_free:
             wanted = [n for n, on in (("static activations", cfg.activations == "static"), ("equalize", cfg.equalize),
                                       ("bias_correction", cfg.bias_correction),
+                                      (f"weight_grid={cfg.weight_grid!r}", cfg.weight_grid == "output"),
                                       ("smooth_alpha", cfg.smooth_alpha is not None),
                                       ("outlier_threshold", cfg.outlier_threshold is not None),
                                       (f"rounding={cfg.rounding!r}", cfg.rounding != "nearest")) if on]
             raise ValueError(f"calib_data is required for this config but none was given ({', '.join(wanted)} "
                              "need calib_data: batches of the model's inputs)")
-        passes_data = [cache_free(model, b) for b in check_batches(calib_data)]
+        passes_data = [cache_free(model, b) for b in check_batches(calib_data)] if calib_data is not None else []
         if cfg.calib_batches is not None:
             passes_data = passes_data[: cfg.calib_batches]
         target, plan.passes = weight_passes(target, cfg, passes_data)

@@ -32,12 +32,14 @@ from slimkit.core.graph import TraceError, fold_batchnorm, trace
 from .adaround import adaround
 from .awq import awq_clip, awq_scales
 from .bias_correction import output_shift
+from .clipping import mse_weight_scale, output_clip_scale
 from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
 from .gptq import gptq, hessian
 from .llm_int8 import outlier_channels
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import QuantLinear, fake_quant_weight, weight_qparams
+from .patches import conv_patches
 from .sequential import sequential_inputs
 from .smoothquant import smooth_search
 from .weight_only import QuantLinearNBits, dequantize_groups, quantize_groups, rtn_groups
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 
 def needs_weight_passes(cfg: QuantConfig) -> bool:
     return (cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest" or cfg.smooth_alpha is not None
-            or cfg.outlier_threshold is not None)
+            or cfg.outlier_threshold is not None or cfg.weight_grid != "max")
 
 
 @torch.no_grad()
@@ -180,6 +182,31 @@ def _db(power: float, error: float) -> float:
     return float("inf") if error <= 0 else 10 * math.log10(max(power, 1e-30) / error)
 
 
+def _grid(layer: nn.Module, w: Tensor, bits: int, cfg: QuantConfig, xs: list[Tensor]) -> tuple[Tensor, int, int]:
+    """The weight grid ``cfg.weight_grid`` asks for (``clipping.py``): the largest magnitude's, the
+    clipping with the least squared error in the weights, or the one with the least error in the
+    layer's output on its inputs ``xs`` (convs on sampled positions)."""
+    if cfg.weight_grid == "max":
+        return weight_qparams(w, bits, cfg.per_channel)
+    if cfg.weight_grid == "mse":
+        return mse_weight_scale(w, bits, cfg.per_channel)
+    fast = conv_patches(layer, xs[:4], per_image=64, seed=1) if isinstance(layer, nn.Conv2d) else None
+    fwd, inputs, dim = (*fast, -1) if fast else (_forward(layer), xs[:4], -1 if isinstance(layer, nn.Linear) else 1)
+    return output_clip_scale(w, bits, cfg.per_channel, fwd, inputs, dim)
+
+
+def _on_grid(layer: nn.Module, w: Tensor, bits: int, cfg: QuantConfig, xs: list[Tensor]) -> Tensor:
+    """Round to nearest on ``_grid`` (``fake_quant_weight`` on the max grid)."""
+    if cfg.weight_grid == "max":
+        return fake_quant_weight(w, bits, cfg.per_channel)
+    scale, lo, hi = _grid(layer, w, bits, cfg, xs)
+    return torch.clamp(torch.round(w / _along(scale, w)), lo, hi) * _along(scale, w)
+
+
+def _along(scale: Tensor, w: Tensor) -> Tensor:
+    return scale.reshape([-1] + [1] * (w.dim() - 1))
+
+
 def _forward(layer: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     """The layer as a function of (input, weight), without its bias."""
     if isinstance(layer, nn.Linear):
@@ -255,7 +282,14 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
             log.warning("%s; the weight passes see BatchNorm unfolded", e)
     if cfg.smooth_alpha is not None or cfg.outlier_threshold is not None:
         summary.update(smooth(model, cfg, batches))
-    if not (cfg.bias_correction or cfg.rounding != "nearest"):
+    if cfg.weight_grid == "mse" and not (cfg.bias_correction or cfg.rounding != "nearest"):
+        with torch.no_grad():  # the weights' own error: no data needed
+            for name, m in model.named_modules():
+                if isinstance(m, _WEIGHTED) and name not in cfg.exclude:
+                    m.weight.copy_(_on_grid(m, m.weight.detach(), cfg.bits_for(name, m), cfg, []))
+                    summary.setdefault("clipped_grid", []).append(name)
+        return model, summary
+    if not (cfg.bias_correction or cfg.rounding != "nearest" or cfg.weight_grid != "max"):
         return model, summary
     modules = dict(model.named_modules())
 
@@ -264,7 +298,7 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
         return cfg.group_size is None or isinstance(m, nn.Linear) and m.in_features % cfg.group_size == 0
 
     names = [n for n in _order(model, batches[0]) if n not in cfg.exclude and takes(n)]
-    corrected, rounded, grouped = [], [], []
+    corrected, rounded, grouped, clipped = [], [], [], []
     alphas: dict[str, float] = {}
     with torch.no_grad():
         for name, xs in tqdm(sequential_inputs(model, names, batches), total=len(names),
@@ -299,12 +333,16 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                 grid = rtn_groups(w, bits, cfg.group_size, cfg.weight_symmetric)
                 wq = dequantize_groups(*grid)
             elif cfg.rounding == "adaround":
-                scale, lo, hi = weight_qparams(w, bits, cfg.per_channel)
+                scale, lo, hi = _grid(layer, w, bits, cfg, xs)
+                # a conv's loss on sampled output positions, as products of its input patches (patches.py)
+                fast = conv_patches(layer, xs, seed=0) if isinstance(layer, nn.Conv2d) else None
                 with torch.enable_grad():
-                    wq = adaround(w, scale, lo, hi, fwd, xs, iterations=cfg.adaround_iterations, seed=0)
+                    wq = adaround(w, scale, lo, hi, *(fast or (fwd, xs)), iterations=cfg.adaround_iterations, seed=0)
                 rounded.append(name)
             else:
-                wq = fake_quant_weight(w, bits, cfg.per_channel)
+                wq = _on_grid(layer, w, bits, cfg, xs)
+            if cfg.weight_grid != "max" and cfg.group_size is None:
+                clipped.append(name)
             if cfg.bias_correction:
                 shift = output_shift(fwd, w, wq, xs, channel_dim=-1 if isinstance(layer, nn.Linear) else 1)
                 if layer.bias is None:
@@ -325,6 +363,8 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
     if alphas:
         summary["awq_alpha"] = alphas
     summary["bias_corrected"] = corrected
+    if clipped:
+        summary["clipped_grid"] = clipped
     log.info("weight passes: %d layers rounded by %s, %d biases corrected, %d grouped", len(rounded), cfg.rounding,
              len(corrected), len(grouped))
     return model, summary

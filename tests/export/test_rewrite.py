@@ -36,3 +36,21 @@ def test_a_zero_pad_between_quantized_convs_goes_into_the_conv(tmp_path):
     assert next(list(a.ints) for a in dw.attribute if a.name == "pads") == [0, 0, 1, 1]
     float_file = sk.export_onnx(model, tmp_path / "f.onnx", x[:2])  # a float model keeps its pad
     assert [n for n in onnx.load(float_file.path).graph.node if n.op_type == "Pad"]
+
+
+def test_quantized_file_holds_no_zero_bias_zero_points_identities_or_shapes(tmp_path):
+    """slim_quantized: the biases' dequantizers lose their all-zero int32 zero-points (ONNX's default),
+    the Identity nodes of shared quantizer parameters go, and the inferred shapes are not stored;
+    every conv still runs as an integer conv and the file passes parity."""
+    torch.manual_seed(0)
+    model = _SamePadded().eval()
+    x = torch.rand(16, 3, 12, 12)
+    rep = sk.export_onnx(sk.quantize(model, "int8", calib_data=[x]), tmp_path / "q.onnx", x[:2])
+    assert rep.parity.ok and rep.lint.ok and not rep.lint.float_ops
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    inits = {t.name: t for t in graph.initializer}
+    biases = [n for n in dq if n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT32]
+    assert biases and all(len(n.input) == 2 for n in biases)
+    assert not [n for n in graph.node if n.op_type == "Identity"] and not graph.value_info
+    assert all(len(n.input) == 3 for n in dq if n not in biases)  # activations and weights keep theirs

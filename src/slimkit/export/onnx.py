@@ -29,7 +29,7 @@ from torch import nn
 from slimkit.core.batch import Batch, cache_free, tensors_of
 from slimkit.core.plans import has_plan, plans_of, reference_of
 from slimkit.export.lint import LintReport, lint
-from slimkit.export.rewrite import fold_pads_into_convs
+from slimkit.export.rewrite import fold_pads_into_convs, slim_quantized
 from slimkit.export.runtime import Parity, check_parity
 
 __all__ = ["export_onnx", "ExportReport", "OPSET"]
@@ -139,8 +139,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
-    if _is_quantized(model) and fold_pads_into_convs(proto):
-        proto = onnx.shape_inference.infer_shapes(proto)  # the pads' shapes are gone with them
+    if _is_quantized(model):
+        fold_pads_into_convs(proto)
+        slim_quantized(proto)  # and the pads' shapes, gone with them, are not kept either
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")

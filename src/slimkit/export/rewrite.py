@@ -11,8 +11,9 @@ attribute (ONNX convs pad each side separately): ``DQ -> Conv(pads + p)``, the s
 nothing ONNX does not already assume: the all-zero int32 zero-points of the biases' dequantizers
 (an absent zero-point is zero), the ``Identity`` nodes the exporter writes for quantizer parameters
 two modules share (their readers read the source), and the inferred shapes (``value_info``, which
-runtimes infer again). EfficientNet-Lite1's INT8 file: 27.8% of FP32's before, 27.0% after, the
-same integer kernels and bit-identical outputs (benchmarks/results/ptq_real_cnn.md).
+runtimes infer again). EfficientNet-Lite1's INT8 file: 26.9% of FP32's with it
+(benchmarks/results/ptq_real_cnn.md; 27.8% in that file's previous run, without it), with the same
+integer kernels and, measured ad hoc, bit-identical outputs.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A conv layer's output at sampled positions, as a matrix product on its input patches: what makes
-AdaRound's thousand steps per layer affordable on a CNN (the reconstruction loss is a mean over output
+AdaRound's hundreds of steps per layer affordable on a CNN (the reconstruction loss is a mean over output
 positions; a few thousand sampled ones estimate it, where every step would otherwise run the conv
 on every calibration image at full resolution).
 

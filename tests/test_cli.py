@@ -6,8 +6,26 @@ from slimkit.zoo import digits_model
 
 
 def test_presets(capsys):
+    from slimkit.verbs import DESCRIPTIONS, VERBS
+
+    assert main(["presets", "--json"]) == 0
+    assert "int8-dynamic" in json.loads(capsys.readouterr().out)["quantize"]
+    assert main(["presets", "prune"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(VERBS["prune"][1]) and lines[0].split()[0] == "2:4" and "N:M" in lines[0]
     assert main(["presets"]) == 0
-    assert "int8-dynamic" in json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    for verb, (_, named) in VERBS.items():  # one described line per preset, every verb
+        assert set(DESCRIPTIONS[verb]) == set(named), verb
+        assert f"{verb}:" in out and all(f"  {n} " in out for n in named)
+    assert main(["presets", "quantise"]) == 2
+    assert "one of quantize" in capsys.readouterr().err
+
+
+def test_a_preset_name_with_a_qualifier_suggests_the_preset_it_starts_with(tmp_path, capsys):
+    rc = main(["quantize", "slimkit.zoo:digits_model", "--factory-arg", "mlp", "--preset", "int8-static",
+               "--out", str(tmp_path / "q")])
+    assert rc == 2 and "(did you mean 'int8'?)" in capsys.readouterr().err
 
 
 def test_quantize_command(tmp_path, trained_mlp, capsys):
@@ -54,9 +72,9 @@ def test_factorize_command_with_finetune(tmp_path, trained_mlp, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and (out / "model.onnx").exists(), text
     assert "| 1 |" in text and "after 1 epochs of fine-tuning with distillation" in text
-    line = next(t for t in text.splitlines() if t.startswith("accuracy on digits"))
-    acc = [float(v) for v in re.findall(r"(\d+\.\d+)%", line)]
-    assert len(acc) == 3 and acc[2] > 90  # original, factorized, fine-tuned
+    lines = [t for t in text.splitlines() if t.startswith("accuracy on digits")]
+    acc = [[float(v) for v in re.findall(r"(\d+\.\d+)%", line)] for line in lines]
+    assert len(acc) == 2 and acc[0][0] == acc[1][0] and acc[1][1] > 90  # factorized, then fine-tuned
     loaded = sk.load(out, digits_model("mlp"))
     assert loaded.slimkit_plan.ranks_ == {"1": [102], "3": [42], "5": [4]}
 
@@ -70,7 +88,7 @@ def test_factorize_command_bad_input(tmp_path, capsys):
     assert main(args + ["--ratio", "0.5", "--method", "tucker", "--whiten"]) == 2
     assert "whiten applies to method 'svd'" in capsys.readouterr().err
     assert main(args + ["--ratio", "0.5", "--data", "imagenet"]) == 2
-    assert "--data supports 'digits'" in capsys.readouterr().err
+    assert "data 'imagenet': give a .npy" in capsys.readouterr().err
 
 
 def test_prune_command(tmp_path, trained_resnet, capsys):
@@ -81,9 +99,10 @@ def test_prune_command(tmp_path, trained_resnet, capsys):
                "--finetune", "1", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0 and (out / "model.onnx").exists(), text
-    line = next(t for t in text.splitlines() if t.startswith("parameters"))
-    acc = [float(v) for v in re.findall(r"(\d+\.\d+)%", line)]
-    assert len(acc) == 4 and acc[3] > 90, line  # kept fraction, original, pruned, fine-tuned
+    kept = float(re.search(r"parameters \d+ -> \d+ \((\d+\.\d+)%\)", text).group(1))
+    lines = [t for t in text.splitlines() if t.startswith("accuracy on digits")]
+    acc = [[float(v) for v in re.findall(r"(\d+\.\d+)%", line)] for line in lines]
+    assert kept < 60 and len(acc) == 2 and acc[1][1] > 90, text  # pruned, then fine-tuned
     loaded = sk.load(out, digits_model("resnet18"))
     assert loaded.stem[0].out_channels == 8
     assert main(["prune", "slimkit.zoo:trained", "--factory-arg", "mlp", "--method", "unstructured",
@@ -106,7 +125,7 @@ def test_help_shows_examples(capsys):
         assert f"example:\n  slimkit {cmd}" in capsys.readouterr().out, cmd
 
 
-def test_bench_and_lint_commands(tmp_path, trained_mlp, digits, capsys):
+def test_bench_and_lint_commands(tmp_path, trained_mlp, digits, capsys, caplog):
     import slimkit as sk
     from slimkit.data import batches
 
@@ -122,8 +141,10 @@ def test_bench_and_lint_commands(tmp_path, trained_mlp, digits, capsys):
     assert main(["bench", fp32, "--input-shape", "2,1,32,32", "--runs", "10"]) == 0
     assert main(["bench", fp32, str(tmp_path / "missing.onnx"), "--data", "digits"]) == 2
     assert "missing.onnx does not exist" in capsys.readouterr().err
-    assert main(["bench", fp32]) == 2
-    assert "--input-shape" in capsys.readouterr().err
+    assert main(["bench", fp32, "--runs", "10"]) == 0  # random inputs of the file's own shapes, said
+    assert "random inputs of the file's own shapes (input [8, 1, 32, 32])" in caplog.text
+    assert main(["bench", fp32, "--input-shape", "2,3,32,32"]) == 2
+    assert "input 'input' has shape ['batch', 1, 32, 32]" in capsys.readouterr().err
     assert main(["lint", int8]) == 0
     assert json.loads(capsys.readouterr().out)["integer_ops"]
 
@@ -143,5 +164,5 @@ def test_distill_command(tmp_path, capsys):
                "--teacher-arg", "mlp", "--epochs", "1", "--out", str(tmp_path / "d")])
     assert rc == 0 and (tmp_path / "d" / "model.onnx").exists()
     out = capsys.readouterr().out
-    acc = float(re.search(r"student \d+ parameters, ([\d.]+)%", out).group(1))
+    acc = float(re.search(r"accuracy on digits: original [\d.]+%, student ([\d.]+)%", out).group(1))
     assert acc > 85  # one epoch of distillation from the trained MLP teaches a fresh one

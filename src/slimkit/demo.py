@@ -26,7 +26,9 @@ def run_demo(out: str | os.PathLike[str], model_name: str = "resnet18", tune_bud
              finetune_epochs: int = 3) -> dict[str, Any]:
     """Run the demo into ``out`` (see the module doc) and return ``results.json``'s content."""
     import slimkit as sk
+    from slimkit import api as sk_api
     from slimkit.core.files import write_atomic, write_json
+    from slimkit.core.progress import log as progress
     from slimkit.data import digits_accuracy, task
     from slimkit.export.peers import ort_quantize_static
     from slimkit.measure import measure, measure_onnx
@@ -38,6 +40,7 @@ def run_demo(out: str | os.PathLike[str], model_name: str = "resnet18", tune_bud
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    progress.info("demo 1/6: the digits-trained %s (trained on first use, then cached)", model_name)
     t = task()
     example, calib, train = t["example"], t["calib"], t["train"]
     model = trained(model_name)
@@ -47,23 +50,26 @@ def run_demo(out: str | os.PathLike[str], model_name: str = "resnet18", tune_bud
         r = measure(m, label, str(out / f"{name}.onnx"), example, digits_accuracy, **timing)  # type: ignore[arg-type]
         return r.to_dict()
 
+    progress.info("demo 2/6: FP32 exported and timed in ONNX Runtime")
     rows: list[tuple[str, dict[str, Any]]] = [("baseline", run(model, "FP32", "fp32"))]
+    progress.info("demo 3/6: slimkit int8 and ONNX Runtime's quantize_static")
     q = sk.quantize(model, "int8", calib_data=calib)
     sk.save(q, out / "slimkit_int8")
     rows.append(("quantize", run(q, "slimkit int8", "slimkit_int8")))
     peer_path = ort_quantize_static(rows[0][1]["path"], str(out / "ort_quantize_static.onnx"), calib)
     peer = measure_onnx(peer_path, "ORT quantize_static", example, digits_accuracy, **timing).to_dict()  # type: ignore[arg-type]
-    log.info("demo: pruning half of the channels and fine-tuning with distillation")
-    p = sk.prune(model, {"method": "structured", "sparsity": 0.5, "round_to": 8}, example_inputs=example, data=train[:8])
+    progress.info("demo 4/6: pruning half of the channels and fine-tuning with distillation")
+    p = sk_api.prune(model, {"method": "structured", "sparsity": 0.5, "round_to": 8}, example_inputs=example, data=train[:8])
     fit(p, train, epochs=finetune_epochs, lr=0.01, teacher=model)
     rows.append(("prune + distill", run(p.eval(), "pruned 50% + distilled", "pruned")))
     rows.append(("prune + distill + quantize",
                  run(sk.quantize(p, "int8", calib_data=calib), "pruned 50% + distilled + int8", "pruned_int8")))
-    log.info("demo: the tuner, %.0f s", tune_budget)
+    progress.info("demo 5/6: the tuner, %.0f s", tune_budget)
     tuned = tune(model, {"max_drop": 1.0, "time_budget": tune_budget, "finetune_epochs": finetune_epochs,
                          "factorize_ratios": []}, digits_accuracy, example, calib, _fresh(out / "tuner"), train_data=train)
     best = tuned.best.to_dict()
     rows.append(("tune", {**run(tuned.model, f"tuner's pick: {best['label']}", "tuned")}))
+    progress.info("demo 6/6: the report")
     base = rows[0][1]
     results = {"recipe": "slimkit demo", "model": {"factory": "slimkit.zoo:trained", "args": [model_name]},
                "data": "slimkit.data:task", "evaluate": "slimkit.data:digits_accuracy",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimkit.core.files import temp_dir, user_mode
 from slimkit.core.plans import plans_of
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -32,9 +32,10 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     meta: dict[str, Any] = {"format": FORMAT_VERSION, "plans": [p.to_dict() for p in plans_of(model)]}
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    tmp = temp_dir(directory.parent, prefix=f".{directory.name}.")
     try:
         save_file(state, str(tmp / _WEIGHTS))
+        user_mode(tmp / _WEIGHTS)
         (tmp / _PLAN).write_text(json.dumps(meta, indent=1))
         if directory.exists():
             if not (directory / _PLAN).exists():

@@ -42,10 +42,10 @@ from typing import Any
 
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from slimkit.core.batch import Batch, check_batches, inputs_only
 from slimkit.core.files import atomic_dir, write_json
+from slimkit.core.progress import progress
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "STAGE_KINDS", "import_path"]
 
@@ -328,16 +328,17 @@ def _state(recipe: Recipe) -> dict[str, Any]:
 def _run_stage(stage: Stage, model: nn.Module, original: nn.Module, data: _Data, evaluate: Callable[[nn.Module], float],
                sparse: bool, folder: Path) -> tuple[nn.Module, dict[str, Any] | None]:
     import slimkit as sk
+    from slimkit import api as sk_api
     from slimkit.prune.masks import hold_zeros
 
     cfg = stage.config
     if stage.kind == "prune":
-        return sk.prune(model, cfg, example_inputs=data.example, data=data.train[:8] or None), None
+        return sk_api.prune(model, cfg, example_inputs=data.example, data=data.train[:8] or None), None
     if stage.kind == "factorize":
         return sk.factorize(model, cfg, data=data.calib if cfg.allocation == "global" or cfg.whiten else None), None
     if stage.kind == "distill":
         with hold_zeros(model) if sparse else contextlib.nullcontext():
-            return sk.distill(model, original, data.train, cfg, checkpoint=str(folder.parent / ".distill.ckpt")), None
+            return sk_api.distill(model, original, data.train, cfg, checkpoint=str(folder.parent / ".distill.ckpt")), None
     if stage.kind == "quantize":
         return sk.quantize(model, cfg, calib_data=data.calib), None
     if stage.kind == "qat":
@@ -375,7 +376,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], report: bool = True) -> 
         log.info("resuming %s after stage %d (%s)", out, last["index"] + 1, last["kind"])
         model = load(out / last["dir"] / "model", recipe.build_model())
     sparse = False
-    bar = tqdm(total=len(recipe.stages), initial=len(done) - 1, desc="stages", unit="stage", disable=None)
+    bar = progress(total=len(recipe.stages), initial=len(done) - 1, desc="stages", unit="stage")
     for i, stage in enumerate(recipe.stages):
         sparse = sparse or (stage.kind == "prune" and stage.config.method != "structured")
         if i < len(done) - 1:

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "call", "inputs_only", "check_batches", "tensors_of", "first_tensor", "modes_kept"]
+__all__ = ["Batch", "call", "inputs_only", "check_batches", "calibration_batches", "tensors_of", "first_tensor",
+           "modes_kept"]
+
+log = logging.getLogger(__name__)
 
 Batch = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 
@@ -145,6 +149,35 @@ def check_batches(batches: Iterable[Batch] | None, what: str = "calib_data") -> 
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"{what}: batch {i} holds NaN or inf values")
     return out
+
+
+def positional_arity(model: nn.Module) -> int | None:
+    """How many positional arguments ``model``'s forward takes (``None``: any number, or unknown)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def calibration_batches(model: nn.Module, batches: Iterable[Any], what: str = "calib_data") -> list[Batch]:
+    """``check_batches``, with ``(inputs, labels)`` pairs (a ``DataLoader(TensorDataset(x, y))``)
+    recognized when the model's forward takes one positional argument: the inputs are taken, and a
+    log line says so once. Where the forward takes two, a pair is its two arguments, as written.
+
+    >>> pairs = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    >>> [tuple(b.shape) for b in calibration_batches(nn.Linear(3, 2), pairs)]
+    [(4, 3)]
+    """
+    listed = check_batches(batches, what)
+    pairs = all(isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[1], Tensor) for b in listed)
+    if pairs and positional_arity(model) == 1:
+        log.info("%s: (inputs, labels) pairs; the model's forward takes one input, so the inputs are used "
+                 "(sk.inputs_only(loader) says so explicitly)", what)
+        return [b[0] for b in listed]  # type: ignore[index]
+    return listed
 
 
 def model_inputs(batch: Any) -> Batch:

@@ -25,7 +25,7 @@ import difflib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["Config", "check_range", "check_choice", "register", "handler_for", "resolve"]
+__all__ = ["Config", "check_range", "check_choice", "register", "handler_for", "resolve", "suggest"]
 
 C = TypeVar("C", bound="Config")
 
@@ -108,6 +108,23 @@ def handler_for(config: Config) -> Callable[..., Any]:
     raise TypeError(f"no handler is registered for {type(config).__name__}")
 
 
+def suggest(name: str, names: list[str]) -> str | None:
+    """The name ``name`` was probably meant to be: a near-exact spelling, else the longest name it
+    starts with (``int8-static`` is ``int8``: static is the default), else the closest spelling.
+
+    >>> suggest("int8-static", ["int8", "int8-dynamic"]), suggest("int8-dynamc", ["int8", "int8-dynamic"])
+    ('int8', 'int8-dynamic')
+    """
+    typo = difflib.get_close_matches(name, names, n=1, cutoff=0.85)
+    if typo:
+        return typo[0]
+    prefixes = [n for n in names if name.startswith(n + "-")]
+    if prefixes:
+        return max(prefixes, key=len)
+    close = difflib.get_close_matches(name, names, n=1)
+    return close[0] if close else None
+
+
 def resolve(
     spec: Config | Mapping[str, Any] | str,
     base: type[C],
@@ -119,8 +136,8 @@ def resolve(
         return spec
     if isinstance(spec, str):
         if spec not in presets:
-            close = difflib.get_close_matches(spec, list(presets), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = suggest(spec, list(presets))
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ValueError(
                 f"unknown preset {spec!r}{hint}; available: {', '.join(sorted(presets))}"
             )

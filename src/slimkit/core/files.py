@@ -23,14 +23,41 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "write_json", "atomic_dir"]
+__all__ = ["write_atomic", "write_json", "atomic_dir", "temp_file", "temp_dir", "user_mode"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(dir: str | os.PathLike[str], prefix: str = "", suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``dir``, with the permissions the user's umask gives a new file
+    (``mkstemp`` makes it 0600, which the rename would carry to the output)."""
+    fd, path = tempfile.mkstemp(dir=dir, prefix=prefix, suffix=suffix)
+    os.chmod(path, 0o666 & ~_umask())
+    return fd, path
+
+
+def user_mode(path: str | os.PathLike[str]) -> None:
+    """Give a file a library wrote (safetensors writes 0600) the permissions of the user's umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def temp_dir(dir: str | os.PathLike[str], prefix: str = "") -> Path:
+    """``tempfile.mkdtemp`` in ``dir``, with the permissions the user's umask gives a new folder
+    (``mkdtemp`` makes it 0700)."""
+    path = tempfile.mkdtemp(dir=dir, prefix=prefix)
+    os.chmod(path, 0o777 & ~_umask())
+    return Path(path)
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -51,7 +78,7 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     error (or Ctrl-C) it is removed and ``final`` is left as it was."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp = temp_dir(final.parent, prefix=f".{final.name}.")
     try:
         yield tmp
         if final.exists():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from slimkit.core.batch import Batch, cache_free, tensors_of
+from slimkit.core.files import temp_file
 from slimkit.core.plans import has_plan, plans_of, reference_of
 from slimkit.export.lint import LintReport, lint
 from slimkit.export.rewrite import fold_pads_into_convs, slim_quantized
@@ -144,7 +144,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         slim_quantized(proto)  # and the pads' shapes, gone with them, are not kept either
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    fd, tmp = temp_file(path.parent, suffix=".onnx.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, call, check_batches, output_error, tensors_of
 from slimkit.core.config import register
 from slimkit.core.layers import canonicalize, is_linear_like, restore, tied_weights
 from slimkit.core.plans import attach
+from slimkit.core.progress import progress
 
 from .config import FactorizeConfig
 from .layers import (
@@ -140,7 +140,7 @@ def input_covariances(model: nn.Module, names: list[str], data: list[Batch]) -> 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         model.eval()
-        for b in tqdm(data, desc="input statistics", leave=False, disable=None):
+        for b in progress(data, desc="input statistics"):
             call(model, b)
     finally:
         for h in handles:
@@ -258,7 +258,7 @@ def search(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch] | None 
         batches = listed[:sensitivity_batches] if listed is not None else None
         sens = _Sensitivity(model, cfg, batches, metric, plan.whitening_)
         options: dict[str, list[tuple[int, float, list[int] | None]]] = {}
-        for name in tqdm(names, desc="rank sensitivity", leave=False, disable=None):
+        for name in progress(names, desc="rank sensitivity"):
             m, full = modules[name], weight_count(modules[name])
             seen: set[tuple[int, ...]] = set()
             opts: list[tuple[int, float, list[int] | None]] = []
@@ -308,8 +308,7 @@ def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False, structu
     model = base if inplace else copy.deepcopy(base)
     canonicalize(model)
     modules = dict(model.named_modules())
-    for name, ranks in tqdm(plan.ranks_.items(), desc=f"factorizing ({plan.config.method})", leave=False,
-                            disable=None):
+    for name, ranks in progress(plan.ranks_.items(), desc=f"factorizing ({plan.config.method})"):
         m = modules.get(name)
         if m is None:
             raise ValueError(f"the plan does not match this model: no layer named {name!r}")

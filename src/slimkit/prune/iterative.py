@@ -50,7 +50,7 @@ def prune_iteratively(model: nn.Module, config: PruneConfig | Mapping[str, Any],
     """Prune a copy of ``model`` to ``config``'s sparsity in ``steps`` rounds, fine-tuning ``epochs``
     on ``(inputs, labels)`` batches after each (the original teaching when ``distill``). Returns the
     model and one row per round (``sparsity`` asked, parameters, ``metric`` when ``evaluate``)."""
-    import slimkit as sk
+    from slimkit import api as sk_api
     from slimkit.train import fit
 
     from .masks import hold_zeros
@@ -66,7 +66,7 @@ def prune_iteratively(model: nn.Module, config: PruneConfig | Mapping[str, Any],
     current = model
     rows: list[dict[str, Any]] = []
     for k, s in enumerate(round_sparsities(cfg.sparsity, steps, cfg.method)):
-        current = sk.prune(current, cfg.replace(sparsity=s), example_inputs=example_inputs, data=list(train_data)[:8])
+        current = sk_api.prune(current, cfg.replace(sparsity=s), example_inputs=example_inputs, data=list(train_data)[:8])
         with hold_zeros(current) if cfg.method != "structured" else contextlib.nullcontext():
             fit(current, list(train_data), epochs=epochs, lr=lr, teacher=teacher, seed=k)
         current.eval()

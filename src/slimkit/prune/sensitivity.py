@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, call, check_batches, model_inputs, output_error, tensors_of
+from slimkit.core.progress import progress
 
 from .config import PruneConfig
 from .plan import _search_structured, apply_plan
@@ -43,7 +43,7 @@ def sensitivity_scan(model: nn.Module, example_inputs: Batch, data: Iterable[Bat
     probe = _search_structured(base, PruneConfig(sparsity=0.5, importance=importance), example_inputs, None)
     out: dict[str, list[list[float]]] = {}
     groups = [g for g in probe.groups_ if g.get("frozen") is None]
-    for g in tqdm(groups, desc="sensitivity scan", leave=False, disable=None):
+    for g in progress(groups, desc="sensitivity scan"):
         producers = g["producers"]
         label = producers[0] + (f" +{len(producers) - 1}" if len(producers) > 1 else "")
         curve: list[list[float]] = []

@@ -12,9 +12,9 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from slimkit.core.batch import call, check_batches, modes_kept, output_error, tensors_of
+from slimkit.core.progress import progress
 from slimkit.quant import mixed_precision as mp
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
@@ -54,7 +54,7 @@ def keep_float(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: boo
     reference = _reference(model, data)
     scan, scan_ref = data[:SCAN_BATCHES], reference[:SCAN_BATCHES]
     error = _scan_swapping(model, fixed, names, data, scan, scan_ref) if cfg.activations != "static" else {}
-    for name in tqdm([n for n in names if n not in error], desc="keep_float scan", leave=False, disable=None):
+    for name in progress([n for n in names if n not in error], desc="keep_float scan"):
         alone = quantize_ptq(model, fixed.replace(exclude=tuple(n for n in names if n != name) + cfg.exclude), data)
         with torch.no_grad():
             error[name] = output_error(alone, scan, scan_ref)
@@ -81,7 +81,7 @@ def _scan_swapping(model: nn.Module, cfg: QuantConfig, names: list[str], data: l
     error: dict[str, float] = {}
     quantized = set(cast(QuantPlan, full.slimkit_plan).quantized_layers)
     with torch.no_grad():
-        for name in tqdm([n for n in names if n in quantized], desc="keep_float scan", leave=False, disable=None):
+        for name in progress([n for n in names if n in quantized], desc="keep_float scan"):
             parent, _, child = name.rpartition(".")
             owner = work.get_submodule(parent) if parent else work
             original = getattr(owner, child)

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, call, output_error, tensors_of
+from slimkit.core.progress import progress
 
 from .config import QuantConfig
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
@@ -62,7 +62,7 @@ def layer_noise(model: nn.Module, names: list[str], candidates: tuple[int, ...],
     ``grid(bits)`` is the width actually used (``reduce_range`` makes 8 into 7)."""
     modules = dict(model.named_modules())
     out: dict[str, dict[int, float]] = {}
-    for name in tqdm(names, desc="sensitivity", leave=False, disable=None):
+    for name in progress(names, desc="sensitivity"):
         layer = modules[name]
         w = layer.weight.detach().clone()
         out[name] = {}

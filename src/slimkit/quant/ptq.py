@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, cache_free, call_checked, check_batches, modes_kept
 from slimkit.core.config import register
@@ -24,6 +23,7 @@ from slimkit.core.fidelity import check_fidelity, coverage
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
 from slimkit.core.layers import canonicalize, restore
 from slimkit.core.plans import attach
+from slimkit.core.progress import progress
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig, resolve_int8_layers
 from slimkit.quant.equalization import relu6_to_relu
@@ -62,9 +62,11 @@ class QuantPlan:
         c = self.coverage_
         head = [f"quantized {len(self.quantized_layers)} layers, {c.get('fraction', 0.0):.1%} of the weights"
                 + (f"; output on the first batch: relative L2 {self.fidelity_['relative_l2']:.3g}, "
-                   f"cosine {self.fidelity_['cosine']:.4f}" if self.fidelity_ else ""),
-                "", "| left alone | why |", "|---|---|"]
-        return "\n".join(head + [f"| {n} | {why} |" for n, why in c.get("left_alone", self.skipped).items()])
+                   f"cosine {self.fidelity_['cosine']:.4f}" if self.fidelity_ else "")]
+        alone = c.get("left_alone", self.skipped)
+        if not alone:
+            return head[0] + "; no weight-holding layer left alone"
+        return "\n".join(head + ["", "| left alone | why |", "|---|---|"] + [f"| {n} | {why} |" for n, why in alone.items()])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -351,7 +353,7 @@ def calibrate(model: nn.Module, batches: list[Batch], quantizers: Mapping[str, n
     """Run the calibration batches through ``model`` (its quantizers observing), then ``finish``
     each quantizer (fix its range); errors name the batch or the quantizer at fault."""
     with torch.no_grad():
-        for i, batch in enumerate(tqdm(batches, desc="calibrating", leave=False, disable=None)):
+        for i, batch in enumerate(progress(batches, desc="calibrating")):
             call_checked(model, batch, f"calibration batch {i} (while observing activations)")
     for name, q in quantizers.items():
         try:

@@ -24,10 +24,10 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from slimkit.core.batch import Batch, call
 from slimkit.core.graph import TraceError, fold_batchnorm, trace
+from slimkit.core.progress import progress
 
 from .adaround import adaround
 from .awq import awq_clip, awq_scales
@@ -109,10 +109,9 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
     chosen: list[tuple[list[str], Tensor | None, Tensor | None]] = []
     # One block's inputs at a time, from the layer-by-layer driver. The layers are replaced only at
     # the end, so every group is calibrated on the float model's activations, as the paper does.
-    for leader, calls in tqdm(sequential_inputs(model, list(groups), batches, frozen=True),
-                              total=len(groups),
-                              desc="smoothquant" if cfg.smooth_alpha is not None else "outlier channels",
-                              leave=False, disable=None):
+    for leader, calls in progress(sequential_inputs(model, list(groups), batches, frozen=True),
+                                  total=len(groups),
+                                  desc="smoothquant" if cfg.smooth_alpha is not None else "outlier channels"):
         group = groups[leader]
         layers = [cast(nn.Linear, model.get_submodule(n)) for n in group]
         if len(calls) % len(batches):
@@ -301,9 +300,8 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
     corrected, rounded, grouped, clipped = [], [], [], []
     alphas: dict[str, float] = {}
     with torch.no_grad():
-        for name, xs in tqdm(sequential_inputs(model, names, batches), total=len(names),
-                             desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction", leave=False,
-                             disable=None):
+        for name, xs in progress(sequential_inputs(model, names, batches), total=len(names),
+                                 desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction"):
             layer = cast(nn.Linear | nn.Conv1d | nn.Conv2d, model.get_submodule(name))
             bits = cfg.bits_for(name, layer)
             grid, input_scale = None, None
@@ -336,8 +334,9 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                 scale, lo, hi = _grid(layer, w, bits, cfg, xs)
                 # a conv's loss on sampled output positions, as products of its input patches (patches.py)
                 fast = conv_patches(layer, xs, seed=0) if isinstance(layer, nn.Conv2d) else None
+                forward, inputs = fast if fast is not None else (fwd, xs)
                 with torch.enable_grad():
-                    wq = adaround(w, scale, lo, hi, *(fast or (fwd, xs)), iterations=cfg.adaround_iterations, seed=0)
+                    wq = adaround(w, scale, lo, hi, forward, inputs, iterations=cfg.adaround_iterations, seed=0)
                 rounded.append(name)
             else:
                 wq = _on_grid(layer, w, bits, cfg, xs)

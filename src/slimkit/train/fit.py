@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from slimkit.core.batch import call
+from slimkit.core.files import temp_file
+from slimkit.core.progress import progress
 from slimkit.distill.losses import KDLoss
 
 from .distributed import (
@@ -111,7 +111,7 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
     extra_module = extra_loss if isinstance(extra_loss, nn.Module) else None
     start = _resume(checkpoint, settings, model, extra_module, opt, sched, g, rank) if checkpoint is not None else 0
     model.train()
-    bar = tqdm(total=steps, initial=start * per_rank, desc="training", leave=False, disable=None if rank == 0 else True)
+    bar = progress(total=steps, initial=start * per_rank, desc="training", disable=rank != 0)
     step = start * per_rank
     for epoch in range(start, epochs):
         order = torch.randperm(len(data), generator=g).tolist()[rank : per_rank * world : world]
@@ -170,7 +170,7 @@ def fit(model: nn.Module, data: Sequence[Any], epochs: int = 5, lr: float = 0.05
 def _save(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temp_file(path.parent)
     os.close(fd)
     try:
         torch.save(state, tmp)

@@ -56,13 +56,13 @@ def tune(model: nn.Module, config: TuneConfig | dict[str, Any], evaluate: Callab
     batches) fine-tunes pruned and factorized models; without it, they are measured untrained.
     Writes ``out/trials.jsonl``, ``out/pareto.json``, ``out/best/`` and ``out/tuner.json``; the
     caller's model is untouched."""
-    from slimkit.core.batch import check_batches
+    from slimkit.core.batch import calibration_batches
 
     cfg = config if isinstance(config, TuneConfig) else TuneConfig.from_dict(config)
     out = Path(out)
     if (out / "tuner.json").exists() or (out / "trials.jsonl").exists():
         raise FileExistsError(f"{out} holds an earlier tuner run; give a new folder")
-    calib = check_batches(calib_data, "calib_data")
+    calib = calibration_batches(model, calib_data, "calib_data")
     train = list(train_data) if train_data is not None else []
     if not train and (cfg.sparsities or cfg.factorize_ratios) and cfg.finetune_epochs:
         log.warning("tuner: no train_data, so pruned and factorized models are not fine-tuned")

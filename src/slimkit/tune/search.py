@@ -16,6 +16,7 @@ from torch import nn
 
 from slimkit.core.batch import Batch
 from slimkit.core.files import atomic_dir, write_json
+from slimkit.core.progress import log as progress
 from slimkit.measure import EvaluationError, Measurement, measure, measure_onnx
 from slimkit.tune.config import TuneConfig
 
@@ -111,6 +112,8 @@ class Search:
         self.durations[kind] = m.seconds
         self.trials.append(m)
         self._append({**m.to_dict(), "feasible": self.feasible(m) if self.reference else True})
+        progress.info("tuner: trial %d, %s: metric %.4g, %.3f ms, %.1f kB (%.0f s)", len(self.trials), label, m.metric,
+                      m.latency_ms, m.size_bytes / 1e3, m.seconds)
         if self.reference is None:
             self.reference = m
         if self.feasible(m):
@@ -285,7 +288,7 @@ class Search:
 
     def prune_ladder(self, qcfg: dict[str, Any] | None) -> nn.Module:
         """Steps 2 and 3: channels, then blocks; returns the best float base (pruned or not)."""
-        from slimkit import prune
+        from slimkit.api import prune
 
         def channels(s: float) -> nn.Module:
             return prune(self.model, {"method": "structured", "sparsity": s, "importance": self.cfg.importance,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from slimkit.core.files import temp_file, user_mode
 
 from .mixed import mixed_cnn
 from .mlp import mlp
@@ -62,14 +63,19 @@ def trained(name: str, seed: int = 0) -> nn.Module:
         except Exception as e:  # a corrupt cache is rebuilt, not trusted
             log.warning("ignoring unreadable cache %s: %s", path, e)
             model = digits_model(name)
+    from slimkit.core.progress import log as progress
+
+    progress.info("zoo: training %s on the digits (first use, %d epochs; cached in %s)", name, DIGITS_MODELS[name][1],
+                  path.parent)
     d = load_digits32()
     torch.manual_seed(seed)
     model = digits_model(name)
     fit(model, batches(d.train_x, d.train_y, 32), epochs=DIGITS_MODELS[name][1], lr=0.05, seed=seed)
     log.info("trained %s on digits: test accuracy %.2f%%", name, accuracy(model, d.test_x, d.test_y))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temp_file(path.parent)
     os.close(fd)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    user_mode(tmp)
     os.replace(tmp, path)
     return model.eval()

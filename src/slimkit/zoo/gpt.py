@@ -23,13 +23,14 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from slimkit.core.files import temp_file, user_mode
 
 __all__ = ["TinyGPT", "tiny_gpt", "trained_gpt", "lm_windows", "lm_data", "perplexity"]
 
@@ -158,9 +159,10 @@ def trained_gpt(steps: int = 4000, seed: int = 0) -> TinyGPT:
     log.info("trained tiny_gpt on docstrings (%d epochs of %d batches): test perplexity %.3f",
              epochs, len(batches), perplexity(model, test))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temp_file(path.parent)
     os.close(fd)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}  # tied: stored once
     save_file(state, tmp)
+    user_mode(tmp)
     os.replace(tmp, path)
     return model

@@ -1,0 +1,120 @@
+"""Command-line flags generated from a config class: one ``--field-name`` per dataclass field, its
+type read from the annotation and its help from the class docstring, so the flags cannot drift
+from the library. A flag left out keeps the preset's (or the config's) value.
+
+>>> import argparse
+>>> from slimkit.prune import PruneConfig
+>>> p = argparse.ArgumentParser()
+>>> add_config_flags(p, PruneConfig)
+>>> args = p.parse_args(["--method", "depth", "--sparsity", "0.25", "--exclude", "a,b", "--no-recalibrate-bn"])
+>>> build_config(args, PruneConfig, {}, None).to_dict()["exclude"]
+['a', 'b']
+>>> build_config(args, PruneConfig, {}, None).method, build_config(args, PruneConfig, {}, None).recalibrate_bn
+('depth', False)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from slimkit.core.config import resolve
+
+__all__ = ["add_config_flags", "build_config", "field_help"]
+
+PREFIX = "cfg_"
+
+
+def field_help(cls: type, name: str) -> str:
+    """The docstring bullet (or sentence) of ``cls`` that names ``name`` in double backquotes."""
+    doc = cls.__doc__ or ""
+    chunks = re.split(r"\n\s*(?=- )|\n\s*\n", doc)
+    named = [c for c in chunks if f"``{name}``" in c]
+    if named:  # the chunk that names it first
+        chunk = min(named, key=lambda c: c.index(f"``{name}``"))
+        text = " ".join(chunk.split()).lstrip("- ")
+        text = text.replace("``", "'")
+        return text if len(text) <= 240 else text[:237].rsplit(" ", 1)[0] + " ..."
+    return f"see {cls.__name__}"
+
+
+def _members(annotation: str) -> list[str]:
+    return [m.strip() for m in annotation.split("|")]
+
+
+def _parser(annotation: str, name: str) -> Callable[[str], Any]:
+    members = [m for m in _members(annotation) if m != "None"]
+    optional = "None" in _members(annotation)
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        for m in members:
+            if m.startswith("tuple["):
+                item = int if m.startswith("tuple[int") else float if m.startswith("tuple[float") else str
+                return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+            if m.startswith("dict["):
+                if text.strip().startswith("{"):
+                    return json.loads(text)
+                out: dict[str, Any] = {}
+                for pair in filter(None, (p.strip() for p in text.split(","))):
+                    k, sep, v = pair.partition("=")
+                    if not sep:
+                        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} takes key=value pairs, got {pair!r}")
+                    out[k.strip()] = _scalar(v.strip())
+                return out
+            try:
+                if m == "int":
+                    return int(text)
+                if m == "float":
+                    return float(text)
+            except ValueError:
+                continue
+            if m == "str":
+                return text
+        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} takes {annotation}, got {text!r}")
+
+    return parse
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                     title: str | None = None) -> None:
+    """One flag per field of ``cls`` (except ``skip``), in an argument group."""
+    group = parser.add_argument_group(title or f"{cls.__name__} fields (each overrides the preset's value)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        annotation = str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{field_help(cls, f.name)} [{annotation}; default {default!r}]".replace("%", "%%")
+        if annotation == "bool":
+            group.add_argument(flag, dest=PREFIX + f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        metavar = "A,B" if "tuple[" in annotation else "K=V,..." if "dict[" in annotation else f.name.upper()
+        group.add_argument(flag, dest=PREFIX + f.name, type=_parser(annotation, f.name), default=None, metavar=metavar,
+                           help=text)
+
+
+def build_config(args: argparse.Namespace, cls: type, presets: Mapping[str, Any], preset: str | None) -> Any:
+    """The preset (or the default config) with every flag given on the command line applied, validated."""
+    overrides = {f.name: getattr(args, PREFIX + f.name) for f in dataclasses.fields(cls)
+                 if getattr(args, PREFIX + f.name, None) is not None}
+    if preset is None:
+        return cls.from_dict(overrides)  # type: ignore[attr-defined]
+    base = resolve(preset, cls, presets)
+    return cls.from_dict({**base.to_dict(), **overrides}) if overrides else base  # type: ignore[attr-defined]

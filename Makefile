@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.slimkit-installed
 OUT    ?= out/demo
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench,transformers]'
 	$(BIN)/python benchmarks/ptq_cnn.py
@@ -34,4 +37,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/causal_lm.py
 
 clean:
-	rm -rf $(VENV) out build *.egg-info
+	rm -rf $(VENV) out build site *.egg-info

@@ -26,6 +26,10 @@ MODULE = textwrap.dedent("""
     def calib():
         import numpy as np
         return torch.from_numpy(np.load("x.npy")[:64])
+
+    def accuracy(model):
+        d = torch.load("test.pt", weights_only=True)
+        return float((model(d["inputs"]).argmax(1) == d["labels"]).float().mean() * 100)
 """)
 
 
@@ -249,6 +253,8 @@ def test_a_hugging_face_folder_with_a_text_file(tmp_path, monkeypatch, capsys):
 
     names = [i.name for i in onnx.load(str(tmp_path / "out/q/model.onnx")).graph.input]
     assert {"input_ids", "attention_mask"} <= set(names)
+    assert main(["bench", "out/q/model.onnx", "--data", "sentences.txt", "--tokenizer", folder, "--max-length", "32",
+                 "--runs", "3"]) == 0  # the file's inputs fed by name from the tokenized text
 
 
 def test_flags_come_from_the_config_fields(capsys):
@@ -267,3 +273,31 @@ def test_flags_come_from_the_config_fields(capsys):
         main(["prune", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "one of 'structured', 'unstructured', 'nm', 'depth'" in out
+
+
+def test_pairs_a_two_input_model_cannot_take_point_at_inputs_only():
+    import slimkit as sk
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x, mask):
+            return self.lin(x) + mask  # a [4] mask against [4, 2] outputs: only the labels' shape gets here
+
+    with pytest.raises(ValueError, match=r"calib_data batch 0: .*sk.inputs_only\(loader\)"):
+        sk.quantize(Two(), "int8", calib_data=[(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))])
+
+
+def test_a_recipe_on_ones_own_model_and_data_file(in_user_folder, capsys):
+    import json
+
+    (in_user_folder / "recipe.yaml").write_text(
+        "model: {factory: 'mymodels:tiny_cnn', checkpoint: w.safetensors}\n"
+        "data: train.npz\nevaluate: 'mymodels:accuracy'\nout: out/recipe\n"
+        "stages:\n  - prune: {sparsity: 0.25}\n  - distill: {epochs: 1, lr: 0.01}\n  - quantize: int8\n")
+    assert main(["run", "recipe.yaml"]) == 0, capsys.readouterr()
+    stages = json.loads((in_user_folder / "out/recipe/results.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["baseline", "prune", "distill", "quantize"]
+    assert stages[-1]["metric"] > stages[0]["metric"] - 5, stages

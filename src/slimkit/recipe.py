@@ -8,6 +8,7 @@ resumable after an interruption.
       args: [resnet18]                   # (or kwargs: {...}); checkpoint: weights.safetensors
       # hf: path/to/folder               # a Hugging Face folder instead (hf_class: AutoModel)
     data: slimkit.data:task              # -> {"train": (inputs, labels) batches, "calib": input batches, "example": a batch}
+    # data: train.npz                    # or a data file or folder, as the command line takes (inputs and labels)
     evaluate: slimkit.data:digits_accuracy # model -> float, higher is better (run on the ONNX file)
     out: out/recipe
     stages:
@@ -30,7 +31,6 @@ import contextlib
 import copy
 import difflib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -63,18 +63,17 @@ class RecipeError(ValueError):
 
 
 def import_path(spec: str, what: str) -> Any:
-    """The object named by ``package.module:attribute``."""
+    """The object named by ``package.module:attribute`` (or ``file.py:attribute``; the current folder
+    is importable, as on the command line)."""
+    from slimkit.data.sources import import_object
+
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"{what} must be given as package.module:name, got {spec!r}")
-    mod, _, attr = spec.partition(":")
     try:
-        obj = importlib.import_module(mod)
-    except ImportError as e:
-        raise ValueError(f"{what} {spec!r} does not import: {e}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec!r}: module {mod!r} has no {attr!r}")
-        obj = getattr(obj, part)
+        obj = import_object(spec, what)
+    except ValueError as e:
+        raise ValueError(str(e).replace("cannot import", f"{what}", 1).replace(": No module", " does not import: No module")
+                         if "No module" in str(e) else str(e)) from e
     if not callable(obj):
         raise ValueError(f"{what} {spec!r} is not callable")
     return obj
@@ -232,6 +231,10 @@ def load_recipe(path: str | os.PathLike[str] | None = None, text: str | None = N
         except ValueError as e:
             raise where.error(("model", key), str(e)) from e
     for key in ("data", "evaluate"):
+        if key == "data" and isinstance(doc[key], str) and ":" not in doc[key]:
+            if not (base_dir / doc[key]).exists():  # a data file or folder, as the command line takes
+                raise where.error((key,), f"{doc[key]!r} does not exist (relative paths start at {base_dir})")
+            continue
         try:
             import_path(doc[key], key)
         except ValueError as e:
@@ -278,8 +281,18 @@ class _Data:
     example: Batch
 
 
+def _from_file(recipe: Recipe) -> dict[str, Any]:
+    """A data file or folder (``slimkit.data.sources``): (inputs, labels) batches of 32 to train on when
+    it has labels, its first 256 samples to calibrate on, its first 8 as the example."""
+    from slimkit.data.sources import _limit, load_data
+
+    d = load_data(str(recipe.base_dir / recipe.data), batch_size=32)
+    return {"train": d.pairs() if d.labels is not None else [], "calib": _limit(d, 256).inputs,
+            "example": d.example(8)}
+
+
 def _load_data(recipe: Recipe) -> _Data:
-    got = import_path(recipe.data, "data")()
+    got = _from_file(recipe) if ":" not in recipe.data else import_path(recipe.data, "data")()
     if not isinstance(got, Mapping):
         raise ValueError(f"data {recipe.data!r} returned a {type(got).__name__}; it must return a mapping "
                          "with 'train', 'calib' and/or 'example'")

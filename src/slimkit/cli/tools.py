@@ -93,9 +93,12 @@ def _bench_feeds(args: argparse.Namespace, sess: Any, path: str) -> dict[str, An
     import numpy as np
 
     if args.data:
+        from slimkit.cli.verbs import _image_size
         from slimkit.data.sources import load_data
 
-        data = load_data(args.data, batch_size=args.samples, split="test", limit=args.samples)
+        data = load_data(args.data, batch_size=args.samples, model_folder=args.tokenizer,
+                         image_size=_image_size(args.image_size), max_length=args.max_length, split="test",
+                         limit=args.samples)
         return onnx_feeds(sess, data.inputs[0], path)
     if args.input_shape:
         try:
@@ -237,6 +240,9 @@ def add_tools(sub: Any) -> None:
                    "images, package.module:function, 'digits'); without it, random inputs of the file's own shapes, "
                    "with a warning")
     p.add_argument("--samples", type=int, default=256, help="samples of --data compared (default 256)")
+    p.add_argument("--image-size", help="resize a folder's images to H,W")
+    p.add_argument("--tokenizer", help="a Hugging Face model folder whose tokenizer reads a text file given as --data")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text line (text data)")
     p.add_argument("--input-shape", help="random inputs of this shape for the first input, e.g. 8,3,224,224")
     p.add_argument("--batch", type=int, default=1, help="batch size of the latency runs")
     p.add_argument("--threads", type=int, default=2)

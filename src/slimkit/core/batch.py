@@ -106,14 +106,19 @@ def call_checked(model: nn.Module, batch: Batch, what: str) -> Any:
         return call(model, batch)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         failed = stack[-1:]
+        hint = ""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor) \
+                and not batch[1].is_floating_point():
+            hint = ("; if the batches are (inputs, labels) pairs, pass the inputs alone: "
+                    "sk.inputs_only(loader)")
         if not failed or failed[0][0] in ("", "?"):
-            raise ValueError(f"{what}: the model's forward pass failed: {e}") from e
+            raise ValueError(f"{what}: the model's forward pass failed: {str(e).splitlines()[0]}{hint}") from e
         name, args = failed[0]
         module = model.get_submodule(name)
         shape = next((list(a.shape) for a in args if isinstance(a, Tensor)), None)
         detail = f", input shape {shape}" if shape is not None else ""
         raise ValueError(f"{what}: the model's forward pass failed in layer {name!r} ({type(module).__name__}"
-                         f"{detail}): {str(e).splitlines()[0]}") from e
+                         f"{detail}): {str(e).splitlines()[0]}{hint}") from e
     finally:
         for h in handles:
             h.remove()

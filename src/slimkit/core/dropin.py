@@ -108,15 +108,19 @@ class DropIn:
                             or not user_forward(original, cls._torch_base))
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` (dotted) of ``model`` is.
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` (dotted; an index inside a ``ModuleList`` or
+    ``Sequential``) of ``model`` is, and return the module it replaced. The one place slimkit swaps
+    a layer by name: quantization, QAT, factorization, depth pruning and students all use it.
 
     >>> m = nn.Sequential(nn.Sequential(nn.Linear(1, 1)))
-    >>> replace_module(m, "0.0", nn.Identity())
-    >>> type(m[0][0]).__name__
-    'Identity'
+    >>> type(replace_module(m, "0.0", nn.Identity())).__name__, type(m[0][0]).__name__
+    ('Linear', 'Identity')
     """
     if not name:
         raise ValueError("the model itself cannot be replaced by name")
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    owner = model.get_submodule(parent) if parent else model
+    old = owner.get_submodule(child)
+    setattr(owner, child, new)
+    return old

@@ -29,11 +29,13 @@ import itertools
 import logging
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
 from slimkit.core.batch import Batch, call, check_batches, model_inputs, output_error, tensors_of
+from slimkit.core.dropin import replace_module
 
 __all__ = ["block_list", "drop_layers", "choose_layers"]
 
@@ -68,10 +70,8 @@ def drop_layers(model: nn.Module, keep: Sequence[int] | None = None, blocks: str
     if not keep or any(not isinstance(i, int) or not 0 <= i < n for i in keep) or sorted(set(keep)) != keep:
         raise ValueError(f"keep must be increasing distinct block indices in [0, {n}), got {keep}")
     student = copy.deepcopy(model)
-    parent_name, _, attr = name.rpartition(".")
-    parent = student.get_submodule(parent_name) if parent_name else student
-    old = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([old[i] for i in keep]))
+    old = cast(nn.ModuleList, student.get_submodule(name))
+    replace_module(student, name, nn.ModuleList([old[i] for i in keep]))
     for m in student.modules():
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "num_hidden_layers") and cfg.num_hidden_layers == n:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from slimkit.core.batch import Batch, call, check_batches, output_error, tensors_of
 from slimkit.core.config import register
+from slimkit.core.dropin import replace_module
 from slimkit.core.layers import canonicalize, is_linear_like, restore, tied_weights
 from slimkit.core.plans import attach
 from slimkit.core.progress import progress
@@ -80,11 +81,6 @@ class FactorPlan:
             rows.append(f"| {name} | {'x'.join(map(str, ranks))} | {before} -> {after} | {after / before:.0%} |")
         rows += [f"| {name} | skipped: {why} | | |" for name, why in self.skipped.items()]
         return "\n".join(rows)
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 def _candidates(model: nn.Module, cfg: FactorizeConfig) -> tuple[list[str], dict[str, str]]:
@@ -196,7 +192,7 @@ class _Sensitivity:
             w = m.weight.detach().double()  # type: ignore[union-attr, operator]
             err = approx_weight(self.cfg.method, m, ranks, self.cfg.iterations, factor).double() - w
             return float(err.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
-        _set_module(self.work, name, factorized(self.cfg.method, m, ranks, self.cfg.iterations, factor))
+        replace_module(self.work, name, factorized(self.cfg.method, m, ranks, self.cfg.iterations, factor))
         try:
             if self.metric is not None:
                 assert self.base is not None
@@ -204,7 +200,7 @@ class _Sensitivity:
             assert self.data is not None and self.ref is not None
             return output_error(self.work, self.data, self.ref)
         finally:
-            _set_module(self.work, name, m)
+            replace_module(self.work, name, m)
 
 
 def _allocate(options: dict[str, list[tuple[int, float, list[int] | None]]], budget: float) -> dict[str, int]:
@@ -320,7 +316,7 @@ def apply_plan(base: nn.Module, plan: FactorPlan, inplace: bool = False, structu
             raise ValueError(f"the plan does not match this model: layer {name!r} has {weight_count(m)} "
                              f"weights, the plan was made for {expected[0]}")
         factor = plan.whitening_.get(name)
-        _set_module(model, name, factorized(plan.config.method, m, ranks, plan.config.iterations,
+        replace_module(model, name, factorized(plan.config.method, m, ranks, plan.config.iterations,
                                             None if factor is None else factor.double()))
     restore(model)
     attach(model, base, plan)

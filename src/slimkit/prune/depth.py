@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from slimkit.core.batch import Batch, call, output_error, tensors_of
+from slimkit.core.dropin import replace_module
 
 __all__ = ["candidates", "block_scores", "drop_blocks", "residual"]
 
@@ -98,17 +99,6 @@ def candidates(model: nn.Module, example: Batch, exclude: Sequence[str] = ()) ->
     return [(n, b) for n, b in ok if not any(n.startswith(o + ".") for o, _ in ok)]
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = parent[int(attr)] if isinstance(parent, nn.ModuleList) else getattr(parent, attr)
-    if isinstance(parent, nn.ModuleList):
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)
-    return old
-
-
 @torch.no_grad()
 def block_scores(model: nn.Module, names: Sequence[str], batches: list[Batch]) -> dict[str, float]:
     """Each block's output change when it alone is replaced by the identity (the model is restored)."""
@@ -121,11 +111,11 @@ def block_scores(model: nn.Module, names: Sequence[str], batches: list[Batch]) -
                              "can be scored; check the weights and the data")
         scores = {}
         for name in names:
-            old = _swap(model, name, nn.Identity())
+            old = replace_module(model, name, nn.Identity())
             try:
                 scores[name] = output_error(model, batches, reference)
             finally:
-                _swap(model, name, old)
+                replace_module(model, name, old)
     finally:
         model.train(was)
     return scores
@@ -138,4 +128,4 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> None:
             model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"the plan does not match this model: no block named {name!r}") from e
-        _swap(model, name, nn.Identity())
+        replace_module(model, name, nn.Identity())

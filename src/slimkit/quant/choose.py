@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from slimkit.core.batch import call, check_batches, modes_kept, output_error, tensors_of
+from slimkit.core.dropin import replace_module
 from slimkit.core.progress import progress
 from slimkit.quant import mixed_precision as mp
 from slimkit.quant.config import QuantConfig
@@ -82,14 +83,11 @@ def _scan_swapping(model: nn.Module, cfg: QuantConfig, names: list[str], data: l
     quantized = set(cast(QuantPlan, full.slimkit_plan).quantized_layers)
     with torch.no_grad():
         for name in progress([n for n in names if n in quantized], desc="keep_float scan"):
-            parent, _, child = name.rpartition(".")
-            owner = work.get_submodule(parent) if parent else work
-            original = getattr(owner, child)
-            setattr(owner, child, full.get_submodule(name))
+            original = replace_module(work, name, full.get_submodule(name))
             try:
                 error[name] = output_error(work, scan, reference)
             finally:
-                setattr(owner, child, original)
+                replace_module(work, name, original)
     return error
 
 

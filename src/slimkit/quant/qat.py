@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from slimkit.core.batch import Batch, check_batches, model_inputs
 from slimkit.core.config import Config, check_choice, check_range
+from slimkit.core.dropin import replace_module
 from slimkit.core.graph import (
     TraceError,
     batchnorm_pairs,
@@ -121,11 +122,6 @@ QAT_PRESETS: dict[str, QATConfig] = {
 }
 
 
-def _set(gm: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, child, module)
-
-
 def _wrap_weighted(gm: fx.GraphModule, cfg: QATConfig, plan: QuantPlan) -> list[str]:
     """Replace each quantizable layer by a FakeQuantWeighted, absorbing the BatchNorm after it.
     Returns the names of the BatchNorm nodes taken in."""
@@ -147,7 +143,7 @@ def _wrap_weighted(gm: fx.GraphModule, cfg: QATConfig, plan: QuantPlan) -> list[
         except ValueError as e:
             plan.skipped[name] = str(e)
             continue
-        _set(gm, name, wrapped)
+        replace_module(gm, name, wrapped)
         if bn_node is not None:
             bn_node.replace_all_uses_with(node)
             gm.graph.erase_node(bn_node)
@@ -214,7 +210,7 @@ def convert_qat(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
     gm.eval()
     for name, m in list(gm.named_modules()):
         if isinstance(m, (FakeQuantWeighted, FakeQuantAct)):
-            _set(gm, name, m.to_quant())
+            replace_module(gm, name, m.to_quant())
     gm.delete_all_unused_submodules()
     gm.recompile()
     plan.quantized_layers = [n for n, m in gm.named_modules() if isinstance(m, (QuantLinear, QuantConv))]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimkit.core.batch import Batch, call
+from slimkit.core.dropin import replace_module
 from slimkit.core.graph import TraceError, fold_batchnorm, trace
 from slimkit.core.progress import progress
 
@@ -160,10 +161,9 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
             chosen.append((group, scale, outliers))
     for group, scale, outliers in chosen:
         for name in group:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    QuantLinear(cast(nn.Linear, model.get_submodule(name)), cfg.bits_for(name), dynamic=True,
-                                per_channel=cfg.per_channel, input_scale=scale, outliers=outliers))
+            replace_module(model, name, QuantLinear(cast(nn.Linear, model.get_submodule(name)), cfg.bits_for(name),
+                                                    dynamic=True, per_channel=cfg.per_channel, input_scale=scale,
+                                                    outliers=outliers))
     out: dict[str, Any] = {}
     if cfg.smooth_alpha is not None:
         out["smoothquant"] = report
@@ -350,10 +350,8 @@ def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> t
                 corrected.append(name)
             if grid is not None:  # the integers are chosen: the layer becomes the packed 4-bit one now
                 assert cfg.group_size is not None and isinstance(layer, nn.Linear)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child,
-                        QuantLinearNBits(layer, bits, cfg.group_size, cfg.weight_symmetric, grid=grid,
-                                         input_scale=input_scale))
+                replace_module(model, name, QuantLinearNBits(layer, bits, cfg.group_size, cfg.weight_symmetric,
+                                                             grid=grid, input_scale=input_scale))
                 grouped.append(name)
             else:
                 layer.weight.copy_(wq)  # on the grid: later layers see quantized weights before them

@@ -8,6 +8,7 @@ from .dependency import Group, Member, dependency_groups
 from .early_exit import EarlyExit
 from .gradual import GradualPruning, polynomial_sparsity
 from .iterative import prune_iteratively, round_sparsities
+from .layers import PrunableLayer, register_prunable, unregister_prunable
 from .masks import hold_zeros
 from .plan import PrunePlan, apply_plan, prune_model, search
 from .regularize import SparsityPenalty
@@ -15,4 +16,5 @@ from .sensitivity import sensitivity_scan
 
 __all__ = ["IMPORTANCE", "METHODS", "PruneConfig", "PrunePlan", "apply_plan", "prune_model", "search",
            "dependency_groups", "Group", "Member", "GradualPruning", "polynomial_sparsity", "hold_zeros",
-           "sensitivity_scan", "EarlyExit", "SparsityPenalty", "prune_iteratively", "round_sparsities"]
+           "sensitivity_scan", "EarlyExit", "SparsityPenalty", "prune_iteratively", "round_sparsities",
+           "PrunableLayer", "register_prunable", "unregister_prunable"]

@@ -14,6 +14,7 @@ from slimkit.core.layers import canonicalize, restore
 from slimkit.core.plans import attach
 
 from .importance import weight_scores
+from .layers import rule_for
 from .masks import fraction_mask, weight_nm_mask
 
 if TYPE_CHECKING:
@@ -24,6 +25,9 @@ __all__ = ["apply_plan", "dim_size"]
 
 def dim_size(m: nn.Module, role: str) -> int:
     """The size of a prunable layer's output (``role="out"``) or input dimension."""
+    rule = rule_for(m)
+    if rule is not None:
+        return rule.out_channels(m) if role == "out" else rule.in_channels(m)
     if isinstance(m, nn.Conv2d):
         return m.out_channels if role == "out" else m.in_channels
     if isinstance(m, nn.Linear):
@@ -45,6 +49,10 @@ def _set(m: nn.Module, name: str, value: Tensor) -> None:
 def _cut(name: str, m: nn.Module, roles: dict[str, list[int]]) -> None:
     out = torch.tensor(roles["out"], dtype=torch.long) if "out" in roles else None
     inn = torch.tensor(roles["in"], dtype=torch.long) if "in" in roles else None
+    rule = rule_for(m)
+    if rule is not None:  # a layer type taught with register_prunable
+        rule.cut(m, out, inn)
+        return
     if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
         assert out is not None
         for attr in ("weight", "bias", "running_mean", "running_var"):

@@ -35,6 +35,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from slimkit.core.batch import Batch, as_args, modes_kept
 from slimkit.core.graph import trace
 
+from .layers import rule_for
+
 __all__ = ["Member", "Group", "dependency_groups"]
 
 # (group id, channels, features per channel)
@@ -130,7 +132,8 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 def dependency_groups(model: nn.Module, example_inputs: Batch, exclude: tuple[str, ...] = ()) -> list[Group]:
     """The coupled channel groups of ``model`` (traced with torch.fx, shapes from ``example_inputs``).
     Groups that cannot be pruned carry the reason in ``frozen``."""
-    gm = trace(model, leaves=exclude)  # excluded modules stay opaque: the tracer need not follow them
+    registered = tuple(n for n, m in model.named_modules() if n and rule_for(m) is not None)
+    gm = trace(model, leaves=exclude + registered)  # excluded and registered layers stay opaque calls
     with modes_kept(gm), torch.no_grad():
         ShapeProp(gm.eval()).propagate(*as_args(example_inputs))
     b = _Builder(model, exclude)
@@ -175,6 +178,21 @@ def _module(b: _Builder, node: fx.Node, layouts: dict, fresh: Any, unknown: Any)
     if excluded:
         b.freeze(inp, f"coupled to excluded module {name!r}")
     in_shape = _shape(src)
+    rule = rule_for(m)
+    if rule is not None:  # a layer type taught with register_prunable
+        out_shape = _shape(node)
+        if len(node.args) != 1 or node.kwargs or inp is None or in_shape is None or out_shape is None \
+                or len(in_shape) not in (2, 4) or len(out_shape) not in (2, 4) \
+                or in_shape[1] != rule.in_channels(m) or out_shape[1] != rule.out_channels(m):
+            return unknown(node, f"registered layer {name!r} ({type(m).__name__}) on an input of shape {in_shape}")
+        if rule.per_channel:
+            if not _per_channel(b, inp, name, "bn"):
+                return unknown(node, f"per-channel layer {name!r} on flattened features")
+            layouts[node] = inp
+        else:
+            _consume(b, inp, name)
+            layouts[node] = _produce(b, name, rule.out_channels(m), excluded)
+        return None
     if isinstance(m, nn.Conv2d) and m.groups == 1 and len(node.args) == 1:
         if in_shape is None or len(in_shape) != 4:
             return unknown(node, f"conv {name!r} on an untracked input")

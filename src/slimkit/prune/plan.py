@@ -45,6 +45,7 @@ from .config import PruneConfig
 from .cut import apply_plan, dim_size
 from .dependency import Group, Member, dependency_groups
 from .importance import taylor_importance, weight_scores
+from .layers import rule_for
 from .masks import fraction_mask, global_masks, nm_view, weight_nm_mask
 from .probe import probed_groups
 from .report import left_whole, output_writers, pruned_coverage
@@ -138,6 +139,10 @@ def _scores(m: nn.Module, name: str, cfg: PruneConfig, grads: dict[str, Tensor] 
     if cfg.importance == "taylor":
         assert grads is not None
         return grads.get(f"{name}.weight")
+    rule = rule_for(m)
+    if rule is not None:  # a layer type taught with register_prunable scores by its rule's weight
+        w = rule.weight(m)
+        return None if w is None else weight_scores(w.detach(), cfg.importance)
     return weight_scores(m.weight, cfg.importance)  # type: ignore[arg-type]
 
 
@@ -240,7 +245,8 @@ def _search_structured(model: nn.Module, cfg: PruneConfig, example: Batch, grads
                              "to one by another layer (layers that run more than once, such as shared blocks, and "
                              "weights held outside Linear/Conv2d layers, such as expert banks, are not followed)")
         raise ValueError(f"nothing to prune in {type(model).__name__} at sparsity {cfg.sparsity}: every channel "
-                         f"group is kept whole ({'; '.join(reasons[:4]) or 'too small'})")
+                         f"group is kept whole ({'; '.join(reasons[:4]) or 'too small'}); a layer type of your own "
+                         "is taught with slimkit.prune.register_prunable")
     return plan
 
 

@@ -91,6 +91,8 @@ def test_every_verb_on_a_model_and_data_of_ones_own(in_user_folder, capsys):
         "p": ["prune", *model, *base, "--method", "structured", "--sparsity", "0.5", "--finetune", "1", "--lr", "0.01"],
         "pd": ["prune", *model, *base, "--method", "unstructured", "--sparsity", "0.5"],
         "f": ["factorize", *model, *base, "--ratio", "0.8"],
+        "s": ["sparse-train", *model, *base, "--preset", "rigl-80", "--epochs", "2", "--update-every", "10",
+              "--lr", "0.01", "--distill"],
         "qat": ["qat", *model, *base, "--epochs", "1", "--lr", "0.001"],
         "d": ["distill", "mymodels:tiny_cnn", "--teacher", "mymodels:tiny_cnn", "--teacher-checkpoint", "w.safetensors",
               *base, "--epochs", "2", "--lr", "0.05"],
@@ -102,7 +104,7 @@ def test_every_verb_on_a_model_and_data_of_ones_own(in_user_folder, capsys):
         assert "accuracy on test.pt: original" in text and "ONNX parity" in text, text
         acc = _ort_accuracy(folder / "out" / out / "model.onnx", folder)
         float_acc = float_acc or float(text.split("accuracy on test.pt: original ")[1].split("%")[0])
-        assert acc > float_acc - (12 if out in ("d", "p", "pd", "f") else 4), (out, acc, float_acc)
+        assert acc > float_acc - (12 if out in ("d", "p", "pd", "f", "s") else 4), (out, acc, float_acc)
     assert float_acc > 85
 
 

@@ -15,7 +15,8 @@ resumable after an interruption.
       - prune: {sparsity: 0.5, round_to: 8}
       - distill: {epochs: 3, lr: 0.01}    # the original model teaches
       - quantize: int8                     # a preset name or a QuantConfig dict
-    # other stages: factorize (FactorizeConfig), qat (a QAT preset or QATConfig), tune (TuneConfig)
+    # other stages: factorize (FactorizeConfig), qat (a QAT preset or QATConfig), tune (TuneConfig),
+    # sparse_train (dynamic sparse training, SparseTrainConfig: RigL or SET)
 
 Relative paths (``checkpoint``, ``hf``, ``out``) are relative to the recipe file. Every stage
 writes ``out/NN-kind/``: ``model/`` (an ``sk.save`` folder), ``model.onnx`` and ``metrics.json``
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 TOP_KEYS = ("model", "data", "evaluate", "out", "stages")
 MODEL_KEYS = ("factory", "args", "kwargs", "checkpoint", "hf", "hf_class")
-STAGE_KINDS = ("prune", "factorize", "distill", "quantize", "qat", "tune")
+STAGE_KINDS = ("prune", "sparse_train", "factorize", "distill", "quantize", "qat", "tune")
 TERMINAL = ("quantize", "qat", "tune")  # they end in an integer (or chosen) model: nothing may follow
 
 
@@ -169,7 +170,12 @@ def _stage_config(kind: str, spec: Any) -> Any:
     from slimkit.verbs import VERBS
 
     spec = {} if spec is None else spec
-    cls, named = VERBS.get(kind, (TuneConfig, {}))
+    from slimkit.prune.dynamic import PRESETS as SPARSE_PRESETS
+    from slimkit.prune.dynamic import SparseTrainConfig
+
+    extra: dict[str, tuple[type, Mapping[str, Any]]] = {"tune": (TuneConfig, {}),
+                                                         "sparse_train": (SparseTrainConfig, SPARSE_PRESETS)}
+    cls, named = VERBS[kind] if kind in VERBS else extra[kind]
     if not (isinstance(spec, Mapping) or isinstance(spec, str) and named):
         raise ValueError(f"a {kind} stage takes a mapping of {cls.__name__} keys"
                          + (f" or a preset name ({', '.join(named)})" if named else "") + f", got {spec!r}")
@@ -302,7 +308,7 @@ def _load_data(recipe: Recipe) -> _Data:
     calib = list(got["calib"]) if got.get("calib") is not None else list(inputs_only(train))
     calib = check_batches(calib, f"the calibration data of {recipe.data!r}")
     example = got["example"] if got.get("example") is not None else calib[0]
-    needs_train = [s.kind for s in recipe.stages if s.kind in ("distill", "qat")]
+    needs_train = [s.kind for s in recipe.stages if s.kind in ("distill", "qat", "sparse_train")]
     if needs_train and not train:
         raise ValueError(f"data {recipe.data!r} gave no 'train' batches, which the {needs_train[0]} stage needs")
     return _Data(train, calib, example)
@@ -347,6 +353,10 @@ def _run_stage(stage: Stage, model: nn.Module, original: nn.Module, data: _Data,
     cfg = stage.config
     if stage.kind == "prune":
         return sk_api.prune(model, cfg, example_inputs=data.example, data=data.train[:8] or None), None
+    if stage.kind == "sparse_train":  # dynamic sparse training, the original teaching
+        from slimkit.prune.dynamic import sparse_train
+
+        return sparse_train(model, cfg, data.train, teacher=original), None
     if stage.kind == "factorize":
         return sk.factorize(model, cfg, data=data.calib if cfg.allocation == "global" or cfg.whiten else None), None
     if stage.kind == "distill":
@@ -391,7 +401,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], report: bool = True) -> 
     sparse = False
     bar = progress(total=len(recipe.stages), initial=len(done) - 1, desc="stages", unit="stage")
     for i, stage in enumerate(recipe.stages):
-        sparse = sparse or (stage.kind == "prune" and stage.config.method != "structured")
+        sparse = sparse or (stage.kind == "prune" and stage.config.method not in ("structured", "depth")) \
+            or stage.kind == "sparse_train"
         if i < len(done) - 1:
             continue
         name = f"{i + 1:02d}-{stage.kind}"

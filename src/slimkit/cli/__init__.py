@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   slimkit quantize path/to/hf-model-folder --preset int8-dynamic --data sentences.txt --out out/q
   slimkit prune mymodels:tiny_cnn --checkpoint w.pt --data train.npz --sparsity 0.5 --round-to 8 \\
       --finetune 3 --out out/p
+  slimkit sparse-train mymodels:tiny_cnn --data train.npz --preset rigl-90 --epochs 10 --init random --out out/s
   slimkit factorize mymodels:tiny_cnn --data images/ --image-size 224 --ratio 0.5 --out out/f
   slimkit qat slimkit.zoo:trained --factory-arg mlp --preset w4a8 --epochs 1 --out out/qat
   slimkit distill mymodels:small --teacher mymodels:big --teacher-checkpoint big.safetensors \\

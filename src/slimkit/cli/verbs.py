@@ -1,5 +1,5 @@
-"""The compression verbs on the command line: ``quantize``, ``qat``, ``prune``, ``factorize``,
-``distill``. Each takes the user's model (``package.module:factory``, ``file.py:factory`` or a Hugging
+"""The compression verbs on the command line: ``quantize``, ``qat``, ``prune``, ``sparse-train``,
+``factorize``, ``distill``. Each takes the user's model (``package.module:factory``, ``file.py:factory`` or a Hugging
 Face folder) and data (see ``slimkit.data.sources``), builds the same config object the Python verb
 takes (a preset, then one flag per config field), and ends with ``sk.save``, ``sk.export_onnx`` (parity
 checked in ONNX Runtime) and the compressed model's fidelity to the original on the evaluation data."""
@@ -246,6 +246,23 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     return _finish(args, model, f, data, evald, "factorized", head=f"{plan.summary()}\nparameters {n0} -> {n1} ({n1 / n0:.1%})")
 
 
+def _cmd_sparse_train(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from slimkit.core.batch import first_tensor
+    from slimkit.prune.dynamic import PRESETS, SparseTrainConfig, sparse_train
+
+    config = build_config(args, SparseTrainConfig, PRESETS, args.preset)
+    model = _model(args)
+    data, evald = _data(args), _data(args, "eval_data")
+    loss = None if data.labels is not None else (lambda s, t: F.mse_loss(first_tensor(s), first_tensor(t)))
+    s = sparse_train(model, config, data.train(), teacher=model if args.distill or data.labels is None else None,
+                     loss=loss)
+    plan: Any = s.slimkit_plan
+    head = "sparsity per layer: " + ", ".join(f"{n} {v:.1%}" for n, v in plan.sparsity_.items())
+    return _finish(args, model, s, data, evald, "sparse", head=head)
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from slimkit import api
     from slimkit.verbs import VERBS
@@ -262,9 +279,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 # -- the parsers -------------------------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser, verb: str, preset_default: str | None) -> None:
+    from slimkit.prune.dynamic import PRESETS as SPARSE_PRESETS
     from slimkit.verbs import VERBS
 
-    names = ", ".join(sorted(VERBS[verb][1]))
+    names = ", ".join(sorted(VERBS[verb][1] if verb in VERBS else SPARSE_PRESETS))
     p.add_argument("model", help="package.module:factory, path/to/file.py:factory (the current folder is importable) "
                    "or a Hugging Face model folder")
     p.add_argument("--factory-arg", action="append", default=[], help="a positional argument of the factory (repeatable)")
@@ -296,27 +314,30 @@ def add_verbs(sub: Any) -> None:
     from slimkit.distill import DistillConfig
     from slimkit.lowrank import FactorizeConfig
     from slimkit.prune import PruneConfig
+    from slimkit.prune.dynamic import SparseTrainConfig
     from slimkit.quant import QuantConfig
     from slimkit.quant.qat import QATConfig
 
-    p = sub.add_parser("quantize", help="quantize your model (post-training) and export it")
-    _common(p, "quantize", "int8")
-    add_config_flags(p, QuantConfig)
-    p.set_defaults(fn=_cmd_quantize)
-    p = sub.add_parser("qat", help="quantization-aware training of your model on (inputs, labels) data")
-    _common(p, "qat", "int8")
-    add_config_flags(p, QATConfig)
-    p.set_defaults(fn=_cmd_qat)
-    p = sub.add_parser("prune", help="prune your model (structured, unstructured, N:M or depth)")
-    _common(p, "prune", None)
-    _finetune(p)
-    add_config_flags(p, PruneConfig)
-    p.set_defaults(fn=_cmd_prune)
-    p = sub.add_parser("factorize", help="low-rank decomposition of your model")
-    _common(p, "factorize", None)
-    _finetune(p)
-    add_config_flags(p, FactorizeConfig)
-    p.set_defaults(fn=_cmd_factorize)
+    table: list[tuple[str, str, str, str | None, bool, type, Any]] = [  # name, help, verb, default preset, fine-tune
+        ("quantize", "quantize your model (post-training) and export it", "quantize", "int8", False, QuantConfig,
+         _cmd_quantize),
+        ("qat", "quantization-aware training of your model on (inputs, labels) data", "qat", "int8", False, QATConfig,
+         _cmd_qat),
+        ("prune", "prune your model (structured, unstructured, N:M or depth)", "prune", None, True, PruneConfig,
+         _cmd_prune),
+        ("sparse-train", "dynamic sparse training of your model (RigL, SET): a fixed budget of non-zero weights that "
+         "moves while it trains", "sparse_train", None, False, SparseTrainConfig, _cmd_sparse_train),
+        ("factorize", "low-rank decomposition of your model", "factorize", None, True, FactorizeConfig, _cmd_factorize),
+    ]
+    for name, text, verb, default, finetune, cls, fn in table:
+        p = sub.add_parser(name, help=text)
+        _common(p, verb, default)
+        if finetune:
+            _finetune(p)
+        if name == "sparse-train":
+            p.add_argument("--distill", action="store_true", help="the original model teaches (soft targets with the labels)")
+        add_config_flags(p, cls)
+        p.set_defaults(fn=fn)
     p = sub.add_parser("distill", help="train your student from a teacher on (inputs, labels) data")
     _common(p, "distill", None)
     p.add_argument("--teacher", required=True, help="package.module:factory, file.py:factory or a Hugging Face folder")

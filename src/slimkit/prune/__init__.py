@@ -5,6 +5,7 @@ zeros (``hold_zeros``); at run time by early exit (``EarlyExit``)."""
 
 from .config import IMPORTANCE, METHODS, PruneConfig
 from .dependency import Group, Member, dependency_groups
+from .dynamic import DynamicSparsity, SparseTrainConfig, sparse_train
 from .early_exit import EarlyExit
 from .gradual import GradualPruning, polynomial_sparsity
 from .iterative import prune_iteratively, round_sparsities
@@ -17,4 +18,5 @@ from .sensitivity import sensitivity_scan
 __all__ = ["IMPORTANCE", "METHODS", "PruneConfig", "PrunePlan", "apply_plan", "prune_model", "search",
            "dependency_groups", "Group", "Member", "GradualPruning", "polynomial_sparsity", "hold_zeros",
            "sensitivity_scan", "EarlyExit", "SparsityPenalty", "prune_iteratively", "round_sparsities",
-           "PrunableLayer", "register_prunable", "unregister_prunable"]
+           "PrunableLayer", "register_prunable", "unregister_prunable", "DynamicSparsity",
+           "SparseTrainConfig", "sparse_train"]

@@ -1,0 +1,104 @@
+"""Every preset gives the model it gave when the references were stored: the plan and a summary of
+every state tensor (shape, dtype, sum, sum of magnitudes) per preset, on the digits-trained zoo nets.
+A change that alters what a preset computes fails here, naming the preset, the model and the tensor;
+a deliberate change re-stores them with ``SLIMKIT_STORE_REFERENCES=1 pytest tests/test_preset_references.py``.
+
+The sums are compared to a relative 1e-4: enough for one flipped integer code in a few thousand (a
+different CPU's rounding), far too little for a changed grid, calibrator, bit width or pass."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimkit as sk
+from slimkit.data import batches
+from slimkit.verbs import VERBS
+
+REFS = Path(__file__).parent / "references" / "presets.json"
+SLOW_ON_CNNS = {"w4a8-adaround", "int8-cle", "w4a8"}  # minutes on 2 cores: the MLP only
+LINEAR_ONLY = {"int4-weight", "int4-gptq", "int4-awq"}  # weight-only Linear layers: nothing to do on a CNN
+
+
+def _summary(model: torch.nn.Module) -> dict:
+    out = {}
+    for k, v in model.state_dict().items():
+        t = v.detach()
+        wide = t.double() if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int32, torch.int64) \
+            else t.to(torch.float64)
+        out[k] = [list(t.shape), str(t.dtype), float(wide.sum()), float(wide.abs().sum())]
+    return out
+
+
+def _plan(model: torch.nn.Module) -> dict:
+    d = model.slimkit_plan.to_dict()
+    for key in ("fidelity", "timing", "seconds"):
+        d.pop(key, None)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _cases() -> list[tuple[str, str, str]]:
+    cases = []
+    for net in ("mlp", "resnet18", "mobilenet_v2"):
+        for name in sorted(VERBS["quantize"][1]):
+            if net != "mlp" and name in SLOW_ON_CNNS | LINEAR_ONLY:
+                continue
+            cases.append(("quantize", name, net))
+        for verb in ("prune", "factorize"):
+            for name in sorted(VERBS[verb][1]):
+                if verb == "factorize" and net != "mlp" and "whitened" in name:
+                    continue
+                cases.append((verb, name, net))
+    return cases
+
+
+def _run(verb: str, name: str, net: str, digits) -> torch.nn.Module:
+    from slimkit.zoo import trained
+
+    torch.manual_seed(0)
+    model = trained(net)
+    x = digits.train_x[:64]
+    if verb == "quantize":
+        return sk.quantize(model, name, calib_data=batches(x, None, 32))
+    if verb == "prune":
+        return sk.prune(model, name, example_inputs=x[:2], data=batches(x, digits.train_y[:64], 32))
+    return sk.factorize(model, name, data=batches(x, None, 32))
+
+
+@pytest.fixture(scope="module")
+def stored():
+    if os.environ.get("SLIMKIT_STORE_REFERENCES") or not REFS.exists():
+        return None
+    return json.loads(REFS.read_text())
+
+
+_NEW: dict = {}
+
+
+@pytest.mark.parametrize("verb, name, net", _cases(), ids=[f"{v}-{n}-{m}" for v, n, m in _cases()])
+def test_a_preset_gives_the_stored_model(verb, name, net, digits, stored):
+    got = _run(verb, name, net, digits)
+    key = f"{verb}/{name}/{net}"
+    entry = {"plan": _plan(got), "state": _summary(got)}
+    if stored is None:  # storing: this run's results become the references
+        _NEW[key] = entry
+        data = json.loads(REFS.read_text()) if REFS.exists() else {}
+        data[key] = entry
+        REFS.parent.mkdir(exist_ok=True)
+        REFS.write_text(json.dumps(data, indent=0, sort_keys=True))
+        pytest.skip("references stored")
+    assert key in stored, f"no stored reference for {key}; store them with SLIMKIT_STORE_REFERENCES=1"
+    want = stored[key]
+    assert sorted(entry["state"]) == sorted(want["state"]), f"{key}: other state keys"
+    for k, (shape, dtype, total, mag) in want["state"].items():
+        g_shape, g_dtype, g_total, g_mag = entry["state"][k]
+        assert (g_shape, g_dtype) == (shape, dtype), f"{key}: {k} is {g_shape} {g_dtype}, was {shape} {dtype}"
+        assert math.isclose(g_mag, mag, rel_tol=1e-4, abs_tol=1e-6), f"{key}: {k} sum |x| {g_mag} was {mag}"
+        assert math.isclose(g_total, total, rel_tol=1e-4, abs_tol=1e-4 * max(mag, 1.0)), f"{key}: {k} sum {g_total} was {total}"
+    plan_keys = ("config", "quantized_layers", "skipped", "keep", "ranks", "sparsity", "kind")
+    for k in plan_keys:
+        if k in want["plan"]:
+            assert entry["plan"].get(k) == want["plan"][k], f"{key}: the plan's {k} changed"

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _presets(verb: str) -> str:
-    from slimkit.verbs import DESCRIPTIONS, VERBS
+    from slimkit.verbs import DESCRIPTIONS, PRESET_TABLES
 
-    rows = [f"| `{name}` | {DESCRIPTIONS[verb][name]} |" for name in sorted(VERBS[verb][1])]
+    rows = [f"| `{name}` | {DESCRIPTIONS[verb][name]} |" for name in sorted(PRESET_TABLES[verb][1])]
     return "\n".join(["| preset | what it is, what it is good for |", "|---|---|", *rows])
 
 
@@ -29,7 +29,8 @@ def _verbs() -> str:
 
     calls = {"quantize": "`sk.quantize(model, preset, calib_data=...)`", "qat": "`sk.qat(model, preset, train_data)`",
              "prune": "`sk.prune(model, preset, example_inputs=x, data=...)`",
-             "factorize": "`sk.factorize(model, preset, data=...)`", "distill": "`sk.distill(student, teacher, data)`"}
+             "factorize": "`sk.factorize(model, preset, data=...)`", "distill": "`sk.distill(student, teacher, data)`",
+             "sparse_train": "`slimkit.prune.sparse_train(model, preset, train_data)`"}
     rows = ["| verb | preset | what it is, what it is good for |", "|---|---|---|"]
     for verb, named in DESCRIPTIONS.items():
         for i, (name, text) in enumerate(sorted(named.items())):

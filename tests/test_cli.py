@@ -6,7 +6,8 @@ from slimkit.zoo import digits_model
 
 
 def test_presets(capsys):
-    from slimkit.verbs import DESCRIPTIONS, VERBS
+    from slimkit.verbs import DESCRIPTIONS
+    from slimkit.verbs import PRESET_TABLES as VERBS
 
     assert main(["presets", "--json"]) == 0
     assert "int8-dynamic" in json.loads(capsys.readouterr().out)["quantize"]

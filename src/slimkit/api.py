@@ -32,11 +32,13 @@ __all__ = ["quantize", "qat", "prune", "factorize", "distill", "presets", "qat_p
 
 
 def presets(verb: str = "quantize") -> dict[str, dict[str, Any]]:
-    """The named configs ``verb`` (``quantize``, ``qat``, ``prune``, ``factorize`` or ``distill``)
-    accepts in place of a config, as ``{name: config dict}``."""
-    if verb not in VERBS:
-        raise ValueError(f"presets are listed per verb: one of {', '.join(VERBS)}; got {verb!r}")
-    return {name: cfg.to_dict() for name, cfg in sorted(VERBS[verb][1].items())}
+    """The named configs ``verb`` (``quantize``, ``qat``, ``prune``, ``factorize``, ``distill``, or
+    ``sparse_train``) accepts in place of a config, as ``{name: config dict}``."""
+    from slimkit.verbs import PRESET_TABLES
+
+    if verb not in PRESET_TABLES:
+        raise ValueError(f"presets are listed per verb: one of {', '.join(PRESET_TABLES)}; got {verb!r}")
+    return {name: cfg.to_dict() for name, cfg in sorted(PRESET_TABLES[verb][1].items())}
 
 
 def qat_presets() -> dict[str, dict[str, Any]]:

@@ -12,11 +12,13 @@ from slimkit.lowrank.config import PRESETS as FACTORIZE_PRESETS
 from slimkit.lowrank.config import FactorizeConfig
 from slimkit.prune.config import PRESETS as PRUNE_PRESETS
 from slimkit.prune.config import PruneConfig
+from slimkit.prune.dynamic import PRESETS as SPARSE_PRESETS
+from slimkit.prune.dynamic import SparseTrainConfig
 from slimkit.quant.config import PRESETS as QUANT_PRESETS
 from slimkit.quant.config import QuantConfig
 from slimkit.quant.qat import QAT_PRESETS, QATConfig
 
-__all__ = ["VERBS", "DESCRIPTIONS", "describe"]
+__all__ = ["VERBS", "PRESET_TABLES", "DESCRIPTIONS", "describe"]
 
 VERBS: dict[str, tuple[type, Mapping[str, Any]]] = {
     "quantize": (QuantConfig, QUANT_PRESETS),
@@ -25,6 +27,10 @@ VERBS: dict[str, tuple[type, Mapping[str, Any]]] = {
     "factorize": (FactorizeConfig, FACTORIZE_PRESETS),
     "distill": (DistillConfig, DISTILL_PRESETS),
 }
+
+# Every table of named configs: the verbs', and dynamic sparse training's (``slimkit.prune.sparse_train``,
+# the recipe stage ``sparse_train``, ``slimkit sparse-train``).
+PRESET_TABLES: dict[str, tuple[type, Mapping[str, Any]]] = {**VERBS, "sparse_train": (SparseTrainConfig, SPARSE_PRESETS)}
 
 # One line per preset: what it is, what it is for, whether it needs data, and what it measured in a
 # committed benchmark file (``slimkit presets``, the README's and the docs' tables).
@@ -68,6 +74,12 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
                   "(lowrank)",
         "svd-whitened-50": "data-whitened SVD (SVD-LLM), half the weights kept: transformers; needs data; MiniLM "
                            "FFN cosine 0.876 against 0.595 unwhitened (lowrank)",
+    },
+    "sparse_train": {
+        "rigl-90": "RigL dynamic sparse training at 90%: ERK budgets, 30% of each layer's weights moved every 100 "
+                   "steps, decaying; needs (inputs, labels) (pruning, dynamic section)",
+        "rigl-80": "RigL at 80% (pruning, dynamic section)",
+        "set-90": "SET at 90%: the connections regrown at random (pruning, dynamic section)",
     },
     "distill": {
         "kd": "offline response distillation (soft targets, T=4, alpha 0.5) from a frozen teacher; needs "

@@ -42,7 +42,7 @@ def test_every_verb_has_named_configs_that_work_by_name():
     assert set(sk.presets("qat")) == set(sk.qat_presets())
     for verb in ("prune", "factorize", "distill"):
         assert sk.presets(verb)
-    with pytest.raises(ValueError, match="one of quantize, qat, prune, factorize, distill; got 'pruning'"):
+    with pytest.raises(ValueError, match="one of quantize, qat, prune, factorize, distill, sparse_train; got 'pruning'"):
         sk.presets("pruning")
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))

@@ -179,7 +179,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_presets(args: argparse.Namespace) -> int:
     import slimkit as sk
-    from slimkit.verbs import DESCRIPTIONS, VERBS
+    from slimkit.verbs import DESCRIPTIONS
+    from slimkit.verbs import PRESET_TABLES as VERBS
 
     verbs = [args.verb] if args.verb else list(VERBS)
     if args.verb and args.verb not in VERBS:

@@ -279,10 +279,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 # -- the parsers -------------------------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser, verb: str, preset_default: str | None) -> None:
-    from slimkit.prune.dynamic import PRESETS as SPARSE_PRESETS
-    from slimkit.verbs import VERBS
+    from slimkit.verbs import PRESET_TABLES
 
-    names = ", ".join(sorted(VERBS[verb][1] if verb in VERBS else SPARSE_PRESETS))
+    names = ", ".join(sorted(PRESET_TABLES[verb][1]))
     p.add_argument("model", help="package.module:factory, path/to/file.py:factory (the current folder is importable) "
                    "or a Hugging Face model folder")
     p.add_argument("--factory-arg", action="append", default=[], help="a positional argument of the factory (repeatable)")

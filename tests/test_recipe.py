@@ -119,7 +119,7 @@ def test_rerun_resumes_and_a_changed_recipe_is_refused(finished_run, tmp_path):
 
 
 def test_interrupted_run_resumes_from_the_last_finished_stage(tmp_path, monkeypatch, capsys):
-    import slimkit.recipe as recipe_mod
+    import slimkit.recipe.run as recipe_mod
 
     path = write(tmp_path, RECIPE)
     real = recipe_mod._run_stage

@@ -121,6 +121,10 @@ def test_a_model_without_prunable_layers_is_an_error():
         DynamicSparsity(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.5, dense_first_last=True)
     with pytest.raises(ValueError, match="sparsity must be in"):
         sparse_train(_mlp(), {"sparsity": 1.5}, _data())
+    with pytest.raises(ValueError, match="train_data is empty"):
+        sparse_train(_mlp(), "rigl-90", [])
+    with pytest.raises(ValueError, match="unknown preset 'rigl-95' \\(did you mean 'rigl-90'\\?\\)"):
+        sparse_train(_mlp(), "rigl-95", _data())
 
 
 def test_a_recipe_stage_takes_it():

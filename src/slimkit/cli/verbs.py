@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.cli.flags import add_config_flags, build_config
-from slimkit.data.sources import UserData, _batch_len, import_object, load_data
+from slimkit.data.sources import UserData, batch_len, first_samples, import_object, load_data
 
 __all__ = ["add_verbs"]
 
@@ -109,12 +109,6 @@ def _data(args: argparse.Namespace, which: str = "data") -> UserData:
     return load_data(spec, args.batch_size, folder, _image_size(args.image_size), args.max_length, split=split)
 
 
-def _limited(data: UserData, n: int) -> UserData:
-    from slimkit.data.sources import _limit
-
-    return _limit(data, n)
-
-
 # -- reporting ---------------------------------------------------------------------------------------
 
 def _outputs(model: Any, data: UserData) -> tuple[Any, bool]:
@@ -153,7 +147,7 @@ def fidelity(original: Any, compressed: Any, data: UserData, label: str) -> str:
     cos = float(torch.nn.functional.cosine_similarity(got, ref, dim=1, eps=1e-12).mean())
     agree = f"top-1 agreement {100.0 * float((got.argmax(1) == ref.argmax(1)).float().mean()):.1f}, " \
         if logits else ""
-    rows = "samples" if len(ref) == sum(_batch_len(b) for b in data.inputs) else "tokens"
+    rows = "samples" if len(ref) == sum(batch_len(b) for b in data.inputs) else "tokens"
     parts.append(f"{label} vs the original on {data.source} ({len(ref)} {rows}): {agree}relative L2 {rel:.2e}, "
                  f"mean cosine {cos:.4f}")
     return "\n".join(parts)
@@ -200,7 +194,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     config = build_config(args, *VERBS["quantize"], args.preset)  # validated before any work
     model = _model(args)
     data, evald = _data(args), _data(args, "eval_data")
-    calib = _limited(data, args.samples).inputs
+    calib = first_samples(data, args.samples).inputs
     q = api.quantize(model, config, calib_data=calib)
     plan: Any = q.slimkit_plan
     return _finish(args, model, q, data, evald, "quantized", head=plan.summary() if hasattr(plan, "summary") else "")
@@ -213,7 +207,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     config = build_config(args, *VERBS["qat"], args.preset)
     model = _model(args)
     data, evald = _data(args), _data(args, "eval_data")
-    q = api.qat(model, config, data.pairs(), calib_data=_limited(data, args.samples).inputs)
+    q = api.qat(model, config, data.pairs(), calib_data=first_samples(data, args.samples).inputs)
     return _finish(args, model, q, data, evald, "QAT")
 
 
@@ -224,7 +218,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     config = build_config(args, *VERBS["prune"], args.preset)
     model = _model(args)
     data, evald = _data(args), _data(args, "eval_data")
-    scoring = _limited(data, args.samples)
+    scoring = first_samples(data, args.samples)
     p = api.prune(model, config, example_inputs=data.example(2), data=scoring.train())
     plan: Any = p.slimkit_plan
     n0, n1 = _params(model), _params(p)
@@ -240,7 +234,7 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     model = _model(args)
     data, evald = _data(args), _data(args, "eval_data")
     needs = config.allocation == "global" or config.whiten
-    f = api.factorize(model, config, data=_limited(data, args.samples).inputs if needs else None)
+    f = api.factorize(model, config, data=first_samples(data, args.samples).inputs if needs else None)
     plan: Any = f.slimkit_plan
     n0, n1 = _params(model), _params(f)
     return _finish(args, model, f, data, evald, "factorized", head=f"{plan.summary()}\nparameters {n0} -> {n1} ({n1 / n0:.1%})")

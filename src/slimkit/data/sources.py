@@ -37,7 +37,7 @@ from torch import Tensor
 
 from slimkit.core.batch import Batch
 
-__all__ = ["UserData", "load_data", "import_object", "IMAGE_SUFFIXES"]
+__all__ = ["UserData", "load_data", "import_object", "first_samples", "batch_len", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def load_data(spec: str, batch_size: int = 32, model_folder: str | os.PathLike[s
             raise ValueError(f"data {spec!r}: give a .npy/.npz/.pt/.safetensors file, a folder of images, a text file, "
                              "package.module:function or 'digits'")
     if limit is not None:
-        data = _limit(data, limit)
+        data = first_samples(data, limit)
     return data
 
 
@@ -274,12 +274,13 @@ def _from_file(path: Path, batch_size: int, model_folder: Any, max_length: int) 
     return _from_object(obj, batch_size, str(path))
 
 
-def _limit(data: UserData, n: int) -> UserData:
+def first_samples(data: UserData, n: int) -> UserData:
+    """``data`` cut to its first ``n`` samples (the last batch shortened)."""
     inputs, labels, seen = [], [], 0
     for i, b in enumerate(data.inputs):
         if seen >= n:
             break
-        size = _batch_len(b)
+        size = batch_len(b)
         take = min(size, n - seen)
         inputs.append(_head(b, take))
         if data.labels is not None:
@@ -288,7 +289,8 @@ def _limit(data: UserData, n: int) -> UserData:
     return UserData(inputs, labels if data.labels is not None else None, data.source)
 
 
-def _batch_len(b: Any) -> int:
+def batch_len(b: Any) -> int:
+    """How many samples a batch holds (its first tensor's first axis)."""
     from slimkit.core.batch import tensors_of
 
     ts = tensors_of(b)

@@ -36,10 +36,10 @@ class _Data:
 def _from_file(recipe: Recipe) -> dict[str, Any]:
     """A data file or folder (``slimkit.data.sources``): (inputs, labels) batches of 32 to train on when
     it has labels, its first 256 samples to calibrate on, its first 8 as the example."""
-    from slimkit.data.sources import _limit, load_data
+    from slimkit.data.sources import first_samples, load_data
 
     d = load_data(str(recipe.base_dir / recipe.data), batch_size=32)
-    return {"train": d.pairs() if d.labels is not None else [], "calib": _limit(d, 256).inputs,
+    return {"train": d.pairs() if d.labels is not None else [], "calib": first_samples(d, 256).inputs,
             "example": d.example(8)}
 
 

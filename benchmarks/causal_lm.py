@@ -31,11 +31,11 @@ from slimkit.zoo.gpt import lm_data, perplexity, trained_gpt
 
 log = logging.getLogger("causal_lm")
 
-METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("round-to-nearest", {"rounding": "nearest"}),
-    ("GPTQ", {"rounding": "gptq"}),
-    ("GPTQ act-order", {"rounding": "gptq", "gptq_act_order": True}),
-    ("AWQ", {"rounding": "awq"}))
+METHODS: tuple[tuple[str, list[Any]], ...] = (
+    ("round-to-nearest", []),
+    ("GPTQ", [sk.quant.GPTQ()]),
+    ("GPTQ act-order", [sk.quant.GPTQ(act_order=True)]),
+    ("AWQ", [sk.quant.AWQ()]))
 
 
 def ort_nbits(fp32: str, out: str, block: int, symmetric: bool) -> str:
@@ -64,7 +64,8 @@ def run(tmp: str, quick: bool) -> dict[str, Any]:
     for bits in (4, 3):
         for group in (32, 128):
             for label, extra in METHODS[:2] if quick else METHODS:
-                cfg = {"activations": "none", "weight_bits": bits, "group_size": group, "reduce_range": False, **extra}
+                cfg = [sk.quant.Weights(bits=bits, group_size=group, reduce_range=False),
+                       sk.quant.Activations(mode="none"), *extra]
                 t = time.time()
                 q = sk.quantize(model, cfg, calib_data=calib)
                 row: dict[str, Any] = {"config": label, "bits": bits, "group": group, "seconds": time.time() - t,

@@ -36,23 +36,25 @@ from slimkit.zoo import trained
 
 log = logging.getLogger("low_bit")
 
-W4 = {"weight_bits": 4, "reduce_range": False}
-PT = {"per_channel": False}
-CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("W8A8 per-tensor, nearest", {**PT}),
-    ("W8A8 per-tensor + CLE", {**PT, "equalize": True}),
-    ("W8A8 per-tensor + CLE + BC", {**PT, "equalize": True, "bias_correction": True}),
-    ("W8A8 per-channel, nearest (int8)", {}),
-    ("W8A8 per-channel + CLE + BC (int8-cle)", {"equalize": True, "bias_correction": True}),
-    ("W4A8 per-channel, nearest", {**W4}),
-    ("W4A8 + CLE", {**W4, "equalize": True}),
-    ("W4A8 + BC", {**W4, "bias_correction": True}),
-    ("W4A8 + CLE + BC", {**W4, "equalize": True, "bias_correction": True}),
-    ("W4A8 + AdaRound", {**W4, "rounding": "adaround"}),
-    ("W4A8 + AdaRound + BC", {**W4, "rounding": "adaround", "bias_correction": True}),
-    ("W4/W8 mixed, size budget 5 bits", {"mixed_bits": [4, 8], "target_bits": 5.0}),
-    ("W4/W8 mixed, fidelity budget 30 dB", {"mixed_bits": [4, 8], "target_sqnr_db": 30.0}),
+Q = sk.quant
+W4, W8, PT = Q.Weights(bits=4, reduce_range=False), Q.Weights(), Q.Weights(per_channel=False)
+ACT, CLE, BC, ADA = Q.Activations(), Q.Equalize(), Q.BiasCorrection(), Q.AdaRound()
+CONFIGS: list[tuple[str, Any]] = [
+    ("W8A8 per-tensor, nearest", [PT, ACT]),
+    ("W8A8 per-tensor + CLE", [PT, ACT, CLE]),
+    ("W8A8 per-tensor + CLE + BC", [PT, ACT, CLE, BC]),
+    ("W8A8 per-channel, nearest (int8)", [W8, ACT]),
+    ("W8A8 per-channel + CLE + BC (int8-cle)", [W8, ACT, CLE, BC]),
+    ("W4A8 per-channel, nearest", [W4, ACT]),
+    ("W4A8 + CLE", [W4, ACT, CLE]),
+    ("W4A8 + BC", [W4, ACT, BC]),
+    ("W4A8 + CLE + BC", [W4, ACT, CLE, BC]),
+    ("W4A8 + AdaRound", [W4, ACT, ADA]),
+    ("W4A8 + AdaRound + BC", [W4, ACT, ADA, BC]),
+    ("W4/W8 mixed, size budget 5 bits", [W8, ACT, Q.MixedPrecision(bits=(4, 8), target_bits=5.0)]),
+    ("W4/W8 mixed, fidelity budget 30 dB", [W8, ACT, Q.MixedPrecision(bits=(4, 8), target_sqnr_db=30.0)]),
 ]
+W4, PT = {"weight_bits": 4, "reduce_range": False}, {"per_channel": False}  # the QAT configs' fields
 QAT = {"epochs": 1, "lr": 5e-4}
 QAT_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("W8A8 per-tensor QAT (STE)", {**PT, **QAT}),
@@ -69,7 +71,7 @@ def weight_bits(q: torch.nn.Module) -> float:
     mixed = plan.passes.get("mixed_precision")
     if mixed:
         return float(mixed["average_bits"])
-    return float(plan.config.weight_bits)
+    return float(plan.config.weights.bits)
 
 
 def ort_logits(path: str, x: torch.Tensor) -> np.ndarray:
@@ -103,7 +105,8 @@ def run(tmp: str, quick: bool) -> list[dict[str, Any]]:
         jobs = [(label, cfg, False) for label, cfg in (CONFIGS[:1] + CONFIGS[-3:] if quick else CONFIGS)]
         jobs += [(label, cfg, True) for label, cfg in (QAT_CONFIGS[1:2] if quick else QAT_CONFIGS)]
         for label, cfg, is_qat in jobs:
-            cfg = {**cfg, "adaround_iterations": 100} if quick and "rounding" in cfg else cfg
+            if quick and not is_qat and ADA in cfg:
+                cfg = [Q.AdaRound(iterations=100) if p == ADA else p for p in cfg]
             t = time.time()
             q = sk.qat(model, cfg, train, calib_data=calib) if is_qat else sk.quantize(model, cfg, calib_data=calib)
             seconds = time.time() - t
@@ -140,7 +143,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        res = {"machine": machine(), "adaround_iterations": 100 if args.quick else sk.QuantConfig().adaround_iterations,
+        res = {"machine": machine(), "adaround_iterations": 100 if args.quick else sk.quant.AdaRound().iterations,
                "rows": run(tmp, args.quick)}
     write_results("low_bit", res, markdown, quick=args.quick)
 

@@ -36,28 +36,32 @@ from slimkit.export.runtime import compare_latency, feeds, session
 
 log = logging.getLogger("transformer_quant")
 
-G32 = {"group_size": 32, "weight_symmetric": False}
-SQ = sk.presets()["int8-smoothquant"]
+G32 = {"group_size": 32, "symmetric": False}
+P = sk.quant.PRESETS
+SQ = P["int8-smoothquant"]
+ACT_ORDER, EMB4 = sk.quant.GPTQ(act_order=True), sk.quant.Embeddings(bits=4)
 OURS: list[tuple[str, Any]] = [
     ("slimkit int8-dynamic (7-bit weights, int8 embeddings)", "int8-dynamic"),
-    ("slimkit int8-dynamic, 8-bit uint8 weights", {**sk.presets()["int8-dynamic"], "reduce_range": False}),
+    ("slimkit int8-dynamic, 8-bit uint8 weights", P["int8-dynamic"].with_weights(reduce_range=False)),
     ("slimkit int8-smoothquant (alpha 0.5, float outlier channels > 8x median where they cut the error 3x)",
      "int8-smoothquant"),
     ("slimkit int4-weight (RTN, g128 sym)", "int4-weight"),
     ("slimkit int8 (static: activation scales calibrated)", "int8"),
-    ("slimkit int8-dynamic + float outlier channels (> 8x median)", {**sk.presets()["int8-dynamic"], "outlier_threshold": 8.0}),
-    ("slimkit SmoothQuant alone (alpha 0.5, no outlier channels)", {**SQ, "outlier_threshold": None}),
-    ("slimkit int8-smoothquant, 8-bit uint8 weights", {**SQ, "reduce_range": False}),
-    ("slimkit int8-smoothquant, keep_float 1", {**SQ, "keep_float": 1}),
-    ("slimkit int8-smoothquant, every outlier channel set in float (outlier_min_gain 1)", {**SQ, "outlier_min_gain": 1.0}),
-    ("slimkit int8-smoothquant, 4-bit embeddings", {**SQ, "embedding_bits": 4}),
+    ("slimkit int8-dynamic + float outlier channels (> 8x median)",
+     P["int8-dynamic"].with_pass(sk.quant.OutlierChannels(threshold=8.0))),
+    ("slimkit SmoothQuant alone (alpha 0.5, no outlier channels)", SQ.without(sk.quant.OutlierChannels)),
+    ("slimkit int8-smoothquant, 8-bit uint8 weights", SQ.with_weights(reduce_range=False)),
+    ("slimkit int8-smoothquant, keep_float 1", SQ.with_pass(sk.quant.KeepFloat(layers=1))),
+    ("slimkit int8-smoothquant, every outlier channel set in float (outlier_min_gain 1)",
+     SQ.with_pass(sk.quant.OutlierChannels(min_gain=1.0))),
+    ("slimkit int8-smoothquant, 4-bit embeddings", SQ.with_pass(EMB4)),
     ("slimkit int4-gptq (g128 sym)", "int4-gptq"),
-    ("slimkit int4-weight (RTN, g32 asym)", {**sk.presets()["int4-weight"], **G32}),
-    ("slimkit int4-gptq (g32 asym, act-order)", {**sk.presets()["int4-gptq"], **G32, "gptq_act_order": True}),
+    ("slimkit int4-weight (RTN, g32 asym)", P["int4-weight"].with_weights(**G32)),
+    ("slimkit int4-gptq (g32 asym, act-order)", P["int4-gptq"].with_weights(**G32).with_pass(ACT_ORDER)),
     ("slimkit int4-gptq (g32 asym, act-order), 4-bit embeddings",
-     {**sk.presets()["int4-gptq"], **G32, "gptq_act_order": True, "embedding_bits": 4}),
+     P["int4-gptq"].with_weights(**G32).with_pass(ACT_ORDER).with_pass(EMB4)),
     ("slimkit int4-awq (g128 sym)", "int4-awq"),
-    ("slimkit int4-awq (g32 asym)", {**sk.presets()["int4-awq"], **G32}),
+    ("slimkit int4-awq (g32 asym)", P["int4-awq"].with_weights(**G32)),
 ]
 
 

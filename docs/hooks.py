@@ -3,7 +3,9 @@
 - ``{{ presets VERB }}``: the verb's presets, one line each (``slimkit.verbs.DESCRIPTIONS``);
 - ``{{ verbs_table }}``: verbs x presets x what each is good for;
 - ``{{ cli_help }}``: every subcommand's ``--help``;
-- ``{{ benchmark_results }}``: every ``benchmarks/results/*.md``, headings demoted.
+- ``{{ benchmark_results }}``: every ``benchmarks/results/*.md``, headings demoted;
+- ``{{ quant_passes }}``: every quantization pass (name, stage, fields, what it does);
+- ``{{ preset_passes }}``: each quantize preset as the list of passes it is.
 """
 
 from __future__ import annotations
@@ -62,6 +64,32 @@ def _benchmarks() -> str:
     return "\n".join(parts)
 
 
+def _first_sentence(doc: str | None) -> str:
+    text = " ".join((doc or "").split())
+    return text.split(". ")[0].rstrip(".").replace("|", "\\|") + "."
+
+
+def _quant_passes() -> str:
+    import dataclasses
+
+    from slimkit.quant.passes import PASSES
+
+    rows = ["| in a list | stage | fields (defaults) | needs data | what it does |", "|---|---|---|---|---|"]
+    for name, cls in PASSES.items():
+        fields = ", ".join(f"`{f.name}={f.default!r}`" if f.default is not dataclasses.MISSING else f"`{f.name}`"
+                           for f in dataclasses.fields(cls)) or "-"
+        rows.append(f"| `{cls.__name__}()` / `\"{name}\"` | {cls.stage} | {fields} | "
+                    f"{'yes' if cls.needs_data else 'no'} | {_first_sentence(cls.__doc__)} |")
+    return "\n".join(rows)
+
+
+def _preset_passes() -> str:
+    from slimkit.quant.presets import PRESETS
+
+    return "\n".join(["| preset | passes |", "|---|---|",
+                      *(f"| `{name}` | `{q}` |" for name, q in sorted(PRESETS.items()))])
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     markdown = re.sub(r"\{\{ presets (\w+) \}\}", lambda m: _presets(m.group(1)), markdown)
     if "{{ verbs_table }}" in markdown:
@@ -70,4 +98,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         markdown = markdown.replace("{{ cli_help }}", _cli_help())
     if "{{ benchmark_results }}" in markdown:
         markdown = markdown.replace("{{ benchmark_results }}", _benchmarks())
+    if "{{ quant_passes }}" in markdown:
+        markdown = markdown.replace("{{ quant_passes }}", _quant_passes())
+    if "{{ preset_passes }}" in markdown:
+        markdown = markdown.replace("{{ preset_passes }}", _preset_passes())
     return markdown

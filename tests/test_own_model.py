@@ -263,14 +263,20 @@ def test_flags_come_from_the_config_fields(capsys):
     import dataclasses
 
     from slimkit.prune import PruneConfig
-    from slimkit.quant import QuantConfig
+    from slimkit.quant.passes import PASSES
 
-    for verb, cls in (("prune", PruneConfig), ("quantize", QuantConfig)):
-        with pytest.raises(SystemExit):
-            main([verb, "--help"])
-        out = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(PruneConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    out = capsys.readouterr().out
+    for name, cls in PASSES.items():  # each pass's fields, prefixed by its name
+        assert name in out
         for f in dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in out, (verb, f.name)
+            assert f"--{name}-{f.name}".replace("_", "-") in out, (name, f.name)
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     out = " ".join(capsys.readouterr().out.split())

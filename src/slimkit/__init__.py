@@ -19,7 +19,7 @@ from slimkit.export import ExportReport, ParityError, export_onnx
 from slimkit.io import load, save
 from slimkit.lowrank import FactorizeConfig
 from slimkit.prune import PruneConfig
-from slimkit.quant import QuantConfig
+from slimkit.quant import QuantConfig, Quantize
 from slimkit.quant.qat import QATConfig
 
 # ``slimkit.prune`` and ``slimkit.distill`` are packages and verbs at once: ``sk.prune(model, ...)``
@@ -29,7 +29,7 @@ callable_package(distill, _api.distill)
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "distill", "DistillConfig", "presets", "qat_presets", "export_onnx", "save", "load", "QuantConfig", "qat", "QATConfig", "ExportReport",
+__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "distill", "DistillConfig", "presets", "qat_presets", "export_onnx", "save", "load", "QuantConfig", "Quantize", "qat", "QATConfig", "ExportReport",
            "ParityError", "inputs_only", "__version__"]
 
 

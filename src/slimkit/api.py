@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from slimkit.core.batch import Batch, calibration_batches
-from slimkit.core.config import handler_for, resolve
+from slimkit.core.config import handler_for
 from slimkit.distill import (
     DistillConfig,
     distill_exits,
@@ -23,10 +23,10 @@ from slimkit.distill import (
 )
 from slimkit.lowrank import FactorizeConfig
 from slimkit.prune import PruneConfig
-from slimkit.quant import QuantConfig
+from slimkit.quant import Quantize, resolve_quantize
 from slimkit.quant.qat import QATConfig
 from slimkit.quant.qat import qat as _qat
-from slimkit.verbs import VERBS
+from slimkit.verbs import resolve_config
 
 __all__ = ["quantize", "qat", "prune", "factorize", "distill", "presets", "qat_presets"]
 
@@ -46,14 +46,24 @@ def qat_presets() -> dict[str, dict[str, Any]]:
     return presets("qat")
 
 
-def quantize(model: nn.Module, config: QuantConfig | Mapping[str, Any] | str = "int8",
+def quantize(model: nn.Module, config: Quantize | Sequence[Any] | Mapping[str, Any] | str = "int8",
              calib_data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
-    """Quantize ``model`` with a preset name, a ``QuantConfig`` or the same as a dict.
+    """Quantize ``model`` with a preset name or a list of passes, run in order: pass configs
+    (``Weights(bits=4, group_size=128)``, ``GPTQ()``, ...), their names (``"gptq"``) or one-key dicts
+    (``{"gptq": {"damp": 0.02}}``); a ``Quantize`` or ``{"passes": [...]}`` too. The old flat
+    ``QuantConfig`` (or its dict) still works, with a ``DeprecationWarning`` showing the list.
 
-    Static presets (``int8``) need ``calib_data``: an iterable of batches the model is called with.
-    Returns a new model; the caller's model is untouched unless ``inplace=True``.
+    Static activations (``int8``) need ``calib_data``: an iterable of batches the model is called
+    with. Returns a new model; the caller's model is untouched unless ``inplace=True``.
+
+    >>> import torch
+    >>> from slimkit.quant import Activations, Weights
+    >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> q = quantize(m, [Weights(bits=4, group_size=32, reduce_range=False), Activations(mode="none")])
+    >>> q.slimkit_plan.quantized_layers
+    ['0', '2']
     """
-    cfg = resolve(config, *VERBS["quantize"])
+    cfg = resolve_quantize(config)
     if calib_data is not None:  # (inputs, labels) pairs: the inputs, said once
         calib_data = calibration_batches(model, calib_data, "calib_data")
     return handler_for(cfg)(model, cfg, calib_data=calib_data, inplace=inplace)
@@ -74,7 +84,7 @@ def qat(model: nn.Module, config: QATConfig | Mapping[str, Any] | str, train_dat
     >>> q.slimkit_plan.passes["qat"]["method"], int(q.get_submodule("0").weight_q.abs().max())
     ('ste', 7)
     """
-    cfg = resolve(config, *VERBS["qat"])
+    cfg = resolve_config("qat", config)
     return _qat(model, cfg, train_data, calib_data, inplace=inplace, evaluate=evaluate, checkpoint=checkpoint)
 
 
@@ -93,7 +103,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | Mapping[str, Any] | st
     >>> f.slimkit_plan.ranks_
     {'0': [16], '2': [4]}
     """
-    cfg = resolve(config, *VERBS["factorize"])
+    cfg = resolve_config("factorize", config)
     if data is not None:
         data = calibration_batches(model, data, "data")
     return handler_for(cfg)(model, cfg, data=data, metric=metric, inplace=inplace)
@@ -112,7 +122,7 @@ def prune(model: nn.Module, config: PruneConfig | Mapping[str, Any] | str, examp
     >>> p[0].weight.shape, p[2].weight.shape
     (torch.Size([16, 16]), torch.Size([4, 16]))
     """
-    cfg = resolve(config, *VERBS["prune"])
+    cfg = resolve_config("prune", config)
     return handler_for(cfg)(model, cfg, example_inputs=example_inputs, data=data, inplace=inplace)
 
 
@@ -137,7 +147,7 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None,
     >>> s.weight.shape
     torch.Size([3, 4])
     """
-    cfg = resolve(config if config is not None else {}, *VERBS["distill"])
+    cfg = resolve_config("distill", config if config is not None else {})
     data = list(train_data)
     if cfg.mode == "self":
         if teacher is not None:

@@ -14,14 +14,15 @@ from slimkit.prune.config import PRESETS as PRUNE_PRESETS
 from slimkit.prune.config import PruneConfig
 from slimkit.prune.dynamic import PRESETS as SPARSE_PRESETS
 from slimkit.prune.dynamic import SparseTrainConfig
-from slimkit.quant.config import PRESETS as QUANT_PRESETS
-from slimkit.quant.config import QuantConfig
+from slimkit.quant.passes import Quantize
+from slimkit.quant.presets import PRESETS as QUANT_PRESETS
+from slimkit.quant.presets import resolve_quantize
 from slimkit.quant.qat import QAT_PRESETS, QATConfig
 
-__all__ = ["VERBS", "PRESET_TABLES", "DESCRIPTIONS", "describe"]
+__all__ = ["VERBS", "PRESET_TABLES", "DESCRIPTIONS", "describe", "resolve_config"]
 
 VERBS: dict[str, tuple[type, Mapping[str, Any]]] = {
-    "quantize": (QuantConfig, QUANT_PRESETS),
+    "quantize": (Quantize, QUANT_PRESETS),
     "qat": (QATConfig, QAT_PRESETS),
     "prune": (PruneConfig, PRUNE_PRESETS),
     "factorize": (FactorizeConfig, FACTORIZE_PRESETS),
@@ -31,6 +32,16 @@ VERBS: dict[str, tuple[type, Mapping[str, Any]]] = {
 # Every table of named configs: the verbs', and dynamic sparse training's (``slimkit.prune.sparse_train``,
 # the recipe stage ``sparse_train``, ``slimkit sparse-train``).
 PRESET_TABLES: dict[str, tuple[type, Mapping[str, Any]]] = {**VERBS, "sparse_train": (SparseTrainConfig, SPARSE_PRESETS)}
+
+def resolve_config(kind: str, spec: Any) -> Any:
+    """The config of verb or table ``kind`` from a config, a dict or a preset name (for ``quantize``
+    also a list of passes): what the Python verbs, recipe stages and the CLI all call."""
+    if kind == "quantize":
+        return resolve_quantize(spec)
+    from slimkit.core.config import resolve
+
+    return resolve(spec, *PRESET_TABLES[kind])
+
 
 # One line per preset: what it is, what it is for, whether it needs data, and what it measured in a
 # committed benchmark file (``slimkit presets``, the README's and the docs' tables).

@@ -31,7 +31,7 @@ def test_unknown_preset_suggests_the_closest():
 def test_presets_are_listed():
     p = sk.presets()
     assert {"int8", "int8-dynamic"} <= set(p)
-    assert p["int8"]["activations"] == "static"
+    assert p["int8"]["passes"][1]["activations"]["mode"] == "static"
 
 
 def test_every_verb_has_named_configs_that_work_by_name():

@@ -114,7 +114,7 @@ def test_default_parity_tolerance_follows_how_the_model_is_quantized(trained_mlp
     qn = sk.quantize(normed, "int8", calib_data=[torch.randn(16, 16)])
     qn.slimkit_plan.fidelity_ = {}  # nothing measured: the ladder
     assert default_tolerance(qn) == 0.15
-    assert default_tolerance(sk.quantize(normed, {**sk.presets()["int4-weight"], "group_size": 16})) == 2e-2
+    assert default_tolerance(sk.quantize(normed, sk.quant.PRESETS["int4-weight"].with_weights(group_size=16))) == 2e-2
 
 
 class _Tokens(nn.Module):
@@ -136,7 +136,7 @@ def test_token_batches_export_with_a_dynamic_sequence_axis(tmp_path):
     torch.manual_seed(0)
     model = _Tokens().eval()
     ex = {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-    for m in (model, sk.quantize(model, {**sk.presets()["int4-weight"], "group_size": 16})):
+    for m in (model, sk.quantize(model, sk.quant.PRESETS["int4-weight"].with_weights(group_size=16))):
         report = sk.export_onnx(m, tmp_path / "tok.onnx", ex)
         assert report.inputs == ["input_ids", "attention_mask"]
         s = session(report.path)

@@ -36,7 +36,7 @@ def test_size_budget_beats_the_opposite_choice_and_exports(trained_resnet, digit
     plan = q.slimkit_plan
     report = plan.passes["mixed_precision"]
     assert report["average_bits"] <= 5.0 and set(report["bits"].values()) == {4, 8}
-    assert plan.config.layer_bits == report["bits"] and not plan.config.mixed_bits
+    assert plan.config.weights.layer_bits == report["bits"] and plan.config.find(sk.quant.MixedPrecision) is None
     for name, bits in report["bits"].items():
         assert int(q.get_submodule(name).weight_q.abs().max()) <= (7 if bits == 4 else 63)  # 8 is 7 (reduce_range)
     # the same number of 4-bit weights, spent on the layers the sensitivity says are the worst for it
@@ -67,7 +67,7 @@ def test_fidelity_budget_is_met_with_the_fewest_bits_and_float_fallback(trained_
     q2 = sk.quantize(trained_mlp, {"mixed_bits": [2], "target_sqnr_db": 30, "reduce_range": False}, calib_data=calib)
     report2 = q2.slimkit_plan.passes["mixed_precision"]
     floats = [n for n, b in report2["bits"].items() if b == "float"]
-    assert floats and report2["measured_db"] >= 30 and set(floats) <= set(q2.slimkit_plan.config.exclude)
+    assert floats and report2["measured_db"] >= 30 and set(floats) <= set(q2.slimkit_plan.config.weights.exclude)
     with pytest.raises(ValueError, match="out of reach: quantizing the activations alone gives about"):
         sk.quantize(trained_mlp, {"mixed_bits": [4, 8], "target_sqnr_db": 80}, calib_data=calib)
     with pytest.raises(ValueError, match=r"out of reach: .* dB with every layer at 2 bits \(float_fallback is off\)"):

@@ -227,7 +227,7 @@ def test_keep_float_keeps_the_most_sensitive_layers_by_name(trained_resnet, digi
     assert len(alone) == 21 and report["kept"] == sorted(alone, key=alone.get)[:2]  # the two lowest SQNRs
     for name in report["kept"]:
         assert isinstance(q.get_submodule(name), nn.Conv2d | nn.Linear)  # left in float
-    assert set(report["kept"]) <= set(q.slimkit_plan.config.exclude) and q.slimkit_plan.config.keep_float == 0
+    assert set(report["kept"]) <= set(q.slimkit_plan.config.weights.exclude) and q.slimkit_plan.config.find(sk.quant.KeepFloat) is None
     x = digits.test_x[:128]
     with torch.no_grad():
         ref = [[trained_resnet(x)]]

@@ -93,7 +93,7 @@ def test_gptq_and_awq_leave_tied_embeddings_alone():
     calib = [torch.randint(0, 256, (4, 32)) for _ in range(2)]
     ids = torch.randint(0, 256, (2, 32))
     for preset in ("int4-gptq", "int4-awq"):
-        q = sk.quantize(model, {**sk.presets()[preset], "group_size": 32}, calib_data=calib)
+        q = sk.quantize(model, sk.quant.PRESETS[preset].with_weights(group_size=32), calib_data=calib)
         assert torch.equal(model.embed.weight, emb)  # the caller's model, and its tie, are untouched
         assert model.head.weight is model.embed.weight
         # the output head is quantized on its own, so the tie is gone and the table is quantized too
@@ -229,7 +229,7 @@ def test_smoothquant_pools_a_layer_that_runs_twice_per_pass():
     model, calib = _encoder(_Twice), _token_batches()
     shared = sk.quantize(model, "int8-smoothquant", calib_data=calib)  # one scale serves both calls
     assert "pool" in shared.slimkit_plan.passes["smoothquant"] and shared.slimkit_plan.fidelity_["cosine"] > 0.99
-    q = sk.quantize(_encoder(_Twice), {**sk.presets()["int8-smoothquant"], "exclude": ["pool"]},
+    q = sk.quantize(_encoder(_Twice), sk.quant.PRESETS["int8-smoothquant"].with_weights(exclude=("pool",)),
                     calib_data=_token_batches())
     assert "pool" not in q.slimkit_plan.passes["smoothquant"]
 

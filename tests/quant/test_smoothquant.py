@@ -16,7 +16,7 @@ from slimkit.data import batches
 from slimkit.quant.modules import QuantLinear
 from slimkit.quant.smoothquant import smooth_search, smoothing_scales
 
-SMOOTH_ONLY = {**sk.presets()["int8-smoothquant"], "outlier_threshold": None}  # the preset also splits outliers
+SMOOTH_ONLY = sk.quant.PRESETS["int8-smoothquant"].without(sk.quant.OutlierChannels)  # the preset also splits outliers
 
 
 def _sqnr(ref_model, q, x):
@@ -138,7 +138,7 @@ def test_4bit_embedding_tables_export_as_plain_onnx_and_reload(tmp_path):
     ids = torch.randint(0, 300, (4, 12))
     m = _TinyLM().eval()
     q8 = sk.quantize(m, "int8-dynamic")
-    q4 = sk.quantize(m, {**sk.presets()["int8-dynamic"], "embedding_bits": 4})
+    q4 = sk.quantize(m, sk.quant.PRESETS["int8-dynamic"].with_pass(sk.quant.Embeddings(bits=4)))
     assert q4.emb.table.dtype == torch.uint8 and q4.emb.table.shape == (300, 32) and q4.emb.scales.shape == (300, 2)
     with torch.no_grad():
         rel = float((q4.emb(ids) - m.emb(ids)).norm() / m.emb(ids).norm())
@@ -152,7 +152,7 @@ def test_4bit_embedding_tables_export_as_plain_onnx_and_reload(tmp_path):
                                q4(longer).detach().numpy(), rtol=1e-3, atol=1e-3)
     sk.save(q4, tmp_path / "lm4")
     torch.testing.assert_close(sk.load(tmp_path / "lm4", m)(ids), q4(ids))
-    odd = sk.quantize(_TinyLM(width=48).eval(), {**sk.presets()["int8-dynamic"], "embedding_bits": 4})
+    odd = sk.quantize(_TinyLM(width=48).eval(), sk.quant.PRESETS["int8-dynamic"].with_pass(sk.quant.Embeddings(bits=4)))
     assert "group_size 32 does not divide the input dimension 48" in odd.slimkit_plan.skipped["emb"]
     with pytest.raises(ValueError, match="embedding_bits must be one of"):
         sk.QuantConfig(embedding_bits=6)
@@ -164,7 +164,7 @@ def test_the_swapping_keep_float_scan_measures_what_requantizing_measures(outlie
     from slimkit.quant.mixed_precision import sqnr_db
 
     calib = batches(digits.train_x[:256], None, 64)
-    cfg = {**sk.presets()["int8-smoothquant"], "keep_float": 1}
+    cfg = sk.quant.PRESETS["int8-smoothquant"].with_pass(sk.quant.KeepFloat(layers=1))
     q = sk.quantize(outlier_mlp, cfg, calib_data=calib)
     scan = q.slimkit_plan.passes["keep_float"]["sqnr_db_alone"]
     assert set(scan) == {"1", "3", "5"}
@@ -173,7 +173,7 @@ def test_the_swapping_keep_float_scan_measures_what_requantizing_measures(outlie
     with torch.no_grad():
         reference = [[outlier_mlp(b)] for b in calib]
     for name in scan:  # the slow way: quantize with every other layer excluded
-        alone = sk.quantize(outlier_mlp, {**sk.presets()["int8-smoothquant"], "exclude": [n for n in scan if n != name]},
+        alone = sk.quantize(outlier_mlp, sk.quant.PRESETS["int8-smoothquant"].with_weights(exclude=tuple(n for n in scan if n != name)),
                             calib_data=calib)
         with torch.no_grad():
             assert scan[name] == pytest.approx(sqnr_db(output_error(alone, calib, reference)), abs=0.05)
@@ -185,7 +185,7 @@ def test_smoothquant_bad_input(outlier_mlp, digits):
         sk.QuantConfig(smooth_alpha=0.5)
     with pytest.raises(ValueError, match=r"smooth_alpha must be in \[0.0, 1.0\]"):
         sk.QuantConfig(activations="dynamic", smooth_alpha=1.5)
-    with pytest.raises(ValueError, match="smooth_alpha, outlier_threshold need calib_data"):
+    with pytest.raises(ValueError, match="SmoothQuant, OutlierChannels need calib_data"):
         sk.quantize(outlier_mlp, "int8-smoothquant")
     nan = [digits.train_x[:8].clone()]
     nan[0][0, 0, 0, 0] = float("inf")
@@ -221,7 +221,7 @@ def test_outlier_channels_multiply_in_float_beside_the_int8_product(outlier_mlp,
     x = digits.test_x
     before = {k: v.clone() for k, v in outlier_mlp.state_dict().items()}
     dyn = sk.quantize(outlier_mlp, "int8-dynamic")
-    split = sk.quantize(outlier_mlp, {**sk.presets()["int8-dynamic"], "outlier_threshold": 8}, calib_data=calib)
+    split = sk.quantize(outlier_mlp, sk.quant.PRESETS["int8-dynamic"].with_pass(sk.quant.OutlierChannels(threshold=8)), calib_data=calib)
     chans = split.slimkit_plan.passes["outlier_channels"]
     assert list(chans) == ["3"] and set(chans["3"]) <= set(range(8)) and len(chans["3"]) >= 6, chans
     layer, idx = split.get_submodule("3"), chans["3"]
@@ -232,14 +232,14 @@ def test_outlier_channels_multiply_in_float_beside_the_int8_product(outlier_mlp,
     assert split.slimkit_plan.passes["outlier_candidates"]["3"]["error_down"] > 10  # without smoothing they pay
     # With smoothing, the same channels barely lower the INT8 product's error (smoothing already
     # shrank their range), so they do not pay for a float branch unless outlier_min_gain says so.
-    smooth_cfg = {**sk.presets()["int8-smoothquant"], "outlier_threshold": 8}
+    smooth_cfg = sk.quant.PRESETS["int8-smoothquant"].with_pass(sk.quant.OutlierChannels(threshold=8))
     with_smoothing = sk.quantize(outlier_mlp, smooth_cfg, calib_data=calib)
     candidate = with_smoothing.slimkit_plan.passes["outlier_candidates"]["3"]
     assert candidate["channels"] == chans["3"] and 1.0 < candidate["error_down"] < 3.0, candidate
     assert with_smoothing.slimkit_plan.passes["outlier_channels"] == {}
     assert with_smoothing.get_submodule("3").outliers.numel() == 0
     assert _sqnr(outlier_mlp, with_smoothing, x) > _sqnr(outlier_mlp, dyn, x) + 6
-    forced = sk.quantize(outlier_mlp, {**smooth_cfg, "outlier_min_gain": 1.0}, calib_data=calib)
+    forced = sk.quantize(outlier_mlp, smooth_cfg.with_pass(sk.quant.OutlierChannels(threshold=8, min_gain=1.0)), calib_data=calib)
     assert forced.slimkit_plan.passes["outlier_channels"] == chans
     assert _sqnr(outlier_mlp, forced, x) > _sqnr(outlier_mlp, dyn, x) + 6
     exported = sk.export_onnx(split, tmp_path / "split.onnx", example_inputs=x[:16])
@@ -275,8 +275,8 @@ def test_outlier_channels_bad_input(outlier_mlp, digits):
         sk.QuantConfig(activations="dynamic", outlier_threshold=8.0, outlier_min_gain=0.5)
     with pytest.raises(ValueError, match="outlier_min_gain .* needs outlier_threshold"):
         sk.QuantConfig(activations="dynamic", outlier_min_gain=1.0)
-    with pytest.raises(ValueError, match="outlier_threshold need calib_data"):
-        sk.quantize(outlier_mlp, {**sk.presets()["int8-dynamic"], "outlier_threshold": 8})
+    with pytest.raises(ValueError, match="OutlierChannels need calib_data"):
+        sk.quantize(outlier_mlp, sk.quant.PRESETS["int8-dynamic"].with_pass(sk.quant.OutlierChannels(threshold=8)))
     with pytest.raises(ValueError, match="NaN or inf"):
         outlier_channels(torch.tensor([1.0, float("nan"), 3.0]), 4.0)
     with pytest.raises(ValueError, match="distinct indices below 4"):

@@ -70,7 +70,7 @@ def test_gptq_lowers_each_layers_output_error_on_the_trained_mlp(trained_mlp, di
 
 def test_int4_weights_export_as_matmulnbits_and_round_trip(trained_mlp, digits, tmp_path):
     calib = batches(digits.train_x[:256], None, 128)
-    q = sk.quantize(trained_mlp, {**sk.presets()["int4-gptq"], "group_size": 32, "weight_symmetric": False},
+    q = sk.quantize(trained_mlp, sk.quant.PRESETS["int4-gptq"].with_weights(group_size=32, symmetric=False),
                     calib_data=calib)
     assert all(isinstance(q.get_submodule(n), QuantLinearNBits) for n in ("1", "3", "5"))
     fp32 = sk.export_onnx(trained_mlp, tmp_path / "fp32.onnx", example_inputs=digits.test_x[:4])
@@ -91,14 +91,14 @@ def test_group_wise_bad_input_and_unsupported_layers(trained_mlp, trained_resnet
         sk.QuantConfig(rounding="gptq")
     with pytest.raises(ValueError, match="group-wise weights are 2, 3 or 4 bits"):
         sk.QuantConfig(activations="none", weight_bits=5, group_size=128)
-    with pytest.raises(ValueError, match="rounding='gptq' need calib_data"):
+    with pytest.raises(ValueError, match="GPTQ need calib_data"):
         sk.quantize(trained_mlp, "int4-gptq")
     # a group size that does not divide a layer's width: that layer stays float, and the plan says why
-    q = sk.quantize(trained_mlp, {**sk.presets()["int4-weight"], "group_size": 256})
+    q = sk.quantize(trained_mlp, sk.quant.PRESETS["int4-weight"].with_weights(group_size=256))
     assert q.slimkit_plan.quantized_layers == ["1", "3"]
     assert "does not divide the input dimension 128" in q.slimkit_plan.skipped["5"]
     # convolutions are not group-quantized; the linear head is
-    r = sk.quantize(trained_resnet, {**sk.presets()["int4-weight"], "group_size": 32})
+    r = sk.quantize(trained_resnet, sk.quant.PRESETS["int4-weight"].with_weights(group_size=32))
     assert r.slimkit_plan.quantized_layers == ["fc"]
     assert r.slimkit_plan.skipped["stem.0"] == "group-wise weight-only quantization covers Linear layers"
     nan = [digits.train_x[:8].clone()]
@@ -125,7 +125,7 @@ def test_three_and_two_bit_groups_measure_in_pytorch_and_refuse_to_export(traine
     calib = batches(digits.train_x[:256], None, 128)
     sqnr = {}
     for bits in (4, 3, 2):
-        q = sk.quantize(trained_mlp, {**sk.presets()["int4-gptq"], "weight_bits": bits, "group_size": 32}, calib_data=calib)
+        q = sk.quantize(trained_mlp, sk.quant.PRESETS["int4-gptq"].with_weights(bits=bits, group_size=32), calib_data=calib)
         assert q.get_submodule("3").bits == bits
         codes = unpack_nibbles(q.get_submodule("3").packed.reshape(q.get_submodule("3").out_features, -1), 128)
         assert int(codes.max()) < 2**bits  # the integers fit the width
@@ -142,7 +142,7 @@ def test_three_and_two_bit_groups_measure_in_pytorch_and_refuse_to_export(traine
 def test_embedding_tables_shrink_to_int8_rows_and_tied_ones_stay_float(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(0, 500, (4, 16))
-    cfg = {**sk.presets()["int4-weight"], "group_size": 32}
+    cfg = sk.quant.PRESETS["int4-weight"].with_weights(group_size=32)
     m = _TinyLM(tie=False).eval()
     q = sk.quantize(m, cfg)
     assert q.slimkit_plan.quantized_layers == ["body", "head", "emb", "pos"]
@@ -157,7 +157,7 @@ def test_embedding_tables_shrink_to_int8_rows_and_tied_ones_stay_float(tmp_path)
     torch.testing.assert_close(sk.load(tmp_path / "lm", m)(ids), q(ids))
     # tied to a head that stays float: the table stays float too, one table shared in the file
     tied_model = _TinyLM(tie=True).eval()
-    tied = sk.quantize(tied_model, {**cfg, "exclude": ["head"]})
+    tied = sk.quantize(tied_model, cfg.with_weights(exclude=("head",)))
     assert "emb" not in tied.slimkit_plan.quantized_layers
     assert tied.slimkit_plan.skipped["emb"] == ("its weight is tied to 'head', which stays float; quantizing it apart "
                                                 "would untie them")
@@ -205,16 +205,16 @@ def test_awq_clipping_lowers_each_layers_output_error_on_the_trained_mlp(trained
     # end to end, the clipped ranges shrink this ReLU network's outputs (no normalization puts the
     # scale back, as a transformer's LayerNorm does), so its logits' SQNR is lower, while the
     # accuracy stays at FP32's
-    cfg = {**sk.presets()["int4-awq"], "weight_bits": 3, "group_size": 32}
+    cfg = sk.quant.PRESETS["int4-awq"].with_weights(bits=3, group_size=32)
     with_clip = sk.quantize(trained_mlp, cfg, calib_data=calib)
-    without = sk.quantize(trained_mlp, {**cfg, "awq_clip": False}, calib_data=calib)
+    without = sk.quantize(trained_mlp, cfg.with_pass(sk.quant.AWQ(clip=False)), calib_data=calib)
     with torch.no_grad():
         ref, out, plain_out = trained_mlp(digits.test_x), with_clip(digits.test_x), without(digits.test_x)
     assert float(out.norm() / ref.norm()) < float(plain_out.norm() / ref.norm()) - 0.01
     acc = [float((y.argmax(1) == digits.test_y).float().mean()) for y in (ref, out)]
     assert acc[1] >= acc[0] - 0.01
-    with pytest.raises(ValueError, match="awq_clip"):
-        sk.QuantConfig(**{**cfg, "awq_clip": "yes"})
+    with pytest.raises(ValueError, match="clip must be one of"):
+        sk.quant.AWQ(clip="yes")
     with pytest.raises(ValueError, match="max_shrink"):
         awq_clip(w, x, 3, 32, max_shrink=1.0)
     with pytest.raises(ValueError, match="saw none"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -24,7 +25,7 @@ from typing import Any
 
 from slimkit.core.config import resolve
 
-__all__ = ["add_config_flags", "build_config", "field_help"]
+__all__ = ["add_config_flags", "build_config", "field_help", "add_pass_flags", "build_passes"]
 
 PREFIX = "cfg_"
 
@@ -103,8 +104,9 @@ def _choices(cls: type, name: str) -> list[str] | None:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                     title: str | None = None) -> None:
-    """One flag per field of ``cls`` (except ``skip``), in an argument group."""
+                     title: str | None = None, prefix: str = "") -> None:
+    """One flag per field of ``cls`` (except ``skip``), in an argument group; ``prefix`` goes before
+    each flag's name (``--gptq-damp``) and its destination."""
     group = parser.add_argument_group(title or f"{cls.__name__} fields (each overrides the preset's value)")
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -112,16 +114,17 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
         annotation = str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + (prefix + f.name).replace("_", "-")
         choices = _choices(cls, f.name) if "str" in _members(annotation) else None
         allowed = f"one of {', '.join(map(repr, choices))}; " if choices else ""
         text = f"{field_help(cls, f.name)} [{allowed}{annotation}; default {default!r}]".replace("%", "%%")
         if annotation == "bool":
-            group.add_argument(flag, dest=PREFIX + f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, dest=PREFIX + prefix + f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
             continue
         metavar = "A,B" if "tuple[" in annotation else "K=V,..." if "dict[" in annotation else f.name.upper()
-        group.add_argument(flag, dest=PREFIX + f.name, type=_parser(annotation, f.name), default=None, metavar=metavar,
-                           help=text)
+        group.add_argument(flag, dest=PREFIX + prefix + f.name, type=_parser(annotation, prefix + f.name), default=None,
+                           metavar=metavar, help=text)
 
 
 def build_config(args: argparse.Namespace, cls: type, presets: Mapping[str, Any], preset: str | None) -> Any:
@@ -132,3 +135,53 @@ def build_config(args: argparse.Namespace, cls: type, presets: Mapping[str, Any]
         return cls.from_dict(overrides)  # type: ignore[attr-defined]
     base = resolve(preset, cls, presets)
     return cls.from_dict({**base.to_dict(), **overrides}) if overrides else base  # type: ignore[attr-defined]
+
+
+def _overrides(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    return {f.name: getattr(args, PREFIX + prefix + f.name) for f in dataclasses.fields(cls)
+            if getattr(args, PREFIX + prefix + f.name, None) is not None}
+
+
+def add_pass_flags(parser: argparse.ArgumentParser) -> None:
+    """The quantize flags: ``--pass NAME`` adds a pass with its defaults, ``--no-pass NAME`` takes
+    one out of the preset, and each field of each pass is a flag ``--<pass>-<field>`` (setting one
+    adds its pass), all generated from the pass configs and their docstrings."""
+    from slimkit.quant.passes import PASSES
+
+    names = ", ".join(PASSES)
+    parser.add_argument("--pass", dest="passes_add", action="append", default=[], metavar="NAME",
+                        help=f"add a pass with its defaults, in the place its stage runs (one of {names}); repeatable")
+    parser.add_argument("--no-pass", dest="passes_drop", action="append", default=[], metavar="NAME",
+                        help="take a pass out of the preset (e.g. embeddings); repeatable")
+    parser.add_argument("--calib-batches", dest=PREFIX + "calib_batches", type=int, default=None,
+                        help="calibration batches used at most (default: all)")
+    for name, cls in PASSES.items():
+        if not dataclasses.fields(cls):
+            continue
+        add_config_flags(parser, cls, title=f"{cls.__name__} pass ({name}; setting a field adds it)", prefix=name + "_")
+
+
+def build_passes(args: argparse.Namespace, preset: str | None) -> Any:
+    """The preset's passes (none without a preset: static INT8 defaults) with the command line's
+    passes added, taken out and changed, validated as one list."""
+    from slimkit.quant.passes import PASSES, Quantize
+    from slimkit.quant.presets import resolve_quantize
+
+    q = resolve_quantize(preset) if preset is not None else Quantize()
+    unknown = [n for n in [*args.passes_add, *args.passes_drop] if n not in PASSES]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(PASSES), n=1)
+        raise ValueError(f"unknown quantization pass {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; the passes are {', '.join(PASSES)}")
+    for name in args.passes_add:
+        if q.find(PASSES[name]) is None:
+            q = q.with_pass(PASSES[name]())
+    for name, cls in PASSES.items():
+        changes = _overrides(args, cls, name + "_")
+        if changes:
+            current = q.find(cls) or cls()
+            q = q.with_pass(cls.from_dict({**current.to_dict(), **changes}))
+    if args.passes_drop:
+        q = q.without(*(PASSES[n] for n in args.passes_drop))
+    batches = getattr(args, PREFIX + "calib_batches", None)
+    return q.replace(calib_batches=batches) if batches is not None else q

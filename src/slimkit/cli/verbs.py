@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimkit.cli.flags import add_config_flags, build_config
+from slimkit.cli.flags import add_config_flags, add_pass_flags, build_config, build_passes
 from slimkit.data.sources import UserData, batch_len, first_samples, import_object, load_data
 
 __all__ = ["add_verbs"]
@@ -189,9 +189,8 @@ def _params(model: Any) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from slimkit import api
-    from slimkit.verbs import VERBS
 
-    config = build_config(args, *VERBS["quantize"], args.preset)  # validated before any work
+    config = build_passes(args, args.preset)  # validated before any work
     model = _model(args)
     data, evald = _data(args), _data(args, "eval_data")
     calib = first_samples(data, args.samples).inputs
@@ -308,11 +307,11 @@ def add_verbs(sub: Any) -> None:
     from slimkit.lowrank import FactorizeConfig
     from slimkit.prune import PruneConfig
     from slimkit.prune.dynamic import SparseTrainConfig
-    from slimkit.quant import QuantConfig
+    from slimkit.quant import Quantize
     from slimkit.quant.qat import QATConfig
 
     table: list[tuple[str, str, str, str | None, bool, type, Any]] = [  # name, help, verb, default preset, fine-tune
-        ("quantize", "quantize your model (post-training) and export it", "quantize", "int8", False, QuantConfig,
+        ("quantize", "quantize your model (post-training) and export it", "quantize", "int8", False, Quantize,
          _cmd_quantize),
         ("qat", "quantization-aware training of your model on (inputs, labels) data", "qat", "int8", False, QATConfig,
          _cmd_qat),
@@ -329,7 +328,10 @@ def add_verbs(sub: Any) -> None:
             _finetune(p)
         if name == "sparse-train":
             p.add_argument("--distill", action="store_true", help="the original model teaches (soft targets with the labels)")
-        add_config_flags(p, cls)
+        if name == "quantize":
+            add_pass_flags(p)
+        else:
+            add_config_flags(p, cls)
         p.set_defaults(fn=fn)
     p = sub.add_parser("distill", help="train your student from a teacher on (inputs, labels) data")
     _common(p, "distill", None)

@@ -1,7 +1,9 @@
 """PTQ passes that quantize more than once and measure to choose the config, then return the model
 quantized with the choice (recorded in ``plan.passes``): ``keep_float`` (which layers stay in float),
 ``mixed_precision`` (a width per layer) and ``equalization`` (keep cross-layer equalization only where
-it helps). ``ptq.quantize_ptq`` dispatches here; ``ptq.quantize_fixed`` quantizes with one config.
+it helps). They are the handlers of the search passes ``KeepFloat`` and ``MixedPrecision`` (and
+of ``Equalize`` given data); ``ptq.quantize_ptq`` dispatches here, ``ptq.quantize_fixed`` quantizes
+with one fixed list.
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ from slimkit.core.batch import call, check_batches, modes_kept, output_error, te
 from slimkit.core.dropin import replace_module
 from slimkit.core.progress import progress
 from slimkit.quant import mixed_precision as mp
-from slimkit.quant.config import QuantConfig
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
+from slimkit.quant.passes import (
+    BiasCorrection,
+    Equalize,
+    KeepFloat,
+    MixedPrecision,
+    Quantize,
+    pass_handler,
+)
 from slimkit.quant.ptq import QuantPlan, quantize_fixed, quantize_ptq
 from slimkit.quant.weight_passes import weight_passes
 
@@ -29,7 +38,7 @@ log = logging.getLogger(__name__)
 SCAN_BATCHES = 4  # the keep_float scan's data: enough to rank layers; MiniLM's scan takes about 30 s
 
 
-def _data(calib_data: Any, cfg: QuantConfig, what: str = "calib_data") -> list[Any]:
+def _data(calib_data: Any, cfg: Quantize, what: str = "calib_data") -> list[Any]:
     data = check_batches(calib_data, what)
     return data[: cfg.calib_batches] if cfg.calib_batches is not None else data
 
@@ -41,26 +50,28 @@ def _reference(model: nn.Module, data: list[Any]) -> list[list[torch.Tensor]]:
         return [[t.detach().clone() for t in tensors_of(call(model, b))] for b in data]
 
 
-def keep_float(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
+@pass_handler(KeepFloat)
+def keep_float(model: nn.Module, cfg: Quantize, p: KeepFloat, calib_data: Any, inplace: bool) -> nn.Module:
     """The sensitivity pass: quantize each layer alone, measure how far the outputs move on the
     calibration data (its first ``SCAN_BATCHES`` batches: one pass over them per layer), and keep
-    the ``keep_float`` layers that move them most in float. The scan and the choice, by name, are
+    the ``p.layers`` layers that move them most in float. The scan and the choice, by name, are
     in ``plan.passes["keep_float"]``."""
     data = _data(calib_data, cfg, "calib_data (the keep_float scan measures each layer on it)")
-    fixed = cfg.replace(keep_float=0)
-    names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n not in cfg.exclude]
-    if len(names) <= cfg.keep_float:
-        raise ValueError(f"keep_float={cfg.keep_float} would keep every quantizable layer of {type(model).__name__} "
+    fixed = cfg.without(KeepFloat)
+    exclude = cfg.weights.exclude
+    names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n not in exclude]
+    if len(names) <= p.layers:
+        raise ValueError(f"KeepFloat(layers={p.layers}) would keep every quantizable layer of {type(model).__name__} "
                          f"({len(names)}) in float")
     reference = _reference(model, data)
     scan, scan_ref = data[:SCAN_BATCHES], reference[:SCAN_BATCHES]
-    error = _scan_swapping(model, fixed, names, data, scan, scan_ref) if cfg.activations != "static" else {}
+    error = _scan_swapping(model, fixed, names, data, scan, scan_ref) if cfg.activations.mode != "static" else {}
     for name in progress([n for n in names if n not in error], desc="keep_float scan"):
-        alone = quantize_ptq(model, fixed.replace(exclude=tuple(n for n in names if n != name) + cfg.exclude), data)
+        alone = quantize_ptq(model, fixed.with_weights(exclude=tuple(n for n in names if n != name) + exclude), data)
         with torch.no_grad():
             error[name] = output_error(alone, scan, scan_ref)
-    kept = sorted(names, key=lambda n: error[n], reverse=True)[: cfg.keep_float]
-    out = quantize_ptq(model, fixed.replace(exclude=(*cfg.exclude, *kept)), data, inplace)
+    kept = sorted(names, key=lambda n: error[n], reverse=True)[: p.layers]
+    out = quantize_ptq(model, fixed.with_weights(exclude=(*exclude, *kept)), data, inplace)
     with torch.no_grad():
         final = output_error(out, data, reference)
     plan = cast(QuantPlan, out.slimkit_plan)
@@ -71,7 +82,7 @@ def keep_float(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: boo
     return out
 
 
-def _scan_swapping(model: nn.Module, cfg: QuantConfig, names: list[str], data: list[Any], scan: list[Any],
+def _scan_swapping(model: nn.Module, cfg: Quantize, names: list[str], data: list[Any], scan: list[Any],
                    reference: list[list[torch.Tensor]]) -> dict[str, float]:
     """The keep_float scan without re-quantizing per layer, where quantized layers do not depend on
     each other (dynamic or weight-only activations): quantize the whole model once, then put each
@@ -91,20 +102,21 @@ def _scan_swapping(model: nn.Module, cfg: QuantConfig, names: list[str], data: l
     return error
 
 
-def mixed_precision(model: nn.Module, cfg: QuantConfig, calib_data: Any, inplace: bool) -> nn.Module:
+@pass_handler(MixedPrecision)
+def mixed_precision(model: nn.Module, cfg: Quantize, p: MixedPrecision, calib_data: Any, inplace: bool) -> nn.Module:
     """Search the per-layer widths (``mixed_precision.search``), then quantize with that choice."""
     data = _data(calib_data, cfg, "calib_data (the mixed-precision search measures on it)")
-    fixed = cfg.replace(mixed_bits=(), target_bits=None, target_sqnr_db=None)
+    fixed = cfg.without(MixedPrecision)
     # the weights PTQ rounds: BatchNorm folded and, if asked, equalized (no rounding yet)
-    prepared, _ = weight_passes(copy.deepcopy(model).eval(), fixed.replace(bias_correction=False), data)
-    chosen, report = mp.search(model, prepared, cfg, data, lambda c: quantize_ptq(model, c, data))
+    prepared, _ = weight_passes(copy.deepcopy(model).eval(), fixed.without(BiasCorrection), data)
+    chosen, report = mp.search(model, prepared, fixed, p, data, lambda c: quantize_ptq(model, c, data))
     out = quantize_ptq(model, chosen, data, inplace)
     plan = cast(QuantPlan, out.slimkit_plan)
     plan.passes["mixed_precision"] = report
     return out
 
 
-def equalization(model: nn.Module, cfg: QuantConfig, calib_data: Any) -> nn.Module:
+def equalization(model: nn.Module, cfg: Quantize, calib_data: Any) -> nn.Module:
     """Cross-layer equalization balances the weights' ranges but rescales the activations between
     the pairs, which per-tensor activation grids can pay for: on one training of the digits
     MobileNetV2 it lowers the per-tensor INT8 SQNR by 4 dB, on another it raises it by 4 dB. So the
@@ -113,7 +125,7 @@ def equalization(model: nn.Module, cfg: QuantConfig, calib_data: Any) -> nn.Modu
     data = _data(calib_data, cfg)
     reference = _reference(model, data)
     with_eq = quantize_fixed(model, cfg, data, inplace=False)
-    without = quantize_fixed(model, cfg.replace(equalize=False), data, inplace=False)
+    without = quantize_fixed(model, cfg.without(Equalize), data, inplace=False)
     with torch.no_grad():
         err_with, err_without = output_error(with_eq, data, reference), output_error(without, data, reference)
     kept = err_with <= err_without

@@ -1,7 +1,9 @@
-"""Quantization configs and presets.
+"""The old flat quantization config, kept so that old dicts, YAML and saved plans keep working:
+``QuantConfig.to_passes()`` is the one translation into the list of passes (``quant/passes.py``)
+that ``sk.quantize`` runs. Passing one to ``sk.quantize`` warns (``DeprecationWarning``).
 
->>> QuantConfig(calibrator="entropy").activations
-'static'
+>>> [p.name for p in QuantConfig(activations="dynamic", smooth_alpha=0.5).to_passes().passes]
+['weights', 'activations', 'smoothquant']
 >>> QuantConfig.from_dict({"weight_bits": 9})
 Traceback (most recent call last):
 ...
@@ -10,23 +12,32 @@ ValueError: weight_bits must be in [2, 8], got 9
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from slimkit.core.config import Config, check_choice, check_range
 from slimkit.quant.calibrators import CALIBRATORS
+from slimkit.quant.passes import (
+    AWQ,
+    GPTQ,
+    Activations,
+    AdaRound,
+    BiasCorrection,
+    Embeddings,
+    Equalize,
+    KeepFloat,
+    MixedPrecision,
+    OutlierChannels,
+    Quantize,
+    QuantPass,
+    SmoothQuant,
+    Weights,
+    cannot_saturate,
+)
 
-__all__ = ["QuantConfig", "PRESETS", "cannot_saturate"]
+__all__ = ["QuantConfig", "cannot_saturate", "resolve_int8_layers"]
 
-
-def cannot_saturate(module: nn.Module | None) -> bool:
-    """Whether ONNX Runtime's integer kernel for ``module`` computes its products exactly whatever
-    the weights: a depthwise conv runs on MLAS's depthwise kernel, which widens the uint8 inputs
-    and int8 weights to 16 bits before multiplying (``qdwconv``), not on the uint8 x int8 pair-sum
-    instructions that saturate in int16 on CPUs without VNNI."""
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels \
-        and module.out_channels % module.groups == 0
 
 @dataclass(frozen=True, kw_only=True)
 class QuantConfig(Config):
@@ -242,12 +253,44 @@ class QuantConfig(Config):
         bits = self.layer_bits.get(layer, self.weight_bits)
         return min(bits, 7) if self.reduce_range and not cannot_saturate(module) else bits
 
+    def to_passes(self) -> Quantize:
+        """The same quantization as a list of passes: what ``sk.quantize`` runs."""
+        passes: list[QuantPass] = [
+            Weights(bits=self.weight_bits, per_channel=self.per_channel, reduce_range=self.reduce_range,
+                    symmetric=self.weight_symmetric, group_size=self.group_size, grid=self.weight_grid,
+                    layer_bits=dict(self.layer_bits), int8_layers=self.int8_layers, exclude=self.exclude,
+                    fold_bn=self.fold_bn),
+            Activations(mode=self.activations, bits=self.activation_bits, calibrator=self.calibrator,
+                        percentile=self.percentile)]
+        if self.equalize:
+            passes.append(Equalize())
+        if self.smooth_alpha is not None:
+            passes.append(SmoothQuant(alpha=self.smooth_alpha))
+        if self.outlier_threshold is not None:
+            passes.append(OutlierChannels(threshold=self.outlier_threshold, min_gain=self.outlier_min_gain))
+        rounding = {"gptq": lambda: GPTQ(damp=self.gptq_damp, act_order=self.gptq_act_order),
+                    "awq": lambda: AWQ(clip=self.awq_clip),
+                    "adaround": lambda: AdaRound(iterations=self.adaround_iterations)}.get(self.rounding)
+        if rounding is not None:
+            passes.append(rounding())
+        if self.bias_correction:
+            passes.append(BiasCorrection())
+        if self.quantize_embeddings:
+            passes.append(Embeddings(bits=self.embedding_bits))
+        if self.mixed_bits:
+            passes.append(MixedPrecision(bits=self.mixed_bits, target_bits=self.target_bits,
+                                         target_sqnr_db=self.target_sqnr_db, float_fallback=self.float_fallback))
+        if self.keep_float:
+            passes.append(KeepFloat(layers=self.keep_float))
+        return Quantize(passes=tuple(passes), calib_batches=self.calib_batches)
 
-def resolve_int8_layers(model: nn.Module, cfg: QuantConfig) -> QuantConfig:
-    """``cfg`` with ``int8_layers`` turned into ``layer_bits`` for ``model`` (explicit ``layer_bits``
-    win); names that are not Linear/Conv layers of ``model`` are an error."""
+
+def resolve_int8_layers(model: nn.Module, q: Quantize) -> Quantize:
+    """``q`` with ``Weights.int8_layers`` turned into ``layer_bits`` for ``model`` (explicit
+    ``layer_bits`` win); names that are not Linear/Conv layers of ``model`` are an error."""
+    cfg = q.weights
     if not cfg.int8_layers:
-        return cfg
+        return q
     from .modules import WEIGHTED_LAYERS
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_LAYERS)
@@ -267,41 +310,4 @@ def resolve_int8_layers(model: nn.Module, cfg: QuantConfig) -> QuantConfig:
             raise ValueError(f"int8_layers names {entry!r}, which is not a Linear/Conv layer of {type(model).__name__} "
                              f"(or is excluded); its layers are {[n for n, _ in layers][:6]} ...")
     bits = {n: 8 if cannot_saturate(names[n]) else 7 for n in chosen}
-    return replace(cfg, layer_bits={**bits, **cfg.layer_bits}, int8_layers=())
-
-
-PRESETS: dict[str, QuantConfig] = {
-    # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights (7-bit, 8 for depthwise convs),
-    # per-tensor uint8 activations, bias correction from the calibration data (EfficientNet-Lite:
-    # benchmarks/results/ptq_real_cnn.md), embedding tables (if any) as int8 rows.
-    "int8": QuantConfig(quantize_embeddings=True, bias_correction=True),
-    # Dynamic INT8 with 7-bit int8 weights (the fast uint8 x int8 kernels, no saturation).
-    "int8-dynamic": QuantConfig(activations="dynamic", quantize_embeddings=True),
-    # Calibrated dynamic INT8 for transformers: SmoothQuant (alpha 0.5, the paper's default for
-    # BERT-sized models) and LLM.int8()'s float outlier channels (over 8x the median channel's range),
-    # with 7-bit weights: full 8-bit ones go as uint8 (zero-point 128), exact but slower on an AVX2
-    # CPU than the fidelity they buy is worth (benchmarks/results/transformer_quant.md).
-    "int8-smoothquant": QuantConfig(activations="dynamic", smooth_alpha=0.5, outlier_threshold=8.0,
-                                    quantize_embeddings=True),
-    "int8-percentile": QuantConfig(calibrator="percentile"),
-    "int8-entropy": QuantConfig(calibrator="entropy"),
-    # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).
-    "int8-cle": QuantConfig(equalize=True, bias_correction=True),
-    # 4-bit per-channel weights (int8 storage in ONNX, values in [-7, 7]) on a clipped grid, 8-bit
-    # activations, bias correction; the stem, the classifier and depthwise convs stay INT8. With
-    # AdaRound: 300 steps per layer from the weights' MSE grid (EfficientNet-Lite:
-    # benchmarks/results/ptq_real_cnn.md).
-    "w4a8": QuantConfig(weight_bits=4, reduce_range=False, weight_grid="output", bias_correction=True,
-                        int8_layers=("first", "last", "depthwise")),
-    "w4a8-adaround": QuantConfig(weight_bits=4, reduce_range=False, weight_grid="mse", bias_correction=True,
-                                 rounding="adaround", adaround_iterations=300,
-                                 int8_layers=("first", "last", "depthwise")),
-    # 4-bit weight-only Linear layers in groups of 128 (MatMulNBits), for transformers.
-    # Embedding tables as int8 rows.
-    "int4-weight": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128,
-                               quantize_embeddings=True),
-    "int4-gptq": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128, rounding="gptq",
-                             quantize_embeddings=True),
-    "int4-awq": QuantConfig(activations="none", weight_bits=4, reduce_range=False, group_size=128, rounding="awq",
-                            quantize_embeddings=True),
-}
+    return q.with_weights(layer_bits={**bits, **cfg.layer_bits}, int8_layers=())

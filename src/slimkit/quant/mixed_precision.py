@@ -36,9 +36,9 @@ from torch import nn
 from slimkit.core.batch import Batch, call, output_error, tensors_of
 from slimkit.core.progress import progress
 
-from .config import QuantConfig
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import fake_quant_weight
+from .passes import MixedPrecision, Quantize
 
 __all__ = ["layer_noise", "allocate_for_size", "allocate_for_noise", "next_upgrade", "search", "sqnr_db"]
 
@@ -149,30 +149,29 @@ def allocate_for_noise(noise: dict[str, dict[int, float]], params: dict[str, int
     return bits
 
 
-def _as_config(cfg: QuantConfig, bits: Bits) -> QuantConfig:
+def _as_config(cfg: Quantize, bits: Bits) -> Quantize:
     floats = tuple(n for n, b in bits.items() if b is None)
-    return cfg.replace(mixed_bits=(), target_bits=None, target_sqnr_db=None,
-                       layer_bits={n: b for n, b in bits.items() if b is not None},
-                       exclude=tuple(dict.fromkeys((*cfg.exclude, *floats))))
+    return cfg.with_weights(layer_bits={n: b for n, b in bits.items() if b is not None},
+                            exclude=tuple(dict.fromkeys((*cfg.weights.exclude, *floats))))
 
 
-def search(model: nn.Module, prepared: nn.Module, cfg: QuantConfig, batches: list[Batch],
-           quantize: Callable[[QuantConfig], nn.Module]) -> tuple[QuantConfig, dict[str, Any]]:
-    """Choose the widths for ``cfg``'s budget. ``prepared`` is a copy of ``model`` with the weights
-    PTQ will round (BatchNorm folded, equalized), changed temporarily; ``quantize(config)`` returns
-    ``model`` quantized with a fixed choice. Returns the config with that choice and the report."""
+def search(model: nn.Module, prepared: nn.Module, cfg: Quantize, p: MixedPrecision, batches: list[Batch],
+           quantize: Callable[[Quantize], nn.Module]) -> tuple[Quantize, dict[str, Any]]:
+    """Choose the widths for ``p``'s budget. ``cfg`` is the list without the search; ``prepared``
+    is a copy of ``model`` with the weights PTQ will round (BatchNorm folded, equalized), changed
+    temporarily; ``quantize(config)`` returns ``model`` quantized with a fixed choice. Returns the
+    list with that choice and the report."""
     with torch.no_grad():
         reference = [[t.detach().clone() for t in tensors_of(call(model, b))] for b in batches]
     modules = dict(prepared.named_modules())
-    names = [n for n, m in modules.items() if isinstance(m, _WEIGHTED) and n not in cfg.exclude]
+    names = [n for n, m in modules.items() if isinstance(m, _WEIGHTED) and n not in cfg.weights.exclude]
     if not names:
         raise ValueError(f"mixed precision: {type(model).__name__} has no Linear/Conv layer to choose widths for")
     params = {n: modules[n].weight.numel() for n in names}
-    candidates = tuple(sorted(set(cfg.mixed_bits)))
+    candidates = tuple(sorted(set(p.bits)))
     measured_widths = tuple(sorted({*candidates, 8}))  # 8 bits: to tell the activations' share apart
     every = layer_noise(prepared, names, measured_widths, batches, reference,
-                        lambda b: cfg.replace(mixed_bits=(), target_bits=None, target_sqnr_db=None,
-                                              weight_bits=b).effective_weight_bits, cfg.per_channel)
+                        lambda b: cfg.weights.replace(bits=b).effective_bits, cfg.weights.per_channel)
     noise = {n: {b: per[b] for b in candidates} for n, per in every.items()}
 
     def measure(bits: Bits) -> float:
@@ -185,26 +184,26 @@ def search(model: nn.Module, prepared: nn.Module, cfg: QuantConfig, batches: lis
                               "sensitivity_db": {n: {str(b): sqnr_db(v) for b, v in per.items()} for n, per in noise.items()},
                               "activations_db": sqnr_db(floor)}
     bits: Bits
-    if cfg.target_bits is not None:
-        report["target_bits"] = cfg.target_bits
-        bits = dict(allocate_for_size(noise, params, cfg.target_bits))
+    if p.target_bits is not None:
+        report["target_bits"] = p.target_bits
+        bits = dict(allocate_for_size(noise, params, p.target_bits))
         measured = measure(bits)
     else:
-        assert cfg.target_sqnr_db is not None
-        budget = 10 ** (-cfg.target_sqnr_db / 10)
-        report["target_sqnr_db"] = cfg.target_sqnr_db
+        assert p.target_sqnr_db is not None
+        budget = 10 ** (-p.target_sqnr_db / 10)
+        report["target_sqnr_db"] = p.target_sqnr_db
         if floor >= budget:
-            raise ValueError(f"target_sqnr_db={cfg.target_sqnr_db} is out of reach: quantizing the activations alone "
+            raise ValueError(f"target_sqnr_db={p.target_sqnr_db} is out of reach: quantizing the activations alone "
                              f"gives about {sqnr_db(floor):.1f} dB on the calibration data (weights in float); "
                              "lower the target or keep more of the model in float with exclude")
-        bits = allocate_for_noise(noise, params, budget, floor, cfg.float_fallback)
+        bits = allocate_for_noise(noise, params, budget, floor, p.float_fallback)
         measured = measure(bits)
         while measured > budget:  # the prediction was optimistic: widen until the real model meets it
-            step = next_upgrade(noise, params, bits, cfg.float_fallback)
+            step = next_upgrade(noise, params, bits, p.float_fallback)
             if step is None:
-                raise ValueError(f"target_sqnr_db={cfg.target_sqnr_db} is out of reach: {sqnr_db(measured):.1f} dB "
+                raise ValueError(f"target_sqnr_db={p.target_sqnr_db} is out of reach: {sqnr_db(measured):.1f} dB "
                                  f"with every layer at {candidates[-1]} bits"
-                                 + (" or in float" if cfg.float_fallback else " (float_fallback is off)"))
+                                 + (" or in float" if p.float_fallback else " (float_fallback is off)"))
             bits[step[0]] = step[1]
             measured = measure(bits)
     report["bits"] = {n: ("float" if b is None else b) for n, b in bits.items()}

@@ -12,7 +12,7 @@ import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -30,6 +30,14 @@ from slimkit.quant.equalization import relu6_to_relu
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.param_weights import quantize_held_weights
+from slimkit.quant.passes import (
+    Activations,
+    Embeddings,
+    Equalize,
+    Quantize,
+    handler_of,
+    pass_handler,
+)
 from slimkit.quant.placement import Placement, bounded_nodes, find_placement, insert_quantizers
 from slimkit.quant.weight_only import QuantEmbedding, QuantLinearNBits
 from slimkit.quant.weight_passes import needs_weight_passes, weight_passes
@@ -46,7 +54,7 @@ class QuantPlan:
 
     kind = "quant"
 
-    config: QuantConfig
+    config: Quantize
     mode: str = "graph"  # "graph" (fx) or "module" (fallback for models fx cannot trace)
     placement: Placement = field(default_factory=Placement)
     qparams_: dict[str, tuple[float, int]] = field(default_factory=dict)
@@ -85,8 +93,9 @@ class QuantPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantPlan:
+        config = d["config"]  # plans saved before the passes recorded the flat QuantConfig: translated
         return cls(
-            config=QuantConfig.from_dict(d["config"]),
+            config=Quantize.from_dict(config) if "passes" in config else QuantConfig.from_dict(config).to_passes(),
             mode=d["mode"],
             placement=Placement.from_dict(d["placement"]),
             qparams_={k: (float(v[0]), int(v[1])) for k, v in d["qparams"].items()},
@@ -99,9 +108,10 @@ class QuantPlan:
         )
 
 
-def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
+def _swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan) -> None:
     """Replace Linear/Conv modules by their quantized versions, in place, recording the choice."""
-    dynamic = cfg.activations == "dynamic"
+    cfg = passes.weights
+    dynamic = passes.activations.mode == "dynamic"
     owners: dict[int, list[str]] = {}  # parameter -> modules holding it (tied embeddings), before any swap
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
@@ -130,7 +140,7 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
                     plan.skipped[full] = "group-wise weight-only quantization covers Linear layers"
                     continue
                 try:
-                    grouped = QuantLinearNBits(child, bits, cfg.group_size, cfg.weight_symmetric)
+                    grouped = QuantLinearNBits(child, bits, cfg.group_size, cfg.symmetric)
                 except ValueError as e:
                     plan.skipped[full] = str(e)
                     continue
@@ -148,15 +158,17 @@ def _swap_weighted(model: nn.Module, cfg: QuantConfig, plan: QuantPlan) -> None:
                 continue
             setattr(module, child_name, q)
             plan.quantized_layers.append(full)
-    if cfg.quantize_embeddings:
-        _swap_embeddings(model, plan, owners, cfg.embedding_bits)
-    if cfg.weight_bits == 8 and cfg.group_size is None:  # weights a module holds itself: expert banks...
+    for step in passes.of_stage("convert"):
+        handler_of(step)(model, step, plan, owners)
+    if cfg.bits == 8 and cfg.group_size is None:  # weights a module holds itself: expert banks...
         plan.quantized_layers += quantize_held_weights(model, set(plan.quantized_layers), cfg.exclude)
     for full, why in plan.skipped.items():
         log.info("kept in float: %s (%s)", full, why)
 
 
-def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[str]], bits: int) -> None:
+@pass_handler(Embeddings)
+def _swap_embeddings(model: nn.Module, cfg: Embeddings, plan: QuantPlan, owners: dict[int, list[str]]) -> None:
+    bits = cfg.bits
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -177,16 +189,16 @@ def _swap_embeddings(model: nn.Module, plan: QuantPlan, owners: dict[int, list[s
             plan.quantized_layers.append(full)
 
 
-def _observer_factory(cfg: QuantConfig) -> Any:
+def _observer_factory(cfg: Activations) -> Any:
     """Observers by ``cfg.calibrator``, except after a clamp with known bounds (ReLU6): min-max there,
     since clipping a bounded activation can only lose its saturated values (the KL search clipped the
     digits MobileNetV2's ReLU6 outputs at 1.6 and took its SQNR from 35 to 10 dB)."""
     def make(node_name: str, bounded: bool = False) -> ActQuant:
-        opts: dict[str, Any] = {"bits": cfg.activation_bits, "signed": False, "symmetric": False}
+        opts: dict[str, Any] = {"bits": cfg.bits, "signed": False, "symmetric": False}
         method = "minmax" if bounded and cfg.calibrator in CLIPPING_CALIBRATORS else cfg.calibrator
         if method == "percentile":
             opts["percentile"] = cfg.percentile
-        return ActQuant(cfg.activation_bits, signed=False, observer=make_observer(method, **opts))
+        return ActQuant(cfg.bits, signed=False, observer=make_observer(method, **opts))
 
     return make
 
@@ -194,16 +206,16 @@ def _observer_factory(cfg: QuantConfig) -> Any:
 CLIPPING_CALIBRATORS = ("percentile", "entropy", "mse")
 
 
-def _frozen_factory(cfg: QuantConfig) -> Any:
-    return lambda node_name, bounded=False: ActQuant(cfg.activation_bits, signed=False)
+def _frozen_factory(cfg: Activations) -> Any:
+    return lambda node_name, bounded=False: ActQuant(cfg.bits, signed=False)
 
 
 def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None) -> nn.Module:
     """Fold, swap and place quantizers on a copy-owned ``model``; fills ``plan`` when it is new."""
     cfg = plan.config
-    if cfg.equalize:  # structural, so a saved plan replays it on a fresh base model
+    if cfg.find(Equalize) is not None:  # structural, so a saved plan replays it on a fresh base model
         relu6_to_relu(model)
-    if cfg.activations != "static":
+    if cfg.activations.mode != "static":
         _swap_weighted(model, cfg, plan)
         plan.mode = "module"
         return model
@@ -216,7 +228,7 @@ def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None
             plan.mode = "module"
     if plan.mode == "module":
         return _prepare_module_level(model, plan, make)
-    if cfg.fold_bn:
+    if cfg.weights.fold_bn:
         plan.folded_bn = fold_batchnorm(gm) or list(plan.passes.get("folded_bn", []))
     _swap_weighted(gm, cfg, plan)
     gm.recompile()
@@ -257,22 +269,22 @@ def _quantize_biases(model: nn.Module) -> None:
             m.quantize_bias(quant.scale)
 
 
-def quantize_ptq(model: nn.Module, cfg: QuantConfig, calib_data: Any = None,
+def quantize_ptq(model: nn.Module, cfg: Quantize, calib_data: Any = None,
                  inplace: bool = False) -> nn.Module:
-    """Quantize ``model`` after training. Returns the quantized model with ``.slimkit_plan``."""
-    from slimkit.quant import choose  # the passes that measure to choose a config call back here
+    """Quantize ``model`` after training with the passes of ``cfg``. Returns the quantized model
+    with ``.slimkit_plan``. A search pass (``KeepFloat``, ``MixedPrecision``) quantizes with the
+    others several times and keeps its choice; ``Equalize`` with data is kept only where it helps."""
+    from slimkit.quant import choose  # the passes that measure to choose call back here
 
-    cfg = resolve_int8_layers(model, cfg)  # "first", "last", "depthwise": names, in the plan's config
-    if cfg.keep_float:
-        return choose.keep_float(model, cfg, calib_data, inplace)
-    if cfg.mixed_bits:
-        return choose.mixed_precision(model, cfg, calib_data, inplace)
-    if cfg.equalize and calib_data is not None:
+    cfg = resolve_int8_layers(model, cfg)  # "first", "last", "depthwise": names, in the plan's passes
+    for p in cfg.of_stage("search"):
+        return cast(nn.Module, handler_of(p)(model, cfg, p, calib_data, inplace))
+    if cfg.find(Equalize) is not None and calib_data is not None:
         return choose.equalization(model, cfg, calib_data)
     return quantize_fixed(model, cfg, calib_data, inplace)
 
 
-def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
+def quantize_fixed(model: nn.Module, cfg: Quantize, calib_data: Any = None, inplace: bool = False) -> nn.Module:
     """Quantize with exactly ``cfg``: no pass that measures to choose (``choose``) runs here."""
     if calib_data is not None:  # a batch the model cannot take: say so before anything is built
         calib_data = check_batches(calib_data)  # once: it may be an iterator
@@ -282,35 +294,32 @@ def quantize_fixed(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, i
     target.eval()
     canonicalize(target)  # Hugging Face's Conv1D as the Linear it is, while the passes work
     plan = QuantPlan(config=cfg)
+    mode = cfg.activations.mode
     if needs_weight_passes(cfg):
-        data_free = cfg.weight_grid == "mse" and not (cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest"
-                                                       or cfg.smooth_alpha is not None or cfg.outlier_threshold is not None)
-        if calib_data is None and not data_free:
-            wanted = [n for n, on in (("static activations", cfg.activations == "static"), ("equalize", cfg.equalize),
-                                      ("bias_correction", cfg.bias_correction),
-                                      (f"weight_grid={cfg.weight_grid!r}", cfg.weight_grid == "output"),
-                                      ("smooth_alpha", cfg.smooth_alpha is not None),
-                                      ("outlier_threshold", cfg.outlier_threshold is not None),
-                                      (f"rounding={cfg.rounding!r}", cfg.rounding != "nearest")) if on]
-            raise ValueError(f"calib_data is required for this config but none was given ({', '.join(wanted)} "
-                             "need calib_data: batches of the model's inputs)")
+        wanted = cfg.wants_data()
+        if calib_data is None and wanted:
+            raise ValueError(f"calib_data is required but none was given: {', '.join(wanted)} need calib_data, "
+                             "batches of the model's inputs")
         passes_data = [cache_free(model, b) for b in check_batches(calib_data)] if calib_data is not None else []
         if cfg.calib_batches is not None:
             passes_data = passes_data[: cfg.calib_batches]
         target, plan.passes = weight_passes(target, cfg, passes_data)
-    if cfg.activations != "static":
+    if mode != "static":
         if calib_data is not None and not needs_weight_passes(cfg):
-            log.info("%s quantization needs no calibration data; ignoring calib_data", cfg.activations)
+            log.info("%s quantization needs no calibration data; ignoring calib_data", mode)
         out = _prepare(target, plan, None, None)
         restore(out)
         _report(model, out, plan, cache_free(model, check_batches(calib_data)[0]) if calib_data is not None else None,
                 inplace)
         attach(out, model, plan)
         return out
+    if calib_data is None:
+        raise ValueError("calib_data is required but none was given: Activations(mode='static') need calib_data, "
+                         "batches of the model's inputs (Activations(mode='dynamic') needs none)")
     batches = [cache_free(model, b) for b in check_batches(calib_data)]
     if cfg.calib_batches is not None:
         batches = batches[: cfg.calib_batches]
-    out = _prepare(target, plan, _observer_factory(cfg), batches[0])
+    out = _prepare(target, plan, _observer_factory(cfg.activations), batches[0])
     quantizers = _act_quantizers(out)
     if not quantizers:
         raise ValueError(f"no layer of {type(model).__name__} could be quantized: {plan.skipped or 'no Linear/Conv layers'}")
@@ -342,7 +351,7 @@ def _report(model: nn.Module, out: nn.Module, plan: QuantPlan, batch: Batch | No
                     type(model).__name__, "; ".join(f"{n} ({why})" for n, why in alone),
                     " ..." if len(plan.coverage_["left_alone"]) > 3 else "")
     if batch is not None and not inplace:
-        narrow = min([cfg.weight_bits, *cfg.layer_bits.values()]) < 8 or cfg.activation_bits < 8
+        narrow = min([cfg.weights.bits, *cfg.weights.layer_bits.values()]) < 8 or cfg.activations.bits < 8
         # 0.7 at 8 bits: a random-weight MobileNetV2 (17 depthwise blocks, ReLU6 saturating) reaches 0.53 at
         # int8 as its honest rounding noise, while a layer that computes something else gives ~1 or more
         plan.fidelity_ = check_fidelity(model, out, batch, 1.0 if narrow else 0.7, "quantization")
@@ -368,7 +377,7 @@ def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
     model = copy.deepcopy(base).eval()
     canonicalize(model)
     saved = QuantPlan(config=plan.config, mode=plan.mode, placement=plan.placement)
-    out = _prepare(model, saved, _frozen_factory(plan.config), None)
+    out = _prepare(model, saved, _frozen_factory(plan.config.activations), None)
     quantizers = _act_quantizers(out)
     if set(quantizers) != set(plan.qparams_):
         diff = set(quantizers) ^ set(plan.qparams_)
@@ -384,7 +393,12 @@ def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
     return out
 
 
-@register(QuantConfig)
-def _handle(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
+@register(Quantize)
+def _handle(model: nn.Module, cfg: Quantize, calib_data: Any = None, inplace: bool = False) -> nn.Module:
     return quantize_ptq(model, cfg, calib_data, inplace)
+
+
+@register(QuantConfig)
+def _handle_legacy(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
+    return quantize_ptq(model, cfg.to_passes(), calib_data, inplace)
 

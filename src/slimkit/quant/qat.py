@@ -38,9 +38,9 @@ from slimkit.core.graph import (
 )
 from slimkit.core.plans import attach
 from slimkit.quant.calibrators import CALIBRATORS, make_observer
-from slimkit.quant.config import QuantConfig
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
+from slimkit.quant.passes import Activations, Quantize, Weights
 from slimkit.quant.placement import bounded_nodes, find_placement, insert_quantizers
 from slimkit.quant.ptq import CLIPPING_CALIBRATORS, QuantPlan, _quantize_biases, calibrate
 from slimkit.quant.qat_modules import QAT_METHODS, FakeQuantAct, FakeQuantWeighted
@@ -57,7 +57,7 @@ class QATConfig(Config):
 
     The grid: ``weight_bits`` (signed symmetric, ``per_channel``), ``reduce_range``, 8-bit unsigned
     activations; ``calibrator`` and ``percentile`` set the starting ranges; ``exclude`` keeps
-    layers in float. As in ``QuantConfig``.
+    layers in float. As in ``Weights``.
 
     - ``method``: ``"ste"`` (weights' ranges follow the weights, activations' ranges a moving
       average), ``"lsq"`` (learned step sizes for weights and activations, Esser et al. 2020) or
@@ -107,11 +107,11 @@ class QATConfig(Config):
                              "there is no observer to freeze: leave freeze_observers_step unset, or use method='ste'")
         self.quant_config()  # the grid settings must make a valid PTQ config too
 
-    def quant_config(self) -> QuantConfig:
-        """The PTQ config of the grid this run trains for (what the result's plan records)."""
-        return QuantConfig(weight_bits=self.weight_bits, per_channel=self.per_channel,
-                           reduce_range=self.reduce_range, calibrator=self.calibrator,
-                           percentile=self.percentile, exclude=self.exclude)
+    def quant_config(self) -> Quantize:
+        """The PTQ passes of the grid this run trains for (what the result's plan records)."""
+        return Quantize.of([Weights(bits=self.weight_bits, per_channel=self.per_channel, reduce_range=self.reduce_range,
+                                    exclude=self.exclude),
+                            Activations(calibrator=self.calibrator, percentile=self.percentile)])
 
 
 QAT_PRESETS: dict[str, QATConfig] = {
@@ -125,7 +125,7 @@ QAT_PRESETS: dict[str, QATConfig] = {
 def _wrap_weighted(gm: fx.GraphModule, cfg: QATConfig, plan: QuantPlan) -> list[str]:
     """Replace each quantizable layer by a FakeQuantWeighted, absorbing the BatchNorm after it.
     Returns the names of the BatchNorm nodes taken in."""
-    bits = cfg.quant_config().effective_weight_bits
+    bits = cfg.quant_config().weights.effective_bits
     modules = dict(gm.named_modules())
     taken: list[str] = []
     bn_of = {str(src.target): (node, bn) for node, src, _, bn in batchnorm_pairs(gm)}

@@ -1,7 +1,8 @@
-"""The weight passes that run on the float model before PTQ rounds it: cross-layer equalization,
-SmoothQuant with outlier channels, AdaRound / GPTQ / AWQ and bias correction, in that order, each
-optional (``QuantConfig.equalize``, ``smooth_alpha``, ``outlier_threshold``, ``rounding``,
-``bias_correction``).
+"""The passes that run on the float model before PTQ rounds it, and their handlers: the model
+passes (``Equalize``, ``SmoothQuant``, ``OutlierChannels``) in the order the list gives them, then
+one sweep over the layers in which the rounding pass (``GPTQ``, ``AWQ``, ``AdaRound``, or round to
+nearest on the ``Weights`` grid) chooses each layer's integers and the layer passes
+(``BiasCorrection``) correct it. Each pass's handler is registered with ``@pass_handler``.
 
 They leave a float model whose weights already sit on the quantization grid PTQ will use (the
 learned one for AdaRound, the nearest one otherwise) and whose biases absorb the expected output
@@ -18,6 +19,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
@@ -34,26 +36,66 @@ from .adaround import adaround
 from .awq import awq_clip, awq_scales
 from .bias_correction import output_shift
 from .clipping import mse_weight_scale, output_clip_scale
-from .config import QuantConfig
 from .equalization import equalize, relu6_to_relu
 from .gptq import gptq, hessian
 from .llm_int8 import outlier_channels
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import QuantLinear, fake_quant_weight, weight_qparams
+from .passes import (
+    AWQ,
+    GPTQ,
+    AdaRound,
+    BiasCorrection,
+    Equalize,
+    OutlierChannels,
+    Quantize,
+    QuantPass,
+    SmoothQuant,
+    Weights,
+    handler_of,
+    pass_handler,
+)
 from .patches import conv_patches
 from .sequential import sequential_inputs
 from .smoothquant import smooth_search
 from .weight_only import QuantLinearNBits, dequantize_groups, quantize_groups, rtn_groups
 
-__all__ = ["weight_passes", "needs_weight_passes", "smooth"]
+__all__ = ["weight_passes", "needs_weight_passes", "smooth", "Job", "Layer"]
 
 log = logging.getLogger(__name__)
 
 
 
-def needs_weight_passes(cfg: QuantConfig) -> bool:
-    return (cfg.equalize or cfg.bias_correction or cfg.rounding != "nearest" or cfg.smooth_alpha is not None
-            or cfg.outlier_threshold is not None or cfg.weight_grid != "max")
+def needs_weight_passes(q: Quantize) -> bool:
+    return bool(q.of_stage("model", "rounding", "layer")) or q.weights.grid != "max"
+
+
+@dataclass
+class Job:
+    """What the model and layer passes share: the model being quantized (owned: changed in place,
+    or replaced by its traced graph), the list, the calibration batches and the plan's summary."""
+
+    model: nn.Module
+    q: Quantize
+    batches: list[Batch]
+    summary: dict[str, Any] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Layer:
+    """One layer in the sweep: its float weight ``w``, its calibration inputs ``xs`` and its width;
+    the rounding pass sets ``wq`` (the weight on its grid) and, for group-wise layers, ``grid`` (the
+    integers, scales, zero-points) and ``input_scale`` (AWQ)."""
+
+    name: str
+    module: nn.Linear | nn.Conv1d | nn.Conv2d
+    w: Tensor
+    xs: list[Tensor]
+    bits: int
+    wq: Tensor | None = None
+    grid: tuple[Tensor, Tensor, Tensor] | None = None
+    input_scale: Tensor | None = None
 
 
 @torch.no_grad()
@@ -87,21 +129,32 @@ def _shared_inputs(model: nn.Module, names: list[str], batch: Batch) -> list[lis
     return groups
 
 
+@pass_handler(SmoothQuant)
+@pass_handler(OutlierChannels)
+def _smooth_pass(job: Job, cfg: QuantPass) -> None:
+    if "smooth" not in job.done:  # SmoothQuant and OutlierChannels are decided together, once
+        job.done.add("smooth")
+        job.summary.update(smooth(job.model, job.q, job.batches))
+
+
 @torch.no_grad()
-def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str, Any]:
+def smooth(model: nn.Module, q: Quantize, batches: list[Batch]) -> dict[str, Any]:
     """SmoothQuant and outlier channels, the passes that make dynamic ``QuantLinear`` layers before
-    PTQ. The Linear layers (not excluded) with outlier input channels (``cfg.outlier_threshold``,
-    ``quant/llm_int8.py``) take them out of the INT8 product; then, with ``cfg.smooth_alpha``, those
+    PTQ. The Linear layers (not excluded) with outlier input channels (``OutlierChannels``,
+    ``quant/llm_int8.py``) take them out of the INT8 product; then, with ``SmoothQuant``, those
     whose simulated INT8 output error drops with smoothing (outlier channels left out) get their
     ``input_scale``. Layers reading the same input share one scale and one outlier set, so that ONNX
     Runtime divides and quantizes that input once. Returns the plan's entries: per layer, whether
     it was smoothed and its group's output SQNR without and with (``"smoothquant"``), the float
     channels of each layer that keeps some (``"outlier_channels"``: those that divide the INT8
-    product's error by at least ``cfg.outlier_min_gain``), and every candidate set with that ratio
+    product's error by at least ``OutlierChannels.min_gain``), and every candidate set with that ratio
     (``"outlier_candidates"``).
 
     The inputs come from the layer-by-layer driver (``sequential.py``), one block of the model's
     stack at a time, so memory holds one block's calibration inputs rather than every layer's."""
+    sq: SmoothQuant | None = q.find(SmoothQuant)
+    oc: OutlierChannels | None = q.find(OutlierChannels)
+    cfg = q.weights
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in cfg.exclude]
     groups = {g[0]: g for g in _shared_inputs(model, linear, batches[0])}  # in the order they run
     report: dict[str, Any] = {}
@@ -112,7 +165,7 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
     # the end, so every group is calibrated on the float model's activations, as the paper does.
     for leader, calls in progress(sequential_inputs(model, list(groups), batches, frozen=True),
                                   total=len(groups),
-                                  desc="smoothquant" if cfg.smooth_alpha is not None else "outlier channels"):
+                                  desc="smoothquant" if sq is not None else "outlier channels"):
         group = groups[leader]
         layers = [cast(nn.Linear, model.get_submodule(n)) for n in group]
         if len(calls) % len(batches):
@@ -128,12 +181,12 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
             raise ValueError(f"layer {leader!r} saw no calibration inputs (every position masked?)")
         absmax = torch.stack([x.abs().amax(0) for x in seen]).amax(0)
         bits = cfg.bits_for(leader)
-        alphas = () if cfg.smooth_alpha is None else (cfg.smooth_alpha,)
+        alphas = () if sq is None else (sq.alpha,)
         data = ([m.weight for m in layers], xs, absmax)  # what the INT8 product will see
-        outliers = None if cfg.outlier_threshold is None else outlier_channels(absmax, cfg.outlier_threshold)
+        outliers = None if oc is None else outlier_channels(absmax, oc.threshold)
         if outliers is not None and not outliers.numel():
             outliers = None
-        found = smooth_search(*data, alphas, bits) if cfg.smooth_alpha is not None or outliers is not None else None
+        found = smooth_search(*data, alphas, bits) if sq is not None or outliers is not None else None
         if outliers is not None and found is not None:
             # a float branch costs a Gather, a MatMul and an Add at run time: it must pay for them
             keep = torch.ones_like(absmax)
@@ -142,13 +195,14 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
             split_found = smooth_search(*split_data, alphas, bits)
             gain = min(found[2].values()) / max(min(split_found[2].values()), 1e-30)
             candidates.update({n: {"channels": outliers.tolist(), "error_down": gain} for n in group})
-            if gain >= cfg.outlier_min_gain:
+            assert oc is not None
+            if gain >= oc.min_gain:
                 split.update({n: outliers.tolist() for n in group})
                 data, found = split_data, split_found
             else:
                 outliers = None
         scale = None
-        if cfg.smooth_alpha is not None and found is not None:
+        if sq is not None and found is not None:
             scale, _, errors = found
             weights, inputs = data[0], data[1]
             power = float(sum(float((x @ w.T).pow(2).mean()) * len(x) for x in inputs for w in weights)) / max(
@@ -156,7 +210,7 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
             for name in group:
                 report[name] = {"smoothed": scale is not None, "shares_input_with": [n for n in group if n != name],
                                 "sqnr_db_without": _db(power, errors[None]),
-                                "sqnr_db_with": _db(power, errors[cfg.smooth_alpha])}
+                                "sqnr_db_with": _db(power, errors[sq.alpha])}
         if scale is not None or outliers is not None:
             chosen.append((group, scale, outliers))
     for group, scale, outliers in chosen:
@@ -165,11 +219,11 @@ def smooth(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> dict[str
                                                     dynamic=True, per_channel=cfg.per_channel, input_scale=scale,
                                                     outliers=outliers))
     out: dict[str, Any] = {}
-    if cfg.smooth_alpha is not None:
+    if sq is not None:
         out["smoothquant"] = report
         log.info("smoothquant: %d of %d Linear layers smoothed (alpha %.2f)",
-                 sum(r["smoothed"] for r in report.values()), len(report), cfg.smooth_alpha)
-    if cfg.outlier_threshold is not None:
+                 sum(r["smoothed"] for r in report.values()), len(report), sq.alpha)
+    if oc is not None:
         out["outlier_channels"] = split
         out["outlier_candidates"] = candidates
         log.info("outlier channels: %d of %d Linear layers multiply %d input channels in float", len(split),
@@ -181,22 +235,22 @@ def _db(power: float, error: float) -> float:
     return float("inf") if error <= 0 else 10 * math.log10(max(power, 1e-30) / error)
 
 
-def _grid(layer: nn.Module, w: Tensor, bits: int, cfg: QuantConfig, xs: list[Tensor]) -> tuple[Tensor, int, int]:
-    """The weight grid ``cfg.weight_grid`` asks for (``clipping.py``): the largest magnitude's, the
+def _grid(layer: nn.Module, w: Tensor, bits: int, cfg: Weights, xs: list[Tensor]) -> tuple[Tensor, int, int]:
+    """The weight grid ``cfg.grid`` asks for (``clipping.py``): the largest magnitude's, the
     clipping with the least squared error in the weights, or the one with the least error in the
     layer's output on its inputs ``xs`` (convs on sampled positions)."""
-    if cfg.weight_grid == "max":
+    if cfg.grid == "max":
         return weight_qparams(w, bits, cfg.per_channel)
-    if cfg.weight_grid == "mse":
+    if cfg.grid == "mse":
         return mse_weight_scale(w, bits, cfg.per_channel)
     fast = conv_patches(layer, xs[:4], per_image=64, seed=1) if isinstance(layer, nn.Conv2d) else None
     fwd, inputs, dim = (*fast, -1) if fast else (_forward(layer), xs[:4], -1 if isinstance(layer, nn.Linear) else 1)
     return output_clip_scale(w, bits, cfg.per_channel, fwd, inputs, dim)
 
 
-def _on_grid(layer: nn.Module, w: Tensor, bits: int, cfg: QuantConfig, xs: list[Tensor]) -> Tensor:
+def _on_grid(layer: nn.Module, w: Tensor, bits: int, cfg: Weights, xs: list[Tensor]) -> Tensor:
     """Round to nearest on ``_grid`` (``fake_quant_weight`` on the max grid)."""
-    if cfg.weight_grid == "max":
+    if cfg.grid == "max":
         return fake_quant_weight(w, bits, cfg.per_channel)
     scale, lo, hi = _grid(layer, w, bits, cfg, xs)
     return torch.clamp(torch.round(w / _along(scale, w)), lo, hi) * _along(scale, w)
@@ -258,110 +312,141 @@ def _order(model: nn.Module, batch: Batch) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def weight_passes(model: nn.Module, cfg: QuantConfig, batches: list[Batch]) -> tuple[nn.Module, dict[str, Any]]:
-    """Run the passes ``cfg`` asks for on ``model`` (owned by the caller: changed in place or
-    replaced by its traced, BatchNorm-folded graph); returns the model and a summary for the plan."""
+@pass_handler(Equalize)
+def _equalize_pass(job: Job, cfg: Equalize) -> None:
+    job.summary["relu6_replaced"] = relu6_to_relu(job.model)
+    try:
+        gm = trace(job.model)
+    except TraceError as e:
+        raise ValueError(f"cross-layer equalization needs the model's graph: {e}") from e
+    job.summary["folded_bn"] = fold_batchnorm(gm) if job.q.weights.fold_bn else []
+    job.summary["equalized_pairs"] = [list(p) for p in equalize(gm)]
+    job.model = gm
+
+
+def _nearest(job: Job, layer: Layer) -> None:
+    """Without a rounding pass: round to nearest on the ``Weights`` grid (per group, or per channel)."""
+    weights = job.q.weights
+    if weights.group_size is not None:
+        layer.grid = rtn_groups(layer.w, layer.bits, weights.group_size, weights.symmetric)
+        layer.wq = dequantize_groups(*layer.grid)
+    else:
+        layer.wq = _on_grid(layer.module, layer.w, layer.bits, weights, layer.xs)
+
+
+@pass_handler(GPTQ)
+def _gptq_pass(job: Job, cfg: GPTQ, layer: Layer) -> None:
+    weights = job.q.weights
+    assert weights.group_size is not None
+    h = hessian(_token_rows(layer.xs, job.batches))
+    layer.grid = gptq(layer.w, h, layer.bits, weights.group_size, weights.symmetric, damp=cfg.damp,
+                      act_order=cfg.act_order)
+    layer.wq = dequantize_groups(*layer.grid)
+    job.summary.setdefault("gptq", []).append(layer.name)
+
+
+@pass_handler(AWQ)
+def _awq_pass(job: Job, cfg: AWQ, layer: Layer) -> None:
+    weights = job.q.weights
+    assert weights.group_size is not None
+    rows = _token_rows(layer.xs, job.batches)
+    input_scale, alpha, _ = awq_scales(layer.w, rows, layer.bits, weights.group_size, weights.symmetric)
+    ws = layer.w * input_scale
+    if cfg.clip:
+        scale, zp = awq_clip(ws, rows / input_scale, layer.bits, weights.group_size, weights.symmetric)
+        layer.grid = (quantize_groups(ws, scale, zp, layer.bits), scale, zp)
+    else:
+        layer.grid = rtn_groups(ws, layer.bits, weights.group_size, weights.symmetric)
+    layer.wq = dequantize_groups(*layer.grid) / input_scale
+    layer.input_scale = input_scale
+    job.summary.setdefault("awq", []).append(layer.name)
+    job.summary.setdefault("awq_alpha", {})[layer.name] = alpha
+
+
+@pass_handler(AdaRound)
+def _adaround_pass(job: Job, cfg: AdaRound, layer: Layer) -> None:
+    scale, lo, hi = _grid(layer.module, layer.w, layer.bits, job.q.weights, layer.xs)
+    # a conv's loss on sampled output positions, as products of its input patches (patches.py)
+    fast = conv_patches(layer.module, layer.xs, seed=0) if isinstance(layer.module, nn.Conv2d) else None
+    forward, inputs = fast if fast is not None else (_forward(layer.module), layer.xs)
+    with torch.enable_grad():
+        layer.wq = adaround(layer.w, scale, lo, hi, forward, inputs, iterations=cfg.iterations, seed=0)
+    job.summary.setdefault("adarounded", []).append(layer.name)
+
+
+@pass_handler(BiasCorrection)
+def _bias_correction_pass(job: Job, cfg: BiasCorrection, layer: Layer) -> None:
+    assert layer.wq is not None
+    m = layer.module
+    shift = output_shift(_forward(m), layer.w, layer.wq, layer.xs, channel_dim=-1 if isinstance(m, nn.Linear) else 1)
+    if m.bias is None:
+        m.bias = nn.Parameter(torch.zeros_like(shift))
+    m.bias.sub_(shift)
+    job.summary["bias_corrected"].append(layer.name)
+
+
+def weight_passes(model: nn.Module, q: Quantize, batches: list[Batch]) -> tuple[nn.Module, dict[str, Any]]:
+    """Run the model passes of ``q`` in order on ``model`` (owned by the caller: changed in place or
+    replaced by its traced, BatchNorm-folded graph), then the layer sweep; returns the model and a
+    summary for the plan."""
     _warn_unmasked(batches)
-    summary: dict[str, Any] = {}
-    if cfg.equalize:
-        summary["relu6_replaced"] = relu6_to_relu(model)
-        try:
-            gm = trace(model)
-        except TraceError as e:
-            raise ValueError(f"cross-layer equalization needs the model's graph: {e}") from e
-        summary["folded_bn"] = fold_batchnorm(gm) if cfg.fold_bn else []
-        summary["equalized_pairs"] = [list(p) for p in equalize(gm)]
-        model = gm
-    elif cfg.fold_bn and cfg.activations == "static":  # the weights PTQ will quantize: BatchNorm folded in
-        try:
-            gm = trace(model)
-            summary["folded_bn"] = fold_batchnorm(gm)
-            model = gm
+    job = Job(model, q, batches)
+    weights = q.weights
+    if q.find(Equalize) is None and weights.fold_bn and q.activations.mode == "static":
+        try:  # the weights PTQ will quantize: BatchNorm folded in (Equalize folds them itself)
+            gm = trace(job.model)
+            job.summary["folded_bn"] = fold_batchnorm(gm)
+            job.model = gm
         except TraceError as e:
             log.warning("%s; the weight passes see BatchNorm unfolded", e)
-    if cfg.smooth_alpha is not None or cfg.outlier_threshold is not None:
-        summary.update(smooth(model, cfg, batches))
-    if cfg.weight_grid == "mse" and not (cfg.bias_correction or cfg.rounding != "nearest"):
+    for p in q.of_stage("model"):
+        handler_of(p)(job, p)
+    rounding, layer_passes = q.rounding, q.of_stage("layer")
+    model = job.model
+    if weights.grid == "mse" and rounding is None and not layer_passes:
         with torch.no_grad():  # the weights' own error: no data needed
             for name, m in model.named_modules():
-                if isinstance(m, _WEIGHTED) and name not in cfg.exclude:
-                    m.weight.copy_(_on_grid(m, m.weight.detach(), cfg.bits_for(name, m), cfg, []))
-                    summary.setdefault("clipped_grid", []).append(name)
-        return model, summary
-    if not (cfg.bias_correction or cfg.rounding != "nearest" or cfg.weight_grid != "max"):
-        return model, summary
+                if isinstance(m, _WEIGHTED) and name not in weights.exclude:
+                    m.weight.copy_(_on_grid(m, m.weight.detach(), weights.bits_for(name, m), weights, []))
+                    job.summary.setdefault("clipped_grid", []).append(name)
+        return model, job.summary
+    if rounding is None and not layer_passes and weights.grid == "max":
+        return model, job.summary
     modules = dict(model.named_modules())
 
     def takes(n: str) -> bool:  # group-wise weight-only: Linear layers whose width the groups divide
         m = modules[n]
-        return cfg.group_size is None or isinstance(m, nn.Linear) and m.in_features % cfg.group_size == 0
+        return weights.group_size is None or isinstance(m, nn.Linear) and m.in_features % weights.group_size == 0
 
-    names = [n for n in _order(model, batches[0]) if n not in cfg.exclude and takes(n)]
-    corrected, rounded, grouped, clipped = [], [], [], []
-    alphas: dict[str, float] = {}
+    names = [n for n in _order(model, batches[0]) if n not in weights.exclude and takes(n)]
+    job.summary["bias_corrected"] = []
+    if rounding is not None:
+        job.summary[{"adaround": "adarounded"}.get(rounding.name, rounding.name)] = []
+    clipped, grouped = [], []
     with torch.no_grad():
         for name, xs in progress(sequential_inputs(model, names, batches), total=len(names),
-                                 desc=cfg.rounding if cfg.rounding != "nearest" else "bias correction"):
-            layer = cast(nn.Linear | nn.Conv1d | nn.Conv2d, model.get_submodule(name))
-            bits = cfg.bits_for(name, layer)
-            grid, input_scale = None, None
-            fwd = _forward(layer)
-            w = layer.weight.detach().clone()
-            if cfg.rounding == "gptq":
-                assert cfg.group_size is not None
-                h = hessian(_token_rows(xs, batches))
-                grid = gptq(w, h, bits, cfg.group_size, cfg.weight_symmetric, damp=cfg.gptq_damp,
-                            act_order=cfg.gptq_act_order)
-                wq = dequantize_groups(*grid)
-                rounded.append(name)
-            elif cfg.rounding == "awq":
-                assert cfg.group_size is not None
-                rows = _token_rows(xs, batches)
-                input_scale, alpha, _ = awq_scales(w, rows, bits, cfg.group_size, cfg.weight_symmetric)
-                ws = w * input_scale
-                if cfg.awq_clip:
-                    scale, zp = awq_clip(ws, rows / input_scale, bits, cfg.group_size, cfg.weight_symmetric)
-                    grid = (quantize_groups(ws, scale, zp, bits), scale, zp)
-                else:
-                    grid = rtn_groups(ws, bits, cfg.group_size, cfg.weight_symmetric)
-                wq = dequantize_groups(*grid) / input_scale
-                rounded.append(name)
-                alphas[name] = alpha
-            elif cfg.group_size is not None:
-                grid = rtn_groups(w, bits, cfg.group_size, cfg.weight_symmetric)
-                wq = dequantize_groups(*grid)
-            elif cfg.rounding == "adaround":
-                scale, lo, hi = _grid(layer, w, bits, cfg, xs)
-                # a conv's loss on sampled output positions, as products of its input patches (patches.py)
-                fast = conv_patches(layer, xs, seed=0) if isinstance(layer, nn.Conv2d) else None
-                forward, inputs = fast if fast is not None else (fwd, xs)
-                with torch.enable_grad():
-                    wq = adaround(w, scale, lo, hi, forward, inputs, iterations=cfg.adaround_iterations, seed=0)
-                rounded.append(name)
+                                 desc=rounding.name if rounding is not None else "bias correction"):
+            module = cast(nn.Linear | nn.Conv1d | nn.Conv2d, model.get_submodule(name))
+            layer = Layer(name, module, module.weight.detach().clone(), xs, weights.bits_for(name, module))
+            if rounding is not None:
+                handler_of(rounding)(job, rounding, layer)
             else:
-                wq = _on_grid(layer, w, bits, cfg, xs)
-            if cfg.weight_grid != "max" and cfg.group_size is None:
+                _nearest(job, layer)
+            if weights.grid != "max" and weights.group_size is None:
                 clipped.append(name)
-            if cfg.bias_correction:
-                shift = output_shift(fwd, w, wq, xs, channel_dim=-1 if isinstance(layer, nn.Linear) else 1)
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(torch.zeros_like(shift))
-                layer.bias.sub_(shift)
-                corrected.append(name)
-            if grid is not None:  # the integers are chosen: the layer becomes the packed 4-bit one now
-                assert cfg.group_size is not None and isinstance(layer, nn.Linear)
-                replace_module(model, name, QuantLinearNBits(layer, bits, cfg.group_size, cfg.weight_symmetric,
-                                                             grid=grid, input_scale=input_scale))
+            for p in layer_passes:
+                handler_of(p)(job, p, layer)
+            if layer.grid is not None:  # the integers are chosen: the layer becomes the packed 4-bit one now
+                assert weights.group_size is not None and isinstance(module, nn.Linear)
+                replace_module(model, name, QuantLinearNBits(module, layer.bits, weights.group_size, weights.symmetric,
+                                                             grid=layer.grid, input_scale=layer.input_scale))
                 grouped.append(name)
             else:
-                layer.weight.copy_(wq)  # on the grid: later layers see quantized weights before them
-    if cfg.rounding != "nearest":
-        summary[{"adaround": "adarounded"}.get(cfg.rounding, cfg.rounding)] = rounded
-    if alphas:
-        summary["awq_alpha"] = alphas
-    summary["bias_corrected"] = corrected
+                assert layer.wq is not None
+                module.weight.copy_(layer.wq)  # on the grid: later layers see quantized weights before them
     if clipped:
-        summary["clipped_grid"] = clipped
-    log.info("weight passes: %d layers rounded by %s, %d biases corrected, %d grouped", len(rounded), cfg.rounding,
-             len(corrected), len(grouped))
-    return model, summary
+        job.summary["clipped_grid"] = clipped
+    log.info("weight passes: %d layers rounded by %s, %d biases corrected, %d grouped",
+             len(job.summary.get({"adaround": "adarounded"}.get(rounding.name, rounding.name), []) if rounding else []),
+             rounding.name if rounding is not None else "nearest", len(job.summary["bias_corrected"]), len(grouped))
+    return model, job.summary

@@ -14,7 +14,7 @@ resumable after an interruption.
     stages:
       - prune: {sparsity: 0.5, round_to: 8}
       - distill: {epochs: 3, lr: 0.01}    # the original model teaches
-      - quantize: int8                     # a preset name or a QuantConfig dict
+      - quantize: int8                     # a preset name or a list of passes
     # other stages: factorize (FactorizeConfig), qat (a QAT preset or QATConfig), tune (TuneConfig),
     # sparse_train (dynamic sparse training, SparseTrainConfig: RigL or SET)
 

@@ -90,31 +90,60 @@ def _state(recipe: Recipe) -> dict[str, Any]:
     return state
 
 
-def _run_stage(stage: Stage, model: nn.Module, original: nn.Module, data: _Data, evaluate: Callable[[nn.Module], float],
-               sparse: bool, folder: Path) -> tuple[nn.Module, dict[str, Any] | None]:
-    import slimkit as sk
-    from slimkit import api as sk_api
+def _stage_prune(cfg: Any, model: nn.Module, original: nn.Module, data: _Data, ctx: dict[str, Any]) -> nn.Module:
+    from slimkit import api
+
+    return api.prune(model, cfg, example_inputs=data.example, data=data.train[:8] or None)
+
+
+def _stage_sparse_train(cfg: Any, model: nn.Module, original: nn.Module, data: _Data, ctx: dict[str, Any]) -> nn.Module:
+    from slimkit.prune.dynamic import sparse_train
+
+    return sparse_train(model, cfg, data.train, teacher=original)  # dynamic sparse training, the original teaching
+
+
+def _stage_factorize(cfg: Any, model: nn.Module, original: nn.Module, data: _Data, ctx: dict[str, Any]) -> nn.Module:
+    from slimkit import api
+
+    return api.factorize(model, cfg, data=data.calib if cfg.allocation == "global" or cfg.whiten else None)
+
+
+def _stage_distill(cfg: Any, model: nn.Module, original: nn.Module, data: _Data, ctx: dict[str, Any]) -> nn.Module:
+    from slimkit import api
     from slimkit.prune.masks import hold_zeros
 
-    cfg = stage.config
-    if stage.kind == "prune":
-        return sk_api.prune(model, cfg, example_inputs=data.example, data=data.train[:8] or None), None
-    if stage.kind == "sparse_train":  # dynamic sparse training, the original teaching
-        from slimkit.prune.dynamic import sparse_train
+    with hold_zeros(model) if ctx["sparse"] else contextlib.nullcontext():
+        return api.distill(model, original, data.train, cfg, checkpoint=str(ctx["folder"].parent / ".distill.ckpt"))
 
-        return sparse_train(model, cfg, data.train, teacher=original), None
-    if stage.kind == "factorize":
-        return sk.factorize(model, cfg, data=data.calib if cfg.allocation == "global" or cfg.whiten else None), None
-    if stage.kind == "distill":
-        with hold_zeros(model) if sparse else contextlib.nullcontext():
-            return sk_api.distill(model, original, data.train, cfg, checkpoint=str(folder.parent / ".distill.ckpt")), None
-    if stage.kind == "quantize":
-        return sk.quantize(model, cfg, calib_data=data.calib), None
-    if stage.kind == "qat":
-        return sk.qat(model, cfg, data.train, calib_data=data.calib), None
+
+def _stage_quantize(cfg: Any, model: nn.Module, original: nn.Module, data: _Data, ctx: dict[str, Any]) -> nn.Module:
+    from slimkit import api
+
+    return api.quantize(model, cfg, calib_data=data.calib)
+
+
+def _stage_qat(cfg: Any, model: nn.Module, original: nn.Module, data: _Data, ctx: dict[str, Any]) -> nn.Module:
+    from slimkit import api
+
+    return api.qat(model, cfg, data.train, calib_data=data.calib)
+
+
+# A recipe stage's kind -> what runs it: the same verbs as the Python API and the CLI, with the
+# stage's config resolved by ``verbs.resolve_config`` when the recipe was read. ``tune`` is apart:
+# it returns its trials as well.
+STAGES: dict[str, Callable[[Any, nn.Module, nn.Module, _Data, dict[str, Any]], nn.Module]] = {
+    "prune": _stage_prune, "sparse_train": _stage_sparse_train, "factorize": _stage_factorize,
+    "distill": _stage_distill, "quantize": _stage_quantize, "qat": _stage_qat,
+}
+
+
+def _run_stage(stage: Stage, model: nn.Module, original: nn.Module, data: _Data, evaluate: Callable[[nn.Module], float],
+               sparse: bool, folder: Path) -> tuple[nn.Module, dict[str, Any] | None]:
+    if stage.kind in STAGES:
+        return STAGES[stage.kind](stage.config, model, original, data, {"sparse": sparse, "folder": folder}), None
     from slimkit.tune import tune
 
-    result = tune(model, cfg, evaluate, data.example, data.calib, folder / "tuner", train_data=data.train)
+    result = tune(model, stage.config, evaluate, data.example, data.calib, folder / "tuner", train_data=data.train)
     return result.model, result.to_dict()
 
 

@@ -132,7 +132,7 @@ def _unknown(keys: Any, allowed: tuple[str, ...], what: str) -> str | None:
 def _stage_config(kind: str, spec: Any) -> Any:
     from slimkit.core.config import resolve
     from slimkit.tune import TuneConfig
-    from slimkit.verbs import VERBS
+    from slimkit.verbs import PRESET_TABLES, VERBS, resolve_config
 
     spec = {} if spec is None else spec
     from slimkit.prune.dynamic import PRESETS as SPARSE_PRESETS
@@ -141,10 +141,12 @@ def _stage_config(kind: str, spec: Any) -> Any:
     extra: dict[str, tuple[type, Mapping[str, Any]]] = {"tune": (TuneConfig, {}),
                                                          "sparse_train": (SparseTrainConfig, SPARSE_PRESETS)}
     cls, named = VERBS[kind] if kind in VERBS else extra[kind]
+    if kind == "quantize" and isinstance(spec, list):  # a list of passes
+        return resolve_config(kind, spec)
     if not (isinstance(spec, Mapping) or isinstance(spec, str) and named):
         raise ValueError(f"a {kind} stage takes a mapping of {cls.__name__} keys"
                          + (f" or a preset name ({', '.join(named)})" if named else "") + f", got {spec!r}")
-    cfg = resolve(spec, cls, named)
+    cfg = resolve_config(kind, spec) if kind in PRESET_TABLES else resolve(spec, cls, named)
     if kind == "distill" and cfg.mode != "offline":
         raise ValueError(f"a distill stage fine-tunes the model with the original as teacher (mode 'offline'), "
                          f"got mode {cfg.mode!r}")

@@ -1,0 +1,88 @@
+"""The quantize presets: named lists of passes (``quant/passes.py``).
+
+>>> [p.name for p in PRESETS["int4-gptq"].passes]
+['weights', 'activations', 'gptq', 'embeddings']
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from slimkit.quant.passes import (
+    AWQ,
+    GPTQ,
+    Activations,
+    AdaRound,
+    BiasCorrection,
+    Embeddings,
+    Equalize,
+    OutlierChannels,
+    Quantize,
+    QuantPass,
+    SmoothQuant,
+    Weights,
+)
+
+__all__ = ["PRESETS", "resolve_quantize"]
+
+_FIRST_LAST_DEPTHWISE = ("first", "last", "depthwise")
+_INT4_GROUPS = Weights(bits=4, reduce_range=False, group_size=128)
+
+PRESETS: dict[str, Quantize] = {
+    # Static W8A8 for the ONNX Runtime CPU: per-channel int8 weights (7-bit, 8 for depthwise convs),
+    # per-tensor uint8 activations, bias correction from the calibration data (EfficientNet-Lite:
+    # benchmarks/results/ptq_real_cnn.md), embedding tables (if any) as int8 rows.
+    "int8": Quantize.of([Weights(), Activations(), BiasCorrection(), Embeddings()]),
+    # Dynamic INT8 with 7-bit int8 weights (the fast uint8 x int8 kernels, no saturation).
+    "int8-dynamic": Quantize.of([Weights(), Activations(mode="dynamic"), Embeddings()]),
+    # Calibrated dynamic INT8 for transformers: SmoothQuant (alpha 0.5, the paper's default for
+    # BERT-sized models) and LLM.int8()'s float outlier channels (over 8x the median channel's range),
+    # with 7-bit weights: full 8-bit ones go as uint8 (zero-point 128), exact but slower on an AVX2
+    # CPU than the fidelity they buy is worth (benchmarks/results/transformer_quant.md).
+    "int8-smoothquant": Quantize.of([Weights(), Activations(mode="dynamic"), SmoothQuant(alpha=0.5),
+                                     OutlierChannels(threshold=8.0), Embeddings()]),
+    "int8-percentile": Quantize.of([Weights(), Activations(calibrator="percentile")]),
+    "int8-entropy": Quantize.of([Weights(), Activations(calibrator="entropy")]),
+    # Cross-layer equalization and bias correction before INT8 (helps depthwise nets).
+    "int8-cle": Quantize.of([Weights(), Activations(), Equalize(), BiasCorrection()]),
+    # 4-bit per-channel weights (int8 storage in ONNX, values in [-7, 7]) on a clipped grid, 8-bit
+    # activations, bias correction; the stem, the classifier and depthwise convs stay INT8. With
+    # AdaRound: 300 steps per layer from the weights' MSE grid (EfficientNet-Lite:
+    # benchmarks/results/ptq_real_cnn.md).
+    "w4a8": Quantize.of([Weights(bits=4, reduce_range=False, grid="output", int8_layers=_FIRST_LAST_DEPTHWISE),
+                         Activations(), BiasCorrection()]),
+    "w4a8-adaround": Quantize.of([Weights(bits=4, reduce_range=False, grid="mse", int8_layers=_FIRST_LAST_DEPTHWISE),
+                                  Activations(), AdaRound(iterations=300), BiasCorrection()]),
+    # 4-bit weight-only Linear layers in groups of 128 (MatMulNBits), for transformers; embedding
+    # tables as int8 rows.
+    "int4-weight": Quantize.of([_INT4_GROUPS, Activations(mode="none"), Embeddings()]),
+    "int4-gptq": Quantize.of([_INT4_GROUPS, Activations(mode="none"), GPTQ(), Embeddings()]),
+    "int4-awq": Quantize.of([_INT4_GROUPS, Activations(mode="none"), AWQ(), Embeddings()]),
+}
+
+
+def resolve_quantize(spec: Any) -> Quantize:
+    """What ``sk.quantize``, recipe stages and the CLI accept, as the list of passes it runs: a preset
+    name, a ``Quantize``, a list of passes (configs, names or one-key dicts), a ``{"passes": [...]}``
+    dict, or, deprecated, the old flat ``QuantConfig`` or its dict (translated by
+    ``QuantConfig.to_passes()``, with a ``DeprecationWarning`` showing the new form)."""
+    from slimkit.core.config import resolve
+    from slimkit.quant.config import QuantConfig
+
+    if isinstance(spec, Quantize):
+        return spec
+    if isinstance(spec, QuantPass):
+        return Quantize.of([spec])
+    if isinstance(spec, (list, tuple)):
+        return Quantize.of(spec)
+    if isinstance(spec, Mapping) and ("passes" in spec or not spec):
+        return Quantize.from_dict(spec)
+    if isinstance(spec, (QuantConfig, Mapping)):
+        legacy = spec if isinstance(spec, QuantConfig) else QuantConfig.from_dict(spec)
+        new = legacy.to_passes()
+        warnings.warn(f"the flat QuantConfig (and its dict) is deprecated: quantize with a list of passes; this one is "
+                      f"{new} (as a dict: {new.to_dict()['passes']})", DeprecationWarning, stacklevel=3)
+        return new
+    return resolve(spec, Quantize, PRESETS)

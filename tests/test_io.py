@@ -52,3 +52,17 @@ def test_save_never_overwrites_a_foreign_folder(trained_mlp, tmp_path):
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         sk.save(trained_mlp, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_saved_plan_of_unknown_kind_or_with_bad_fields_is_named(trained_mlp, tmp_path):
+    q = sk.quantize(trained_mlp, "int8-dynamic")
+    sk.save(q, tmp_path / "q")
+    path = tmp_path / "q" / "plan.json"
+    doc = json.loads(path.read_text())
+    for plan, message in (({"kind": "sparsify"}, r"plan 1 of 1 \('sparsify'\): unknown plan kind 'sparsify'.*known: "
+                                                 r"lowrank, prune, quant"),
+                          ({**doc["plans"][0], "config": {"passes": [{"gptq": {"damp": 0}}]}},
+                           r"plan 1 of 1 \('quant'\): the saved quantization plan is invalid: pass 0 \(gptq\): damp")):
+        path.write_text(json.dumps({**doc, "plans": [plan]}))
+        with pytest.raises(ValueError, match=message):
+            sk.load(tmp_path / "q", digits_model("mlp"))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimkit.core.files import temp_dir, user_mode
-from slimkit.core.plans import plans_of
+from slimkit.core.plans import plans_of, replay
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
@@ -79,7 +79,7 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
         if not isinstance(plan, dict):
             raise ValueError(f"{plan_path} is corrupt: plan {i + 1} is not an object")
         try:
-            model = _apply(plan, model)
+            model = replay(plan, model)
         except ValueError as e:
             raise ValueError(f"{plan_path}, plan {i + 1} of {len(plans)} ({plan.get('kind')!r}): {e}") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -89,34 +89,3 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     return model.eval()
-
-
-def _apply(plan: dict[str, Any], base: nn.Module) -> nn.Module:
-    kind = plan.get("kind")
-    if kind == "quant":
-        from slimkit.quant.ptq import QuantPlan, apply_plan
-
-        try:
-            parsed = QuantPlan.from_dict(plan)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"the saved quantization plan is invalid: {e}") from e
-        return apply_plan(base, parsed)
-    if kind == "lowrank":
-        from slimkit.lowrank.plan import FactorPlan
-        from slimkit.lowrank.plan import apply_plan as apply_factor_plan
-
-        try:
-            fplan = FactorPlan.from_dict(plan)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"the saved factorization plan is invalid: {e}") from e
-        return apply_factor_plan(base, fplan, inplace=True, structure_only=True)  # the weights follow
-    if kind == "prune":
-        from slimkit.prune.plan import PrunePlan
-        from slimkit.prune.plan import apply_plan as apply_prune_plan
-
-        try:
-            pplan = PrunePlan.from_dict(plan)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"the saved pruning plan is invalid: {e}") from e
-        return apply_prune_plan(base, pplan, inplace=True, structure_only=True)  # the weights follow
-    raise ValueError(f"unknown plan kind {kind!r} in the save folder")

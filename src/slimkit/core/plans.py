@@ -18,11 +18,39 @@ to a fresh base model. A plan is any object with ``kind`` and ``to_dict()``.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["plans_of", "attach", "has_plan", "reference_of"]
+__all__ = ["plans_of", "attach", "has_plan", "reference_of", "register_plan", "replay"]
+
+# plan kind -> (what it is called in messages, parse a saved dict, rebuild on a fresh base model)
+_KINDS: dict[str, tuple[str, Callable[[dict[str, Any]], Any], Callable[[nn.Module, Any], nn.Module]]] = {}
+
+
+def register_plan(kind: str, what: str, parse: Callable[[dict[str, Any]], Any],
+                  rebuild: Callable[[nn.Module, Any], nn.Module]) -> None:
+    """Teach ``sk.load`` a plan kind: ``parse`` reads its saved dict, ``rebuild(base, plan)`` returns
+    the model's structure rebuilt on ``base`` without data (the weights are loaded after)."""
+    _KINDS[kind] = (what, parse, rebuild)
+
+
+def replay(saved: dict[str, Any], base: nn.Module) -> nn.Module:
+    """Rebuild one saved plan on ``base``: the one way every family's plans are applied on load."""
+    import slimkit.lowrank.plan  # noqa: F401  (each family registers its kind on import)
+    import slimkit.prune.plan  # noqa: F401
+    import slimkit.quant.ptq  # noqa: F401
+
+    kind = saved.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown plan kind {kind!r} in the save folder; known: {', '.join(sorted(_KINDS))}")
+    what, parse, rebuild = _KINDS[kind]
+    try:
+        plan = parse(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"the saved {what} plan is invalid: {e}") from e
+    return rebuild(base, plan)
 
 
 def plans_of(model: nn.Module) -> list[Any]:

@@ -24,7 +24,7 @@ from slimkit.core.batch import Batch, call, check_batches, output_error, tensors
 from slimkit.core.config import register
 from slimkit.core.dropin import replace_module
 from slimkit.core.layers import canonicalize, is_linear_like, restore, tied_weights
-from slimkit.core.plans import attach
+from slimkit.core.plans import attach, register_plan
 from slimkit.core.progress import progress
 
 from .config import FactorizeConfig
@@ -340,3 +340,7 @@ def factorize_model(model: nn.Module, cfg: FactorizeConfig, data: Iterable[Batch
     log.info("%s: factorized %d layers, their weights %d -> %d (%.0f%%); skipped %d",
              cfg.method, len(plan.ranks_), before, after, 100 * after / before, len(plan.skipped))
     return out
+
+
+register_plan("lowrank", "factorization", FactorPlan.from_dict,
+              lambda base, plan: apply_plan(base, plan, inplace=True, structure_only=True))  # the weights follow

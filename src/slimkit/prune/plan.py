@@ -38,7 +38,7 @@ from slimkit.core.bn import recalibrate_batchnorm
 from slimkit.core.config import register
 from slimkit.core.graph import TraceError
 from slimkit.core.layers import canonicalize, is_linear_like, tied_weights
-from slimkit.core.plans import attach
+from slimkit.core.plans import attach, register_plan
 
 from .allocate import global_counts, keep_count, kept_channels
 from .config import PruneConfig
@@ -383,3 +383,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, example_inputs: Batch | None
                         100 * fraction, type(model).__name__, "; ".join(f"{n} ({why})" for n, why in alone[:3]),
                         " ..." if len(alone) > 3 else "")
     return out
+
+
+register_plan("prune", "pruning", PrunePlan.from_dict,
+              lambda base, plan: apply_plan(base, plan, inplace=True, structure_only=True))  # the weights follow

@@ -22,7 +22,7 @@ from slimkit.core.config import register
 from slimkit.core.fidelity import check_fidelity, coverage
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
 from slimkit.core.layers import canonicalize, restore
-from slimkit.core.plans import attach
+from slimkit.core.plans import attach, register_plan
 from slimkit.core.progress import progress
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig, resolve_int8_layers
@@ -402,3 +402,6 @@ def _handle(model: nn.Module, cfg: Quantize, calib_data: Any = None, inplace: bo
 def _handle_legacy(model: nn.Module, cfg: QuantConfig, calib_data: Any = None, inplace: bool = False) -> nn.Module:
     return quantize_ptq(model, cfg.to_passes(), calib_data, inplace)
 
+
+
+register_plan("quant", "quantization", QuantPlan.from_dict, apply_plan)

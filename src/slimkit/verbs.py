@@ -49,10 +49,10 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "quantize": {
         "int8": "static INT8, calibrated: CNNs and transformers on the CPU; needs data; 0.25-0.27x the file, "
                 "0.5-0.6x a CNN's latency (ptq_cnn, ptq_real_cnn)",
-        "int8-dynamic": "dynamic INT8 Linear layers: transformers; no data; MiniLM cosine 0.992 at 0.70x the latency "
+        "int8-dynamic": "dynamic INT8 Linear layers: transformers; no data; MiniLM cosine 0.992 at 0.55x the latency "
                         "(transformer_quant)",
         "int8-smoothquant": "int8-dynamic with SmoothQuant and float outlier channels: transformers; needs data; MiniLM "
-                            "cosine 0.997 at 0.68x, 0.26x the file (transformer_quant)",
+                            "cosine 0.997 at 0.56x, 0.26x the file (transformer_quant)",
         "int8-percentile": "static INT8 with 99.99th-percentile activation ranges: CNNs; needs data",
         "int8-entropy": "static INT8 with KL-divergence activation ranges (can over-clip CNNs); needs data",
         "int8-cle": "static INT8 after cross-layer equalization and bias correction: depthwise CNNs; needs data",

@@ -238,3 +238,47 @@ def test_embeddings_is_a_pass_of_its_own():
     with_tables = sk.quantize(m, [Weights(), Activations(mode="dynamic"), Embeddings(bits=4)])
     without = sk.quantize(m, [Weights(), Activations(mode="dynamic")])
     assert with_tables.slimkit_plan.quantized_layers == ["1", "0"] and without.slimkit_plan.quantized_layers == ["1"]
+
+
+def test_asymmetric_adaround_and_bias_correction_from_the_float_model_undo_the_inputs_error():
+    """Given the quantized model's inputs (here 5% too large, with an offset) and the float model's,
+    AdaRound's asymmetric reconstruction and bias correction from the float model aim at the float
+    model's output, which the plain forms cannot see."""
+    from slimkit.quant.adaround import adaround
+    from slimkit.quant.bias_correction import output_shift, output_shift_from_float
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    xf = [torch.randn(256, 32) for _ in range(2)]
+    xq = [1.05 * x + 0.1 for x in xf]
+    scale = w.abs().amax(1) / 7
+
+    def out(x, wq):
+        return x @ wq.t()
+
+    def error(wq, shift):
+        return sum(float((out(q, wq) - shift - out(f, w)).pow(2).mean()) for q, f in zip(xq, xf, strict=True))
+
+    plain = adaround(w, scale, -7, 7, out, xq, iterations=300)
+    asym = adaround(w, scale, -7, 7, out, xq, iterations=300, target_inputs=xf)
+    zero = torch.zeros(16)
+    assert error(asym, zero) < 0.8 * error(plain, zero)
+    shift_plain = output_shift(out, w, asym, xq, channel_dim=-1)
+    shift_float = output_shift_from_float(out, w, asym, xq, xf, channel_dim=-1)
+    assert error(asym, shift_float) < 0.7 * error(asym, shift_plain)
+    with pytest.raises(ValueError, match="pair with inputs"):
+        adaround(w, scale, -7, 7, out, xq, iterations=1, target_inputs=xf[:1])
+    with pytest.raises(ValueError, match="paired"):
+        output_shift_from_float(out, w, asym, xq, xf[:1])
+
+
+def test_the_sweep_gives_passes_that_ask_the_float_models_inputs(trained_resnet, digits):
+    calib = batches(digits.train_x[:64], None, 32)
+    w4 = Weights(bits=4, reduce_range=False)
+    q = sk.quantize(trained_resnet, [w4, Activations(), AdaRound(iterations=20, asymmetric=True),
+                                     BiasCorrection(from_float=True)], calib_data=calib)
+    assert len(q.slimkit_plan.passes["adarounded"]) == len(q.slimkit_plan.passes["bias_corrected"]) > 10
+    x = digits.test_x[:64]
+    with torch.no_grad():
+        agree = float((q(x).argmax(1) == trained_resnet(x).argmax(1)).float().mean())
+    assert agree > 0.9

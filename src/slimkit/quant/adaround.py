@@ -40,7 +40,8 @@ def rectified_sigmoid(v: Tensor) -> Tensor:
 
 def adaround(weight: Tensor, scale: Tensor, qmin: int, qmax: int, forward: Callable[[Tensor, Tensor], Tensor],
              inputs: Sequence[Tensor], iterations: int = 1000, lr: float = 1e-2, reg: float = 3.0,
-             warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), seed: int = 0) -> Tensor:
+             warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), seed: int = 0,
+             target_inputs: Sequence[Tensor] | None = None) -> Tensor:
     """Learned-rounding weights (on the grid ``scale * [qmin, qmax]``, ``scale`` per output channel).
 
     ``forward(x, w)`` is the layer's output (without its bias) on inputs ``x`` with weights ``w``;
@@ -49,11 +50,18 @@ def adaround(weight: Tensor, scale: Tensor, qmin: int, qmax: int, forward: Calla
     round-to-nearest's, and the regulariser is averaged over the weights. (With the paper's sums,
     the balance depends on the layer's size and output scale; on small layers the regulariser never
     wins, nothing is decided, and the result is round-to-nearest again.)
+
+    ``target_inputs`` (the paper's asymmetric reconstruction, sec. 5): the target is the float
+    weights on these inputs (the float model's, one per mini-batch of ``inputs``) rather than on
+    ``inputs`` themselves, so the rounding also makes up for the error the inputs already carry.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
     if not inputs:
         raise ValueError("AdaRound needs calibration inputs for the layer")
+    if target_inputs is not None and len(target_inputs) != len(inputs):
+        raise ValueError(f"target_inputs must pair with inputs: {len(target_inputs)} against {len(inputs)}")
+    sources = list(target_inputs) if target_inputs is not None else list(inputs)
     torch.manual_seed(seed)
     w = weight.detach().float()
     s = scale.detach().float().reshape([-1] + [1] * (w.dim() - 1))
@@ -64,7 +72,8 @@ def adaround(weight: Tensor, scale: Tensor, qmin: int, qmax: int, forward: Calla
     opt = torch.optim.Adam([v], lr=lr)
     with torch.no_grad():
         nearest = s * torch.clamp(torch.round(w / s), qmin, qmax)
-        norm = sum(float((forward(x, nearest) - forward(x, w)).pow(2).mean()) for x in inputs) / len(inputs)
+        norm = sum(float((forward(x, nearest) - forward(t, w)).pow(2).mean())
+                   for x, t in zip(inputs, sources, strict=True)) / len(inputs)
     norm = max(norm, 1e-30)
     targets: dict[int, Tensor] = {}  # each mini-batch's float output, computed once
     for it in range(iterations):
@@ -73,7 +82,7 @@ def adaround(weight: Tensor, scale: Tensor, qmin: int, qmax: int, forward: Calla
         soft = s * torch.clamp(floor + rectified_sigmoid(v), qmin, qmax)
         if i not in targets:
             with torch.no_grad():
-                targets[i] = forward(x, w)
+                targets[i] = forward(sources[i], w)
         rec = (forward(x, soft) - targets[i]).pow(2).mean() / norm
         t = it / iterations
         if t < warmup:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["output_shift"]
+__all__ = ["output_shift", "output_shift_from_float"]
 
 
 @torch.no_grad()
@@ -38,3 +38,26 @@ def output_shift(forward: Callable[[Tensor, Tensor], Tensor], weight: Tensor, qu
         count += d.shape[0]
     assert total is not None
     return total / count
+
+
+@torch.no_grad()
+def output_shift_from_float(forward: Callable[[Tensor, Tensor], Tensor], weight: Tensor, quantized: Tensor,
+                            inputs: Sequence[Tensor], float_inputs: Sequence[Tensor], channel_dim: int = 1) -> Tensor:
+    """Mean per output channel of ``forward(x_q, quantized) - forward(x_f, weight)``: the shift of
+    the layer's output from the float model's own (``float_inputs``), the error its quantized
+    inputs carry included, so that subtracting it from the bias re-centres the quantized model on
+    the float one layer by layer."""
+    if not inputs or len(inputs) != len(float_inputs):
+        raise ValueError("bias correction from the float model needs the layer's inputs on both models, paired")
+
+    def mean(xs: Sequence[Tensor], w: Tensor) -> Tensor:
+        total, count = None, 0
+        for x in xs:
+            d = forward(x, w)
+            d = d.movedim(channel_dim, -1).reshape(-1, d.shape[channel_dim])
+            total = d.sum(0) if total is None else total + d.sum(0)
+            count += d.shape[0]
+        assert total is not None
+        return total / count
+
+    return mean(inputs, quantized) - mean(float_inputs, weight)

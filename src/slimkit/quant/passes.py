@@ -111,6 +111,10 @@ class QuantPass(Config):
     def wants_data(self, q: Quantize) -> bool:
         return self.needs_data
 
+    def wants_float_inputs(self) -> bool:
+        """Whether the layer sweep must give this pass each layer's inputs on the float model too."""
+        return False
+
     def __str__(self) -> str:
         """The pass as one would write it, with the fields that differ from the defaults."""
         try:
@@ -348,12 +352,20 @@ class AWQ(QuantPass):
 @dataclass(frozen=True, kw_only=True)
 class AdaRound(QuantPass):
     """AdaRound (``quant/adaround.py``): each weight's rounding up or down learned layer by layer,
-    ``iterations`` steps each, on the layer's calibration inputs (convs on sampled positions)."""
+    ``iterations`` steps each, on the layer's calibration inputs (convs on sampled positions).
+    ``asymmetric``: reconstruct the float model's own output at the layer (its float inputs through
+    the float weights) from the quantized model's inputs, the paper's asymmetric reconstruction, so
+    each layer also makes up for the error the layers before it left."""
 
     iterations: int = 1000
+    asymmetric: bool = False
 
     def validate(self) -> None:
         check_range("iterations", self.iterations, 1, 10**6)
+        check_choice("asymmetric", self.asymmetric, (True, False))
+
+    def wants_float_inputs(self) -> bool:
+        return self.asymmetric
 
     def check(self, q: Quantize) -> None:
         if q.weights.group_size is not None:
@@ -364,7 +376,16 @@ class AdaRound(QuantPass):
 @dataclass(frozen=True, kw_only=True)
 class BiasCorrection(QuantPass):
     """Subtract the output shift the layer's weight rounding causes, measured on its calibration
-    inputs (``quant/bias_correction.py``)."""
+    inputs (``quant/bias_correction.py``). ``from_float``: the shift from the float model's own
+    output at the layer instead (the error the quantized inputs carry included)."""
+
+    from_float: bool = False
+
+    def validate(self) -> None:
+        check_choice("from_float", self.from_float, (True, False))
+
+    def wants_float_inputs(self) -> bool:
+        return self.from_float
 
 
 @quant_pass("mixed_precision", "search")

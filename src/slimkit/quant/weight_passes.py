@@ -15,6 +15,7 @@ the earlier layers already on their grid, so each layer corrects for the error i
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import weakref
@@ -34,7 +35,7 @@ from slimkit.core.progress import progress
 
 from .adaround import adaround
 from .awq import awq_clip, awq_scales
-from .bias_correction import output_shift
+from .bias_correction import output_shift, output_shift_from_float
 from .clipping import mse_weight_scale, output_clip_scale
 from .equalization import equalize, relu6_to_relu
 from .gptq import gptq, hessian
@@ -93,6 +94,7 @@ class Layer:
     w: Tensor
     xs: list[Tensor]
     bits: int
+    xs_float: list[Tensor] | None = None  # its inputs on the float model, for passes that ask
     wq: Tensor | None = None
     grid: tuple[Tensor, Tensor, Tensor] | None = None
     input_scale: Tensor | None = None
@@ -369,8 +371,14 @@ def _adaround_pass(job: Job, cfg: AdaRound, layer: Layer) -> None:
     # a conv's loss on sampled output positions, as products of its input patches (patches.py)
     fast = conv_patches(layer.module, layer.xs, seed=0) if isinstance(layer.module, nn.Conv2d) else None
     forward, inputs = fast if fast is not None else (_forward(layer.module), layer.xs)
+    targets = None
+    if cfg.asymmetric:  # the same positions (same seed, same shapes) sampled from the float model's inputs
+        assert layer.xs_float is not None
+        fast_float = conv_patches(layer.module, layer.xs_float, seed=0) if fast is not None else None
+        targets = fast_float[1] if fast_float is not None else layer.xs_float
     with torch.enable_grad():
-        layer.wq = adaround(layer.w, scale, lo, hi, forward, inputs, iterations=cfg.iterations, seed=0)
+        layer.wq = adaround(layer.w, scale, lo, hi, forward, inputs, iterations=cfg.iterations, seed=0,
+                            target_inputs=targets)
     job.summary.setdefault("adarounded", []).append(layer.name)
 
 
@@ -378,7 +386,12 @@ def _adaround_pass(job: Job, cfg: AdaRound, layer: Layer) -> None:
 def _bias_correction_pass(job: Job, cfg: BiasCorrection, layer: Layer) -> None:
     assert layer.wq is not None
     m = layer.module
-    shift = output_shift(_forward(m), layer.w, layer.wq, layer.xs, channel_dim=-1 if isinstance(m, nn.Linear) else 1)
+    dim = -1 if isinstance(m, nn.Linear) else 1
+    if cfg.from_float:
+        assert layer.xs_float is not None
+        shift = output_shift_from_float(_forward(m), layer.w, layer.wq, layer.xs, layer.xs_float, channel_dim=dim)
+    else:
+        shift = output_shift(_forward(m), layer.w, layer.wq, layer.xs, channel_dim=dim)
     if m.bias is None:
         m.bias = nn.Parameter(torch.zeros_like(shift))
     m.bias.sub_(shift)
@@ -423,11 +436,18 @@ def weight_passes(model: nn.Module, q: Quantize, batches: list[Batch]) -> tuple[
     if rounding is not None:
         job.summary[{"adaround": "adarounded"}.get(rounding.name, rounding.name)] = []
     clipped, grouped = [], []
+    # passes that reconstruct the float model's own outputs get each layer's inputs on it too: a
+    # float copy walked in step with the model being rounded
+    float_walk = sequential_inputs(copy.deepcopy(model), names, batches) \
+        if any(p.wants_float_inputs() for p in [*([rounding] if rounding else []), *layer_passes]) else None
     with torch.no_grad():
         for name, xs in progress(sequential_inputs(model, names, batches), total=len(names),
                                  desc=rounding.name if rounding is not None else "bias correction"):
             module = cast(nn.Linear | nn.Conv1d | nn.Conv2d, model.get_submodule(name))
             layer = Layer(name, module, module.weight.detach().clone(), xs, weights.bits_for(name, module))
+            if float_walk is not None:
+                float_name, layer.xs_float = next(float_walk)
+                assert float_name == name
             if rounding is not None:
                 handler_of(rounding)(job, rounding, layer)
             else:

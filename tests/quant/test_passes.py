@@ -55,9 +55,14 @@ OLD_PRESETS = {
 }
 
 
+# what changed since, deliberately (benchmarks/results/ptq_real_cnn.md): the old forms, as passes
+CHANGED = {"int8": PRESETS["int8"].with_pass(BiasCorrection()),
+           "w4a8-adaround": PRESETS["w4a8-adaround"].with_pass(AdaRound(iterations=300))}
+
+
 @pytest.mark.parametrize("name", sorted(OLD_PRESETS))
 def test_each_old_flat_preset_translates_to_its_named_list(name):
-    assert sk.QuantConfig.from_dict(OLD_PRESETS[name]).to_passes() == PRESETS[name]
+    assert sk.QuantConfig.from_dict(OLD_PRESETS[name]).to_passes() == CHANGED.get(name, PRESETS[name])
 
 
 def test_old_dicts_still_quantize_the_same_with_a_warning_showing_the_new_form(trained_mlp, digits):
@@ -134,7 +139,7 @@ def test_plans_saved_with_the_old_flat_config_still_load(trained_mlp, digits, tm
     doc["plans"][0]["config"] = {**sk.QuantConfig(quantize_embeddings=True, bias_correction=True).to_dict()}
     path.write_text(json.dumps(doc))
     back = sk.load(tmp_path / "q", sk.zoo.digits_model("mlp"))
-    assert back.slimkit_plan.config == PRESETS["int8"]
+    assert back.slimkit_plan.config == CHANGED["int8"]  # the old form, translated
     torch.testing.assert_close(back(digits.test_x[:8]), q(digits.test_x[:8]))
 
 

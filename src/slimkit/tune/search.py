@@ -194,11 +194,12 @@ class Search:
 
         return quantize(model, qcfg, calib_data=self.calib)
 
+
     def choose_quant(self, base: nn.Module) -> dict[str, Any] | None:
         """Step 1: the INT8 config with the best metric within the budget (or None)."""
         found: list[tuple[Measurement, dict[str, Any]]] = []
         for cal in self.cfg.calibrators:
-            q: dict[str, Any] = {"calibrator": cal}
+            q: dict[str, Any] = _int8(cal)
             if not self.time_left("quantize"):
                 return _pick(found, self.cfg.objective)
             r = self.trial("quantize", f"int8 {cal}", lambda q=q: self.quantize(base, q), config=q)  # type: ignore[misc]
@@ -207,8 +208,7 @@ class Search:
         if found:
             return _pick(found, self.cfg.objective)
         for db in self.cfg.fallback_sqnr_db:
-            q = {"calibrator": self.cfg.calibrators[0], "mixed_bits": [8], "target_sqnr_db": db,
-                 "float_fallback": True}
+            q = _int8(self.cfg.calibrators[0], db)
             if not self.time_left("quantize"):
                 return None
             r = self.trial("quantize", f"int8 with float fallback ({db:g} dB)", lambda q=q: self.quantize(base, q), config=q)  # type: ignore[misc]
@@ -233,11 +233,11 @@ class Search:
         ok = self.feasible(fm)
         if qcfg is None:
             return floatm, ok
-        others = [{**qcfg, "calibrator": c} for c in self.cfg.calibrators if c != qcfg.get("calibrator")]
+        others = [_int8(c, _fallback_db(qcfg)) for c in self.cfg.calibrators if c != _calibrator(qcfg)]
         for q in [qcfg, *others]:
             if not self.time_left(kind + "+int8"):
                 break
-            t = self.trial(kind + "+int8", f"{label} + int8 {q.get('calibrator')}",
+            t = self.trial(kind + "+int8", f"{label} + int8 {_calibrator(q)}",
                            lambda q=q: self.quantize(floatm, q), **extra, config=q)  # type: ignore[misc]
             if t is not None and self.feasible(t[1]):
                 return floatm, True
@@ -345,3 +345,21 @@ def _pick(found: list[tuple[Measurement, dict[str, Any]]], objective: str) -> di
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+
+
+def _int8(calibrator: str, fallback_db: float | None = None) -> dict[str, Any]:
+    """The tuner's INT8 trial as a list of passes (a dict, as the trials record it): static INT8 with
+    ``calibrator``, and with ``fallback_db`` the layers that keep the outputs under that SQNR in float."""
+    passes: list[dict[str, Any]] = [{"weights": {}}, {"activations": {"calibrator": calibrator}}]
+    if fallback_db is not None:
+        passes.append({"mixed_precision": {"bits": [8], "target_sqnr_db": fallback_db, "float_fallback": True}})
+    return {"passes": passes}
+
+
+def _calibrator(qcfg: dict[str, Any]) -> str:
+    return str(qcfg["passes"][1]["activations"]["calibrator"])
+
+
+def _fallback_db(qcfg: dict[str, Any]) -> float | None:
+    rest = [p["mixed_precision"] for p in qcfg["passes"][2:] if "mixed_precision" in p]
+    return float(rest[0]["target_sqnr_db"]) if rest else None

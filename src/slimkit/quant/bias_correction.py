@@ -22,6 +22,19 @@ from torch import Tensor
 __all__ = ["output_shift", "output_shift_from_float"]
 
 
+def _channel_mean(forward: Callable[[Tensor, Tensor], Tensor], inputs: Sequence[Tensor], w: Tensor,
+                  channel_dim: int) -> Tensor:
+    """Mean per output channel of ``forward(x, w)`` over every position of every input."""
+    total, count = None, 0
+    for x in inputs:
+        d = forward(x, w)
+        d = d.movedim(channel_dim, -1).reshape(-1, d.shape[channel_dim])
+        total = d.sum(0) if total is None else total + d.sum(0)
+        count += d.shape[0]
+    assert total is not None
+    return total / count
+
+
 @torch.no_grad()
 def output_shift(forward: Callable[[Tensor, Tensor], Tensor], weight: Tensor, quantized: Tensor,
                  inputs: Sequence[Tensor], channel_dim: int = 1) -> Tensor:
@@ -29,15 +42,7 @@ def output_shift(forward: Callable[[Tensor, Tensor], Tensor], weight: Tensor, qu
     the layer without its bias, linear in the weights): subtract it from the bias."""
     if not inputs:
         raise ValueError("bias correction needs calibration inputs for the layer")
-    delta = quantized - weight
-    total, count = None, 0
-    for x in inputs:
-        d = forward(x, delta)
-        d = d.movedim(channel_dim, -1).reshape(-1, d.shape[channel_dim])
-        total = d.sum(0) if total is None else total + d.sum(0)
-        count += d.shape[0]
-    assert total is not None
-    return total / count
+    return _channel_mean(forward, inputs, quantized - weight, channel_dim)
 
 
 @torch.no_grad()
@@ -49,15 +54,5 @@ def output_shift_from_float(forward: Callable[[Tensor, Tensor], Tensor], weight:
     the float one layer by layer."""
     if not inputs or len(inputs) != len(float_inputs):
         raise ValueError("bias correction from the float model needs the layer's inputs on both models, paired")
-
-    def mean(xs: Sequence[Tensor], w: Tensor) -> Tensor:
-        total, count = None, 0
-        for x in xs:
-            d = forward(x, w)
-            d = d.movedim(channel_dim, -1).reshape(-1, d.shape[channel_dim])
-            total = d.sum(0) if total is None else total + d.sum(0)
-            count += d.shape[0]
-        assert total is not None
-        return total / count
-
-    return mean(inputs, quantized) - mean(float_inputs, weight)
+    return _channel_mean(forward, inputs, quantized, channel_dim) - _channel_mean(forward, float_inputs, weight,
+                                                                                  channel_dim)

@@ -80,7 +80,6 @@ class Job:
     q: Quantize
     batches: list[Batch]
     summary: dict[str, Any] = field(default_factory=dict)
-    done: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -134,9 +133,9 @@ def _shared_inputs(model: nn.Module, names: list[str], batch: Batch) -> list[lis
 @pass_handler(SmoothQuant)
 @pass_handler(OutlierChannels)
 def _smooth_pass(job: Job, cfg: QuantPass) -> None:
-    if "smooth" not in job.done:  # SmoothQuant and OutlierChannels are decided together, once
-        job.done.add("smooth")
-        job.summary.update(smooth(job.model, job.q, job.batches))
+    if isinstance(cfg, OutlierChannels) and job.q.find(SmoothQuant) is not None:
+        return  # decided together with SmoothQuant, when its turn comes
+    job.summary.update(smooth(job.model, job.q, job.batches))
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Quantized layers stay drop-ins for the layers they replace, and a verb says what it left alone."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -72,14 +73,11 @@ def test_torch_transformer_encoder_runs_and_exports(preset, tmp_path):
     assert float((q(ids) - ref).norm() / ref.norm()) < 0.1
     assert q.slimkit_plan.fidelity_["cosine"] > 0.99
     # MultiheadAttention's packed in_proj_weight, which it holds itself: int8 in the 8-bit presets,
-    # reported with the reason in the 4-bit one
-    alone = q.slimkit_plan.coverage_["left_alone"]
+    # 4-bit groups in the group-wise one
     held = [n for n in q.slimkit_plan.quantized_layers if n.endswith("in_proj_weight")]
-    if preset == "int4-weight":
-        assert any("in_proj_weight" in n and "MultiheadAttention" in why for n, why in alone.items())
-    else:
-        assert len(held) == 2 and q.slimkit_plan.coverage_["fraction"] == 1.0
-        assert "in_proj_weight" not in dict(attn.named_parameters()) and attn.in_proj_weight.shape == (96, 32)
+    assert len(held) == 2 and not any("in_proj" in n for n in q.slimkit_plan.coverage_["left_alone"])
+    assert "in_proj_weight" not in dict(attn.named_parameters()) and attn.in_proj_weight.shape == (96, 32)
+    assert attn.in_proj_weight_q.dtype == (torch.uint8 if preset == "int4-weight" else torch.int8)
     report = sk.export_onnx(q, tmp_path / "enc.onnx", ids)
     assert report.parity.ok and report.parity.file_vs_float is not None
 
@@ -189,13 +187,57 @@ def test_weights_no_layer_holds_are_quantized_at_8_bits_or_reported(caplog, tmp_
     assert sk.export_onnx(q, tmp_path / "bank.onnx", x).parity.ok
     loaded = sk.load(_save(q, tmp_path), _Experts().eval())
     assert torch.allclose(loaded(x), q(x))
-    with caplog.at_level("WARNING"):  # 4-bit groups are for Linear layers: the bank is left alone, and said so
-        q4 = sk.quantize(nn.Sequential(_Experts()).eval(), {"activations": "none", "weight_bits": 4, "group_size": 16})
+    wide = nn.Sequential(nn.Linear(16, 32), _Experts()).eval()  # groups of 32 fit the Linear, not the bank
+    with caplog.at_level("WARNING"):
+        q4 = sk.quantize(wide, [{"weights": {"bits": 4, "group_size": 16}}, {"activations": {"mode": "none"}}])
+    assert q4.slimkit_plan.coverage_["fraction"] == 1.0 and "quantized only" not in caplog.text
+    with caplog.at_level("WARNING"):  # a group size that does not divide the bank's rows: left alone, and said so
+        q4 = sk.quantize(nn.Sequential(nn.Linear(32, 16), _Experts()).eval(),
+                         [{"weights": {"bits": 4, "group_size": 32}}, {"activations": {"mode": "none"}}])
     cov = q4.slimkit_plan.coverage_
-    assert cov["fraction"] == pytest.approx(64 / (64 + 1024))
-    assert "3-D weight bank" in cov["left_alone"]["0.experts"]
-    assert "quantized only 6% of the weights" in caplog.text
-    assert "| 0.experts |" in q4.slimkit_plan.summary()
+    assert cov["fraction"] == pytest.approx(512 / (512 + 64 + 1024))
+    assert "group_size 32 does not divide the last axis of _Experts.experts (16 values)" in cov["left_alone"]["1.experts"]
+    assert "quantized only 32% of the weights" in caplog.text
+    assert "| 1.experts |" in q4.slimkit_plan.summary()
+
+
+def test_weights_no_layer_holds_take_4_bit_groups(tmp_path):
+    """The group-wise presets give a bank what they give a Linear layer: 4-bit groups with a scale and
+    a zero-point each, two values to a byte; the exported file holds the bytes, not a float copy."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = _Experts().eval()
+    model.experts.data = torch.randn(4, 64, 64) * 0.1
+    model.gate = nn.Linear(64, 4)
+    x = torch.randn(8, 64)
+    q = sk.quantize(model, [{"weights": {"bits": 4, "group_size": 32, "symmetric": False}}, {"activations": {"mode": "none"}},
+                            "gptq"], calib_data=[x])
+    assert isinstance(q, _Experts) and "experts" in q.slimkit_plan.quantized_layers
+    assert q.experts_q.dtype == torch.uint8 and q.experts_q.shape == (4, 64, 32) and q.experts_scale.shape == (4, 64, 2)
+    step = (q.experts_scale.abs().max() / 2 + 1e-6).item()
+    err = (q.experts - model.experts).abs()
+    assert float(err.max()) <= step and float(err.mean()) > 0  # on the 4-bit grid, not the float weights
+    assert q.slimkit_plan.passes["held_weights"]["rounding"] == "nearest"  # GPTQ reconstructs layers, not banks
+    assert "GPTQ" in q.slimkit_plan.passes["held_weights"]["why"]
+    ref = model(x)
+    assert 0 < float((q(x) - ref).norm() / ref.norm()) < 0.1
+    report = sk.export_onnx(q, tmp_path / "bank4.onnx", x)
+    assert report.parity.ok
+    stored = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "bank4.onnx")).graph.initializer]
+    assert sum(a.nbytes for a in stored if a.dtype == np.float32 and a.size >= 4 * 64 * 64 // 2) == 0
+    assert any(a.dtype == np.uint8 and a.size == 4 * 64 * 32 for a in stored)
+    loaded = sk.load(_save(q, tmp_path), _bank_like())
+    assert torch.equal(loaded.experts, q.experts) and torch.allclose(loaded(x), q(x))
+
+
+def _bank_like() -> nn.Module:
+    """An untrained model of the 64-wide bank's shapes, for ``sk.load`` to fill."""
+    fresh = _Experts().eval()
+    fresh.experts = nn.Parameter(torch.zeros(4, 64, 64))
+    fresh.gate = nn.Linear(64, 4)
+    return fresh
 
 
 def test_parity_follows_the_compression_noise(tmp_path, digits):

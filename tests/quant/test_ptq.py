@@ -264,3 +264,50 @@ def test_depthwise_convs_keep_8_bit_weights_under_reduce_range(tmp_path):
     assert widths == {"0": 63, "2": 127, "4": 63, "6": 63}
     rep = sk.export_onnx(q, tmp_path / "dw.onnx", x[:2])
     assert rep.parity.ok and rep.lint.ok
+
+
+class _UserNet(nn.Module):
+    """A user's CNN with its own attribute and method beside ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels = ["a", "b", "c"]
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def embed(self, x):
+        return self.features(x).mean((2, 3))
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+    def predict(self, x):
+        return [self.labels[i] for i in self(x).argmax(1).tolist()]
+
+
+def test_static_int8_keeps_the_users_class_methods_and_containers(tmp_path):
+    """The traced, BatchNorm-folded graph with its quantizers is run by the user's own model: its
+    class, attributes, methods and containers stay, each quantized layer at its own path."""
+    torch.manual_seed(0)
+    model = _UserNet().eval()
+    for bn in (model.features[1], model.features[4]):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(16, 1, 8, 8)
+    q = sk.quantize(model, "int8", calib_data=[x, torch.randn(16, 1, 8, 8)])
+    assert isinstance(q, _UserNet) and type(q).__name__ == "Slim_UserNet" and q.labels == ["a", "b", "c"]
+    assert isinstance(q.features, nn.Sequential) and isinstance(q.features[0], (nn.Conv2d, QuantConv))
+    assert isinstance(q.features[0], QuantConv) and isinstance(q.head, QuantLinear)
+    assert isinstance(q.features[1], nn.Identity)  # folded into features.0: its scale and shift live there
+    assert any(isinstance(m, ActQuant) for m in q.modules())
+    assert isinstance(model.features[1], nn.BatchNorm2d) and type(model) is _UserNet  # the caller's model as it was
+    ref = model(x)
+    assert float((q(x) - ref).norm() / ref.norm()) < 0.05
+    assert sum(a == b for a, b in zip(q.predict(x), model.predict(x), strict=True)) >= 14  # its own method
+    emb = q.embed(x)  # a method of the user's own: runs the quantized layers (without the graph's quantizers)
+    assert float((emb - model.embed(x)).norm() / model.embed(x).norm()) < 0.05
+    sk.save(q, tmp_path / "q")
+    loaded = sk.load(tmp_path / "q", _UserNet().eval())
+    assert isinstance(loaded, _UserNet) and torch.equal(loaded(x), q(x))
+    assert sk.export_onnx(q, tmp_path / "q.onnx", x).parity.ok

@@ -1,12 +1,16 @@
-"""Weight-only INT8 for weights a module holds itself rather than through a layer: mixture-of-experts
-banks (``gate_up_proj [experts, out, in]`` in transformers 5), ``nn.MultiheadAttention``'s packed
-``in_proj_weight``, a user's ``nn.Parameter`` read in its own forward.
+"""Weight-only quantization of weights a module holds itself rather than through a layer:
+mixture-of-experts banks (``gate_up_proj [experts, out, in]`` in transformers 5),
+``nn.MultiheadAttention``'s packed ``in_proj_weight``, a user's ``nn.Parameter`` read in its own forward.
 
-The parameter becomes int8 values with a symmetric scale per row (per expert and output row for a
-bank), and the module gets a subclass of its own class (``core/dropin.py``) in which the name
-reads the dequantized tensor: the module's forward, and every function it hands the weight to,
-run unchanged. The ONNX file holds the int8 values behind a ``DequantizeLinear`` (a bank is
-dequantized as rows, then reshaped), so it is a quarter of the float size.
+At 8 bits the parameter becomes int8 values with a symmetric scale per row (per expert and output
+row for a bank); with ``group_size`` it becomes 2- to 4-bit values in groups along the last
+(input) axis, each group with a scale and a zero-point, two values to a byte: the grid the
+group-wise presets give Linear layers (``weight_only.py``). Either way the module gets a subclass
+of its own class (``core/dropin.py``) in which the name reads the dequantized tensor: the module's
+forward, and every function it hands the weight to, run unchanged. The ONNX file holds the
+integers: at 8 bits behind a ``DequantizeLinear`` (a bank is dequantized as rows, then reshaped),
+a quarter of the float size; at 4 bits as the packed bytes, split with BitShift, an eighth plus
+the groups' scales.
 
 >>> import torch
 >>> from torch import nn
@@ -22,6 +26,11 @@ dequantized as rows, then reshaped), so it is a quarter of the float size.
 (True, False, (4, 8, 16))
 >>> bool((q.experts - bank.experts).abs().max() <= q.experts_scale.max() / 2 + 1e-6)
 True
+>>> q4 = quantize_parameters(bank, ["experts"], bits=4, group_size=8)
+>>> tuple(q4.experts_q.shape), q4.experts_q.dtype, tuple(q4.experts_scale.shape)
+((4, 8, 8), torch.uint8, (4, 8, 2))
+>>> bool((q4.experts - bank.experts).abs().max() <= q4.experts_scale.abs().max() / 2 + 1e-6)
+True
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from slimkit.quant.weight_only import dequantize_groups, pack_nibbles, rtn_groups, split_stored
 
 __all__ = ["quantize_parameters", "quantizable_parameters", "quantize_held_weights", "MIN_ELEMENTS"]
 
@@ -56,25 +67,51 @@ class _DQRows(torch.autograd.Function):
 def _reader(name: str) -> property:
     def get(self: nn.Module) -> Tensor:
         q, scale = getattr(self, f"{name}_q"), getattr(self, f"{name}_scale")
-        rows = _DQRows.apply(q.reshape(-1, q.shape[-1]), scale.reshape(-1))
-        return rows.reshape(q.shape).to(self.__dict__["slimkit_weight_dtypes"][name])
+        shape = self.__dict__["slimkit_weight_shapes"][name]
+        if q.dtype == torch.uint8:  # packed nibbles, a scale and a zero-point per group
+            zp = getattr(self, f"{name}_zero_point")
+            rows = dequantize_groups(split_stored(q.reshape(-1, q.shape[-1])), scale.reshape(-1, scale.shape[-1]),
+                                     zp.reshape(-1, zp.shape[-1]).float())
+        else:
+            rows = _DQRows.apply(q.reshape(-1, q.shape[-1]), scale.reshape(-1))
+        return rows.reshape(shape).to(self.__dict__["slimkit_weight_dtypes"][name])
 
     def put(self: nn.Module, value: Tensor) -> None:
-        raise AttributeError(f"{type(self).__name__}.{name} is held as int8 ({name}_q, {name}_scale); "
+        raise AttributeError(f"{type(self).__name__}.{name} is held as integers ({name}_q, {name}_scale); "
                              "it cannot be assigned")
 
-    return property(get, put, doc=f"``{name}``, dequantized from int8 (read-only)")
+    return property(get, put, doc=f"``{name}``, dequantized from integers (read-only)")
 
 
-def quantize_parameters(module: nn.Module, names: list[str]) -> nn.Module:
+def quantize_parameters(module: nn.Module, names: list[str], bits: int = 8, group_size: int | None = None,
+                        symmetric: bool = True) -> nn.Module:
     """A copy of ``module`` in which each parameter of ``names`` (directly on it, two or more
-    dimensions) is int8 with a scale per row, read back dequantized under its name."""
+    dimensions) is int8 with a scale per row, or, with ``group_size``, ``bits``-bit groups along its
+    last axis, read back dequantized under its name."""
     out = copy.deepcopy(module)
-    _in_place(out, names)
+    _in_place(out, names, bits, group_size, symmetric)
     return out
 
 
-def _in_place(module: nn.Module, names: list[str]) -> None:
+def _check_grid(cls: type, name: str, w: Tensor, bits: int, group_size: int | None) -> None:
+    if not isinstance(w, Tensor) or w.dim() < 2 or not w.is_floating_point():
+        raise ValueError(f"{cls.__name__}.{name} is not a floating-point parameter of two or more dimensions")
+    if group_size is None:
+        if bits != 8:
+            raise ValueError(f"{cls.__name__}.{name}: a held weight is int8 per row, or group-wise at 2-4 bits "
+                             f"with a group_size; got {bits} bits without groups")
+        return
+    if bits not in (2, 3, 4):
+        raise ValueError(f"{cls.__name__}.{name}: group-wise held weights are 2, 3 or 4 bits, got {bits}")
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"{cls.__name__}.{name}: group-wise held weights need an even group_size, got {group_size}")
+    if w.shape[-1] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the last axis of {cls.__name__}.{name} "
+                         f"({w.shape[-1]} values)")
+
+
+def _in_place(module: nn.Module, names: list[str], bits: int = 8, group_size: int | None = None,
+              symmetric: bool = True) -> None:
     cls = type(module)
     key = (cls, tuple(sorted(names)))
     if key not in _CLASSES:
@@ -82,20 +119,30 @@ def _in_place(module: nn.Module, names: list[str]) -> None:
         body.update({"__module__": cls.__module__, "__qualname__": f"Slim{cls.__qualname__}",
                      "slimkit_quantized_parameters": tuple(sorted(names)), "fx_leaf": True})
         _CLASSES[key] = type(f"Slim{cls.__name__}", (cls,), body)
+    for name in names:  # every name checked before any is changed
+        _check_grid(cls, name, module._parameters.get(name), bits, group_size)  # type: ignore[arg-type]
     dtypes: dict[str, torch.dtype] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for name in names:
-        w = module._parameters.get(name)
-        if not isinstance(w, Tensor) or w.dim() < 2 or not w.is_floating_point():
-            raise ValueError(f"{cls.__name__}.{name} is not a floating-point parameter of two or more dimensions")
+        w = module._parameters[name]
+        assert w is not None
         rows = w.detach().float().reshape(-1, w.shape[-1])
-        scale = (rows.abs().amax(1) / 127.0).clamp_min(1e-12)
-        q = torch.clamp(torch.round(rows / scale[:, None]), -127, 127).to(torch.int8)
+        lead = tuple(w.shape[:-1])
+        if group_size is None:
+            scale = (rows.abs().amax(1) / 127.0).clamp_min(1e-12)
+            q = torch.clamp(torch.round(rows / scale[:, None]), -127, 127).to(torch.int8)
+            module.register_buffer(f"{name}_q", q.reshape(w.shape))
+            module.register_buffer(f"{name}_scale", scale.reshape(lead))
+        else:
+            q, scale, zp = rtn_groups(rows, bits, group_size, symmetric)
+            module.register_buffer(f"{name}_q", pack_nibbles(q).reshape(*lead, -1))
+            module.register_buffer(f"{name}_scale", scale.float().reshape(*lead, -1))
+            module.register_buffer(f"{name}_zero_point", zp.to(torch.uint8).reshape(*lead, -1))
         del module._parameters[name]
-        module.register_buffer(f"{name}_q", q.reshape(w.shape))
-        module.register_buffer(f"{name}_scale", scale.reshape(w.shape[:-1]))
-        dtypes[name] = w.dtype
+        dtypes[name], shapes[name] = w.dtype, tuple(w.shape)
     module.__class__ = _CLASSES[key]  # a subclass of its own class: its forward and attributes stay
-    module.__dict__["slimkit_weight_dtypes"] = dtypes
+    module.__dict__.setdefault("slimkit_weight_dtypes", {}).update(dtypes)
+    module.__dict__.setdefault("slimkit_weight_shapes", {}).update(shapes)
 
 
 def quantizable_parameters(model: nn.Module, covered: set[str]) -> dict[str, list[str]]:
@@ -115,12 +162,26 @@ def quantizable_parameters(model: nn.Module, covered: set[str]) -> dict[str, lis
     return found
 
 
-def quantize_held_weights(model: nn.Module, covered: set[str], exclude: tuple[str, ...] = ()) -> list[str]:
-    """Quantize, in place, every weight ``quantizable_parameters`` finds; returns their names."""
+def quantize_held_weights(model: nn.Module, covered: set[str], exclude: tuple[str, ...] = (), bits: int = 8,
+                          group_size: int | None = None, symmetric: bool = True,
+                          skipped: dict[str, str] | None = None) -> list[str]:
+    """Quantize, in place, every weight ``quantizable_parameters`` finds; returns their names. A
+    module whose weights do not fit the grid (a last axis the group size does not divide) is left
+    in float, with the reason in ``skipped``."""
     done = []
     for mname, pnames in quantizable_parameters(model, covered).items():
         if any(mname == e or mname.startswith(e + ".") for e in exclude):
             continue
-        _in_place(model.get_submodule(mname), pnames)
-        done += [f"{mname}.{p}" if mname else p for p in pnames]
+        module = model.get_submodule(mname)
+        fits = []
+        for p in pnames:
+            try:
+                _check_grid(type(module), p, module._parameters[p], bits, group_size)  # type: ignore[arg-type]
+                fits.append(p)
+            except ValueError as e:
+                if skipped is not None:
+                    skipped[f"{mname}.{p}" if mname else p] = str(e)
+        if fits:
+            _in_place(module, fits, bits, group_size, symmetric)
+            done += [f"{mname}.{p}" if mname else p for p in fits]
     return done

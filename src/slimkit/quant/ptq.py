@@ -21,6 +21,7 @@ from slimkit.core.batch import Batch, cache_free, call_checked, check_batches, m
 from slimkit.core.config import register
 from slimkit.core.fidelity import check_fidelity, coverage
 from slimkit.core.graph import TraceError, float_tensor_nodes, fold_batchnorm, trace
+from slimkit.core.held import graph_of, hold_graph
 from slimkit.core.layers import canonicalize, restore
 from slimkit.core.plans import attach, register_plan
 from slimkit.core.progress import progress
@@ -108,8 +109,9 @@ class QuantPlan:
         )
 
 
-def _swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan) -> None:
-    """Replace Linear/Conv modules by their quantized versions, in place, recording the choice."""
+def _swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: bool = True) -> None:
+    """Replace Linear/Conv modules by their quantized versions, in place, recording the choice;
+    ``held``: then the weights modules hold themselves (``_quantize_held``)."""
     cfg = passes.weights
     dynamic = passes.activations.mode == "dynamic"
     owners: dict[int, list[str]] = {}  # parameter -> modules holding it (tied embeddings), before any swap
@@ -160,10 +162,26 @@ def _swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan) -> None:
             plan.quantized_layers.append(full)
     for step in passes.of_stage("convert"):
         handler_of(step)(model, step, plan, owners)
-    if cfg.bits == 8 and cfg.group_size is None:  # weights a module holds itself: expert banks...
-        plan.quantized_layers += quantize_held_weights(model, set(plan.quantized_layers), cfg.exclude)
+    if held:
+        _quantize_held(model, passes, plan)
     for full, why in plan.skipped.items():
         log.info("kept in float: %s (%s)", full, why)
+
+
+def _quantize_held(model: nn.Module, passes: Quantize, plan: QuantPlan) -> None:
+    """The weights a module holds itself (expert banks, ``in_proj_weight``), on the ``Weights`` grid."""
+    cfg = passes.weights
+    if cfg.group_size is not None or cfg.bits == 8:
+        held = quantize_held_weights(model, set(plan.quantized_layers), cfg.exclude, bits=cfg.bits,
+                                     group_size=cfg.group_size, symmetric=cfg.symmetric, skipped=plan.skipped)
+        plan.quantized_layers += held
+        if held:  # the rounding passes reconstruct layers from their inputs; a held weight has no layer input
+            rounding = passes.rounding
+            plan.passes["held_weights"] = {
+                "weights": held, "rounding": "nearest",
+                "why": (f"{type(rounding).__name__} reconstructs Linear/Conv layers from their inputs; weights a "
+                        "module holds itself (expert banks) are rounded to nearest") if rounding is not None
+                else "round to nearest"}
 
 
 @pass_handler(Embeddings)
@@ -210,15 +228,23 @@ def _frozen_factory(cfg: Activations) -> Any:
     return lambda node_name, bounded=False: ActQuant(cfg.bits, signed=False)
 
 
-def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None) -> nn.Module:
-    """Fold, swap and place quantizers on a copy-owned ``model``; fills ``plan`` when it is new."""
+def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None,
+             user: nn.Module | None = None) -> nn.Module:
+    """Fold, swap and place quantizers on a copy-owned ``model``; fills ``plan`` when it is new.
+    A traced model's graph is run by ``user`` (the copy-owned model of the user's class that
+    ``model`` was made from, when the weight passes traced it; ``model`` itself by default)."""
     cfg = plan.config
     if cfg.find(Equalize) is not None:  # structural, so a saved plan replays it on a fresh base model
         relu6_to_relu(model)
     if cfg.activations.mode != "static":
-        _swap_weighted(model, cfg, plan)
         plan.mode = "module"
-        return model
+        if user is None or user is model or not isinstance(model, fx.GraphModule):
+            _swap_weighted(model, cfg, plan)
+            return model
+        _swap_weighted(model, cfg, plan, held=False)  # the weight passes traced it: the user's model runs it
+        out = hold_graph(user, model)
+        _quantize_held(out, cfg, plan)
+        return out
     if plan.mode == "graph":
         try:
             gm = trace(model)
@@ -230,13 +256,16 @@ def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None
         return _prepare_module_level(model, plan, make)
     if cfg.weights.fold_bn:
         plan.folded_bn = fold_batchnorm(gm) or list(plan.passes.get("folded_bn", []))
-    _swap_weighted(gm, cfg, plan)
+    _swap_weighted(gm, cfg, plan, held=False)
     gm.recompile()
     if example is not None:
         plan.placement = find_placement(gm, float_tensor_nodes(gm, example))
     bounded = bounded_nodes(gm)
     insert_quantizers(gm, plan.placement, lambda name: make(name, name in bounded))
-    return gm
+    # the user's model runs the graph: its class, methods and containers stay (core/held.py)
+    held = hold_graph(user if user is not None else model, gm)
+    _quantize_held(held, cfg, plan)  # read by the graph through the model's own modules
+    return held
 
 
 def _prepare_module_level(model: nn.Module, plan: QuantPlan, make: Any) -> nn.Module:
@@ -254,9 +283,10 @@ def _act_quantizers(model: nn.Module) -> dict[str, ActQuant]:
 
 def _quantize_biases(model: nn.Module) -> None:
     """Give each static quantized layer fed by a quantizer an int32 bias at scale s_x * s_w."""
-    if isinstance(model, fx.GraphModule):
+    graph = graph_of(model)
+    if graph is not None:
         modules = dict(model.named_modules())
-        for node in model.graph.nodes:
+        for node in graph.nodes:
             layer = modules.get(str(node.target)) if node.op == "call_module" else None
             if isinstance(layer, (QuantLinear, QuantConv)) and not layer.dynamic:
                 src = node.args[0]
@@ -295,6 +325,7 @@ def quantize_fixed(model: nn.Module, cfg: Quantize, calib_data: Any = None, inpl
     canonicalize(target)  # Hugging Face's Conv1D as the Linear it is, while the passes work
     plan = QuantPlan(config=cfg)
     mode = cfg.activations.mode
+    user = target  # the weight passes may trace it; the result keeps its class (core/held.py)
     if needs_weight_passes(cfg):
         wanted = cfg.wants_data()
         if calib_data is None and wanted:
@@ -307,7 +338,7 @@ def quantize_fixed(model: nn.Module, cfg: Quantize, calib_data: Any = None, inpl
     if mode != "static":
         if calib_data is not None and not needs_weight_passes(cfg):
             log.info("%s quantization needs no calibration data; ignoring calib_data", mode)
-        out = _prepare(target, plan, None, None)
+        out = _prepare(target, plan, None, None, user)
         restore(out)
         _report(model, out, plan, cache_free(model, check_batches(calib_data)[0]) if calib_data is not None else None,
                 inplace)
@@ -319,7 +350,7 @@ def quantize_fixed(model: nn.Module, cfg: Quantize, calib_data: Any = None, inpl
     batches = [cache_free(model, b) for b in check_batches(calib_data)]
     if cfg.calib_batches is not None:
         batches = batches[: cfg.calib_batches]
-    out = _prepare(target, plan, _observer_factory(cfg.activations), batches[0])
+    out = _prepare(target, plan, _observer_factory(cfg.activations), batches[0], user)
     quantizers = _act_quantizers(out)
     if not quantizers:
         raise ValueError(f"no layer of {type(model).__name__} could be quantized: {plan.skipped or 'no Linear/Conv layers'}")

@@ -33,7 +33,7 @@ from slimkit.core.dropin import DropIn, adopt
 from slimkit.core.layers import in_own_layout
 from slimkit.quant.modules import ScaleInput
 
-__all__ = ["group_qparams", "quantize_groups", "dequantize_groups", "rtn_groups", "pack_nibbles", "unpack_nibbles",
+__all__ = ["group_qparams", "quantize_groups", "dequantize_groups", "rtn_groups", "pack_nibbles", "unpack_nibbles", "split_stored",
            "QuantLinearNBits", "QuantEmbedding", "EXPORT_BITS"]
 
 EXPORT_BITS = (4,)  # the widths MatMulNBits runs on the CPU in the ONNX Runtime this project pins
@@ -106,6 +106,33 @@ def split_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([p - 16 * high, high], -1).reshape(*packed.shape[:-1], -1)
 
 
+class _SplitStored(torch.autograd.Function):
+    """``split_nibbles`` of a stored (constant) byte tensor ``[rows, cols]``. Exported with BitShift
+    on the bytes first, which the exporter's constant folding leaves alone: a Cast or Div first
+    would be folded into a float copy of the weight, and the file would hold it instead of the bytes."""
+
+    @staticmethod
+    def forward(ctx: Any, packed: Tensor) -> Tensor:  # type: ignore[override]
+        return split_nibbles(packed)
+
+    @staticmethod
+    def symbolic(g: Any, packed: Any) -> Any:
+        rows, cols = packed.type().sizes()
+        four = g.op("Constant", value_t=torch.tensor(4, dtype=torch.uint8))
+        high = g.op("BitShift", packed, four, direction_s="RIGHT")
+        low = g.op("BitShift", g.op("BitShift", packed, four, direction_s="LEFT"), four, direction_s="RIGHT")
+        last = g.op("Constant", value_t=torch.tensor([-1]))
+        pairs = g.op("Concat", g.op("Unsqueeze", g.op("Cast", low, to_i=1), last),
+                     g.op("Unsqueeze", g.op("Cast", high, to_i=1), last), axis_i=-1)
+        return g.op("Reshape", pairs, g.op("Constant", value_t=torch.tensor([rows, 2 * cols])))
+
+
+def split_stored(packed: Tensor) -> Tensor:
+    """``split_nibbles`` of a stored byte tensor ``[rows, cols]``: every value, as float; exported
+    so that the file keeps the bytes (``_SplitStored``)."""
+    return _SplitStored.apply(packed)
+
+
 class _MatMulNBits(torch.autograd.Function):
     """``x @ W^T + b`` with W dequantized from packed groups; exports as MatMulNBits + Add."""
 
@@ -173,8 +200,8 @@ class QuantLinearNBits(DropIn, nn.Linear):
         """The dequantized weight, in the original's dtype and layout (read-only). Model code that
         reads it (``nn.MultiheadAttention`` reads ``out_proj.weight``) exports it as plain ONNX: the
         nibbles are split in float (Div, Floor), which any exporter and runtime take."""
-        q = split_nibbles(self.packed.reshape(self.out_features, -1))[..., :self.in_features]
-        zp = split_nibbles(self.zero_points)[..., :self.in_features // self.group_size]
+        q = split_stored(self.packed.reshape(self.out_features, -1))[..., :self.in_features]
+        zp = split_stored(self.zero_points)[..., :self.in_features // self.group_size]
         w = dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp)
         if not bool((self.input_scale == 1).all()):  # AWQ: the input is divided by the scales the weights carry
             w = w / self.input_scale

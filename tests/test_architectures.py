@@ -28,9 +28,9 @@ MIN_COSINE = {"int8": 0.99, "int8-dynamic": 0.99, "int8-smoothquant": 0.99, "int
 
 # random-weight MobileNetV2s (17 depthwise blocks, ReLU6 saturating) lose 0.08-0.16 of cosine at 8 bits as
 # rounding noise; the trained zoo MobileNetV2 keeps FP32's accuracy at int8 (tests/quant/test_ptq.py). On the
-# zoo one, int8's bias correction towards the float model's outputs, estimated from this sweep's 2 images,
-# scores 0.84 where correcting each layer's own rounding scored above 0.85 (on the HF one it gains).
-NOISY = {"hf-mobilenet-v2": 0.85, "zoo-mobilenet-v2": 0.82}
+# zoo one, int8's bias correction towards the float model's outputs scores 0.84 on this sweep's 2 images and
+# correcting each layer's own rounding 0.90: the preset measures both and keeps the second there.
+NOISY = {"hf-mobilenet-v2": 0.85, "zoo-mobilenet-v2": 0.88}
 # nothing the preset covers: group-wise weights are for Linear layers (these are all-conv nets, or a
 # head of 400 inputs that groups of 32 do not divide)
 NOT_APPLICABLE = {(a, p) for a in ("hf-resnet", "hf-mobilenet-v2", "padding-cnn")

@@ -287,3 +287,26 @@ def test_the_sweep_gives_passes_that_ask_the_float_models_inputs(trained_resnet,
     with torch.no_grad():
         agree = float((q(x).argmax(1) == trained_resnet(x).argmax(1)).float().mean())
     assert agree > 0.9
+
+
+def test_bias_correction_from_float_is_kept_only_where_it_brings_the_outputs_closer():
+    """``BiasCorrection(from_float=True)`` quantizes both ways and keeps the source whose outputs on
+    the calibration data are closer to the float model's; on a random-weight MobileNetV2 with two
+    images (ReLU6s saturating) the float target overshoots, and the layers' own inputs win."""
+    from slimkit.core.batch import output_error
+    from slimkit.zoo.archs import ARCHS
+
+    model, batch = ARCHS["zoo-mobilenet-v2"].build()
+    data = [batch, batch]
+    ref = [[model(batch).detach()]]
+    base = [Weights(), Activations()]
+    compared = sk.quantize(model, [*base, BiasCorrection(from_float=True)], calib_data=data)
+    forced = sk.quantize(model, [*base, BiasCorrection(from_float=True, compare=False)], calib_data=data)
+    own = sk.quantize(model, [*base, BiasCorrection()], calib_data=data)
+    source = compared.slimkit_plan.passes["bias_correction_source"]
+    assert source["from_float"] is False and source["sqnr_db_own_inputs"] > source["sqnr_db_from_float"]
+    err = {k: output_error(m, [batch], ref) for k, m in [("compared", compared), ("forced", forced), ("own", own)]}
+    assert err["compared"] == pytest.approx(err["own"]) and err["compared"] < err["forced"]
+    assert "bias_correction_source" not in forced.slimkit_plan.passes
+    with pytest.raises(ValueError, match="compare must be one of"):
+        BiasCorrection(from_float=True, compare="yes")

@@ -9,6 +9,7 @@ with one fixed list.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any, cast
 
@@ -31,7 +32,7 @@ from slimkit.quant.passes import (
 from slimkit.quant.ptq import QuantPlan, quantize_fixed, quantize_ptq
 from slimkit.quant.weight_passes import weight_passes
 
-__all__ = ["keep_float", "mixed_precision", "equalization"]
+__all__ = ["keep_float", "mixed_precision", "equalization", "quantize_compared"]
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ def equalization(model: nn.Module, cfg: Quantize, calib_data: Any) -> nn.Module:
     float model's is kept; ``plan.passes["equalization"]`` records both and the decision."""
     data = _data(calib_data, cfg)
     reference = _reference(model, data)
-    with_eq = quantize_fixed(model, cfg, data, inplace=False)
-    without = quantize_fixed(model, cfg.without(Equalize), data, inplace=False)
+    with_eq = quantize_compared(model, cfg, data)
+    without = quantize_compared(model, cfg.without(Equalize), data)
     with torch.no_grad():
         err_with, err_without = output_error(with_eq, data, reference), output_error(without, data, reference)
     kept = err_with <= err_without
@@ -135,4 +136,28 @@ def equalization(model: nn.Module, cfg: Quantize, calib_data: Any) -> nn.Module:
     cast(QuantPlan, choice.slimkit_plan).passes["equalization"] = report
     log.info("cross-layer equalization %s: %.1f dB with it, %.1f dB without (calibration data)",
              "kept" if kept else "left out", report["sqnr_db_with"], report["sqnr_db_without"])
+    return choice
+
+
+def quantize_compared(model: nn.Module, cfg: Quantize, data: list[Any], inplace: bool = False) -> nn.Module:
+    """``quantize_fixed``, except that a ``BiasCorrection(from_float=True)`` that ``compares`` is
+    tried both ways, the shift from the float model's output and from the layer's own inputs, and
+    the model whose outputs on ``data`` are closer to the float model's is kept (recorded in
+    ``plan.passes["bias_correction_source"]``)."""
+    bc = cfg.find(BiasCorrection)
+    if bc is None or not bc.compares() or inplace:
+        return quantize_fixed(model, cfg, data, inplace)
+    from_float = quantize_fixed(model, cfg, data)  # first: it names the layer a batch the model cannot take fails in
+    reference = _reference(model, data)
+    own = quantize_fixed(model, cfg.with_pass(dataclasses.replace(bc, from_float=False)), data)
+    with torch.no_grad():
+        err_float, err_own = output_error(from_float, data, reference), output_error(own, data, reference)
+    kept = err_float <= err_own
+    choice = from_float if kept else own
+    report = {"from_float": kept, "sqnr_db_from_float": mp.sqnr_db(err_float), "sqnr_db_own_inputs": mp.sqnr_db(err_own)}
+    plan = cast(QuantPlan, choice.slimkit_plan)
+    plan.passes["bias_correction_source"] = report
+    log.info("bias correction from the %s: %.1f dB from the float model's output, %.1f dB from the layers' own "
+             "inputs (calibration data)", "float model's output" if kept else "layers' own inputs",
+             report["sqnr_db_from_float"], report["sqnr_db_own_inputs"])
     return choice

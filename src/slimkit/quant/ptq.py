@@ -33,6 +33,7 @@ from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.param_weights import quantize_held_weights
 from slimkit.quant.passes import (
     Activations,
+    BiasCorrection,
     Embeddings,
     Equalize,
     Quantize,
@@ -311,6 +312,9 @@ def quantize_ptq(model: nn.Module, cfg: Quantize, calib_data: Any = None,
         return cast(nn.Module, handler_of(p)(model, cfg, p, calib_data, inplace))
     if cfg.find(Equalize) is not None and calib_data is not None:
         return choose.equalization(model, cfg, calib_data)
+    bc = cfg.find(BiasCorrection)
+    if bc is not None and bc.compares() and calib_data is not None and not inplace:
+        return choose.quantize_compared(model, cfg, choose._data(calib_data, cfg))
     return quantize_fixed(model, cfg, calib_data, inplace)
 
 

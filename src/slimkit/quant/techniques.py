@@ -149,12 +149,22 @@ class AdaRound(QuantPass):
 class BiasCorrection(QuantPass):
     """Subtract the output shift the layer's weight rounding causes, measured on its calibration
     inputs (``quant/bias_correction.py``). ``from_float``: the shift from the float model's own
-    output at the layer instead (the error the quantized inputs carry included)."""
+    output at the layer instead (the error the quantized inputs carry included). ``compare`` (with
+    ``from_float``): also quantize with the shift measured on the layer's own inputs and keep the
+    one whose outputs on the calibration data are closer to the float model's; the float target
+    can overshoot where a nonlinearity saturates (a random-weight MobileNetV2's ReLU6s on two
+    images), and ``plan.passes["bias_correction_source"]`` records both and the choice."""
 
     from_float: bool = False
+    compare: bool = True
 
     def validate(self) -> None:
         check_choice("from_float", self.from_float, (True, False))
+        check_choice("compare", self.compare, (True, False))
+
+    def compares(self) -> bool:
+        """Whether the model is quantized both ways to choose the shift's source."""
+        return self.from_float and self.compare
 
     def wants_float_inputs(self) -> bool:
         return self.from_float

@@ -223,6 +223,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from slimkit.export.generator import Generator
+
+    g = Generator(args.model, tokenizer=args.tokenizer, threads=args.threads)
+    if args.prompt is None and args.prompt_ids is None:
+        raise ValueError("give --prompt TEXT (with --tokenizer) or --prompt-ids 1,2,3")
+    prompt: Any = args.prompt if args.prompt is not None else [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+
+    def show(token: int, piece: str | None) -> None:
+        sys.stdout.write(piece if piece is not None else f"{token} ")
+        sys.stdout.flush()
+
+    out = g.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
+                     on_token=show if stream else None)
+    if not stream:
+        sys.stdout.write(out.text if out.text is not None else " ".join(map(str, out.tokens)))
+    sys.stdout.write("\n")
+    sys.stderr.write(f"{len(out.tokens)} tokens ({out.stopped_by}); first token {1e3 * out.seconds_to_first_token:.1f} ms "
+                     f"for {out.prompt_tokens} prompt tokens; {out.tokens_per_second:.1f} tokens/s after it\n")
+    return 0
+
+
 def add_tools(sub: Any) -> None:
     p = sub.add_parser("demo", help="the whole story on the bundled digits: FP32, INT8 and ONNX Runtime's quantizer, "
                        "prune + distill, the tuner's pick, and the report")
@@ -250,6 +274,22 @@ def add_tools(sub: Any) -> None:
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(fn=_cmd_bench)
+    p = sub.add_parser("generate", help="generate text with a file export_onnx(..., generative=True) wrote")
+    p.add_argument("model", help="the .onnx file, or its folder (with genai_config.json)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer folder (text in and out); without it, token ids")
+    p.add_argument("--prompt", help="the prompt text (needs --tokenizer)")
+    p.add_argument("--prompt-ids", help="the prompt as token ids, comma-separated")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens holding this mass")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop when the text holds this string (repeatable)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print each token as it comes (default: on a terminal)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(fn=_cmd_generate)
     p = sub.add_parser("lint", help="Q/DQ pairs left unfused and float ops left in a quantized ONNX file "
                        "(exit 1 when it finds any)")
     p.add_argument("file")

@@ -70,8 +70,10 @@ def test_quantized_decoders_export_with_their_cache(passes, tmp_path):
     assert r.parity.ok and r.parity.file_vs_float is not None  # judged against the float model's logits
     float_file = sk.export_onnx(model, tmp_path / "f" / "model.onnx", batch, generative=True)
     assert r.size_bytes < 0.8 * float_file.size_bytes
-    ops = {n.op_type for n in onnx.load(r.path).graph.node}
-    assert ("MatMulNBits" if passes.startswith("int4") else "MatMulInteger") in ops
+    nodes = onnx.load(r.path).graph.node
+    assert ("MatMulNBits" if passes.startswith("int4") else "MatMulInteger") in {n.op_type for n in nodes}
+    levels = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == ({4} if passes.startswith("int4") else set())  # int8 compute: decoding is memory-bound
     tokens = Generator(tmp_path / "q").generate(batch["input_ids"][0].tolist(), max_new_tokens=8).tokens
     assert tokens == r.tokens_file
 
@@ -177,3 +179,14 @@ def test_bad_input_is_named(tmp_path):
     plain = sk.export_onnx(torch.nn.Linear(4, 2), tmp_path / "plain.onnx", torch.randn(1, 4))
     with pytest.raises(ValueError, match="not a generative export"):
         Generator(plain.path)
+
+
+def test_float_compute_for_4_bit_layers_on_request(tmp_path):
+    model, batch = ARCHS["llama-gqa"].build()
+    q = sk.quantize(model, INT4)
+    r = sk.export_onnx(q, tmp_path / "q" / "model.onnx", batch, generative=True, accuracy_level=None)
+    nodes = [n for n in onnx.load(r.path).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and not any(a.name == "accuracy_level" for n in nodes for a in n.attribute)
+    assert r.parity.ok and not any("export_accuracy_level" in vars(m) for m in q.modules())  # nothing left set
+    with pytest.raises(ValueError, match="accuracy_level is MatMulNBits' 0-4"):
+        sk.export_onnx(q, tmp_path / "x" / "model.onnx", batch, generative=True, accuracy_level=7)

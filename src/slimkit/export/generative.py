@@ -22,7 +22,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ __all__ = ["CacheLayout", "GenerativeReport", "cache_layout", "export_generative
 log = logging.getLogger(__name__)
 
 PARITY_TOKENS = 8  # new tokens the parity check generates after the example prompt
+# MatMulNBits' compute for 4-bit layers in a decoding file: int8 activations. A decoding step reads
+# every weight once (memory-bound); on a 125 M Llama, 2 threads, it runs 1.8x the tokens per second
+# of float compute (benchmarks/results/llm_generate.md)
+DECODE_ACCURACY_LEVEL = 4
 
 
 @dataclass(frozen=True)
@@ -267,11 +272,31 @@ def genai_config(model: nn.Module, layout: CacheLayout, filename: str) -> dict[s
     }
 
 
+@contextmanager
+def _accuracy_level(model: nn.Module, level: int | None) -> Iterator[None]:
+    """Every 4-bit layer of ``model`` exported with MatMulNBits' ``accuracy_level`` ``level`` (restored after)."""
+    from slimkit.quant.weight_only import QuantLinearNBits
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinearNBits)]
+    for m in layers:
+        m.export_accuracy_level = level
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("export_accuracy_level", None)
+
+
 def export_generative(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, check: bool = True,
-                      tolerance: float | None = None) -> GenerativeReport:
+                      tolerance: float | None = None, accuracy_level: int | None = DECODE_ACCURACY_LEVEL
+                      ) -> GenerativeReport:
     """Write ``model`` (a Hugging Face causal LM, float or quantized) to ``path`` as one decoding
     step with its key/value cache, and ``genai_config.json`` beside it; check generation in ONNX
-    Runtime against PyTorch (see the module docstring). Both files are written atomically."""
+    Runtime against PyTorch (see the module docstring). Both files are written atomically.
+    ``accuracy_level``: MatMulNBits' compute for 4-bit layers (4: int8 activations, the default
+    for decoding, which is memory-bound; None: float)."""
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level is MatMulNBits' 0-4 (or None), got {accuracy_level!r}")
     from slimkit.export.onnx import (
         OPSET,
         ParityError,
@@ -294,7 +319,7 @@ def export_generative(model: nn.Module, path: str | os.PathLike[str], example_in
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     prompt = _prompt(example_inputs)
-    with _eager_attention(model):
+    with _eager_attention(model), _accuracy_level(model, accuracy_level):
         layout = cache_layout(model, prompt)
         step = KVStep(model, layout).eval()
         past_len = 2

@@ -86,7 +86,7 @@ def _output_names(model: nn.Module, example: Batch) -> list[str]:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Batch,
                 check: bool = True, tolerance: float | None = None,
-                input_names: list[str] | None = None, generative: bool = False) -> Any:
+                input_names: list[str] | None = None, generative: bool = False, **generative_options: Any) -> Any:
     """Write ``model`` to ``path`` as ONNX and check it in ONNX Runtime.
 
     ``example_inputs`` is a batch as the model is called with (tensor, tuple, or dict of named
@@ -104,12 +104,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     ``generative=True`` (a Hugging Face causal LM; ``example_inputs`` its token ids): the file is one
     decoding step with the key/value cache as inputs and outputs, in onnxruntime-genai's layout with
     its ``genai_config.json`` beside it, checked on greedy generation (``export/generative.py``);
-    returns a ``GenerativeReport``.
+    returns a ``GenerativeReport``; ``generative_options`` go to ``export_generative`` (``accuracy_level``).
     """
     if generative:
         from slimkit.export.generative import export_generative
 
-        return export_generative(model, path, example_inputs, check=check, tolerance=tolerance)
+        return export_generative(model, path, example_inputs, check=check, tolerance=tolerance, **generative_options)
     for name, m in model.named_modules():
         if getattr(m, "calibrating", False):
             raise ValueError(f"{type(m).__name__} is still calibrating; quantize with calib_data first")

@@ -147,9 +147,13 @@ class _MatMulNBits(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, x: Any, packed: Any, scales: Any, zp_packed: Any, bias: Any, meta: dict[str, int]) -> Any:
-        y = g.op("com.microsoft::MatMulNBits", x, packed, scales, zp_packed, K_i=meta["K"], N_i=meta["N"],
-                 bits_i=meta["bits"], block_size_i=meta["block_size"])
-        return g.op("Add", y, bias)
+        level = {"accuracy_level_i": meta["accuracy_level"]} if meta.get("accuracy_level") is not None else {}
+        # symmetric groups' zero-point is MatMulNBits' default (2**(bits-1)), and a layer without a bias
+        # adds nothing: both inputs are left out, as ONNX Runtime's own quantizer leaves them
+        inputs = [x, packed, scales] + ([] if meta.get("default_zero_point") else [zp_packed])
+        y = g.op("com.microsoft::MatMulNBits", *inputs, K_i=meta["K"], N_i=meta["N"],
+                 bits_i=meta["bits"], block_size_i=meta["block_size"], **level)
+        return g.op("Add", y, bias) if meta.get("bias", 1) else y
 
 
 class QuantLinearNBits(DropIn, nn.Linear):
@@ -212,8 +216,20 @@ class QuantLinearNBits(DropIn, nn.Linear):
     def weight(self, value: Tensor) -> None:
         raise AttributeError(f"{type(self).__name__} holds its weight packed; it cannot be assigned")
 
+    # MatMulNBits' accuracy_level in the exported file: None leaves it unset (float compute); 4
+    # multiplies int8-quantized activations by the unpacked weights. Set per export (``export/generative.py``
+    # sets 4 for decoding, where each step reads every weight once: 1.8x the tokens per second of float
+    # compute on a 125 M Llama, benchmarks/results/llm_generate.md), never saved.
+    export_accuracy_level: int | None = None
+
     def meta(self) -> dict[str, int]:
-        return {"N": self.out_features, "K": self.in_features, "bits": self.bits, "block_size": self.group_size}
+        meta = {"N": self.out_features, "K": self.in_features, "bits": self.bits, "block_size": self.group_size,
+                "bias": int(bool(self.bias.any())),
+                "default_zero_point": int(self.symmetric and bool(
+                    (unpack_nibbles(self.zero_points, self.in_features // self.group_size) == 2 ** (self.bits - 1)).all()))}
+        if self.export_accuracy_level is not None:
+            meta["accuracy_level"] = self.export_accuracy_level
+        return meta
 
     @property
     def export_error(self) -> str | None:

@@ -1,6 +1,12 @@
-"""Benchmark: decoding speed of generative exports (key/value cache), FP32 against INT8 and INT4.
+"""Benchmark: generative exports (key/value cache), FP32 against INT8 and INT4: perplexity on a
+trained decoder, decoding speed on a larger random one.
 
-A random-weight ``LlamaForCausalLM`` (width 768, 12 layers, 12 query and 4 key/value heads, gated
+Fidelity: ``slimkit.zoo.llama.trained_llama()`` (a 1.25 M-parameter ``LlamaForCausalLM`` over bytes,
+trained on the standard library's docstrings) quantized with ``int8-dynamic``, ``int8-smoothquant``
+and the INT4 presets with 4-bit embeddings, exported with ``generative=True``; perplexity per byte
+on held-out docstrings in PyTorch and in the file, beside ONNX Runtime's ``MatMulNBitsQuantizer``.
+
+Speed: a random-weight ``LlamaForCausalLM`` (width 768, 12 layers, 12 query and 4 key/value heads, gated
 MLP of 2048, vocabulary 32000: 125 M parameters; speed only, its outputs mean nothing) is exported
 with ``sk.export_onnx(..., generative=True)`` as FP32, slimkit ``int8-dynamic``, ``int8-smoothquant``
 and 4-bit groups of 128 with 4-bit embeddings (round to nearest: GPTQ and AWQ write the same
@@ -74,11 +80,70 @@ def _time_file(g: Generator, prompts: list[list[int]], new: int) -> tuple[float,
     return o.seconds_to_first_token, (new - 1) / max(o.seconds - o.seconds_to_first_token, 1e-9)
 
 
+def _ppl_file(path: str, windows: torch.Tensor, batch: int = 16) -> float:
+    """Perplexity per byte of a generative file on ``windows [n, L + 1]``: each batch of windows is one
+    prefill (a past of length 0), its logits at every position scored."""
+    import math
+
+    import numpy as np
+
+    g = Generator(path)
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        w = windows[i:i + batch].numpy()
+        logits, _ = g.step(w[:, :-1], np.ones_like(w[:, :-1]), g.empty_past(len(w)))
+        z = torch.from_numpy(logits).double()
+        total += float(torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), torch.from_numpy(w[:, 1:]).reshape(-1),
+                                                         reduction="sum"))
+        count += w[:, 1:].size
+    return math.exp(total / count)
+
+
+def fidelity(tmp: str, quick: bool) -> dict[str, Any]:
+    """The trained zoo Llama: perplexity per byte on held-out docstrings, PyTorch and the exported file."""
+    from slimkit.zoo.gpt import lm_data, perplexity
+    from slimkit.zoo.llama import lm_logits, trained_llama
+
+    model = trained_llama()
+    train, test = lm_data(128)
+    test = test[:32] if quick else test
+    calib = [{"input_ids": train[i:i + 16, :-1]} for i in range(0, 16 * (2 if quick else 8), 16)]
+    example = train[:1, :16]
+    def four(name: str) -> Any:
+        return sk.quant.PRESETS[name].with_pass(sk.quant.Embeddings(bits=4))
+
+    configs: list[tuple[str, Any]] = [
+        ("FP32", None), ("slimkit int8-dynamic", "int8-dynamic"), ("slimkit int8-smoothquant", "int8-smoothquant"),
+        ("slimkit int4-weight + 4-bit embeddings", four("int4-weight")),
+        ("slimkit int4-gptq + 4-bit embeddings", four("int4-gptq")),
+        ("slimkit int4-awq + 4-bit embeddings", four("int4-awq"))]
+    rows: list[dict[str, Any]] = []
+    fp32_file = ""
+    for i, (label, spec) in enumerate(configs):
+        t = time.time()
+        q = model if spec is None else sk.quantize(model, spec, calib_data=calib)
+        took = time.time() - t
+        path = sk.export_onnx(q, f"{tmp}/fid{i}/model.onnx", example, generative=True).path
+        fp32_file = fp32_file or path
+        rows.append({"config": label, "ppl_torch": perplexity(lm_logits(q), test), "ppl_file": _ppl_file(path, test),
+                     "size_x": os.path.getsize(path) / os.path.getsize(fp32_file), "quantize_seconds": took})
+        log.info("%s: %s", label, rows[-1])
+    peer = ort_nbits(fp32_file, f"{tmp}/fidort/model.onnx", 4)
+    rows.append({"config": "ORT MatMulNBitsQuantizer (groups of 128, symmetric)", "ppl_file": _ppl_file(peer, test),
+                 "size_x": os.path.getsize(peer) / os.path.getsize(fp32_file), "peer": True})
+    return {"params": sum(p.numel() for p in model.parameters()), "test_windows": len(test),
+            "calib_windows": 16 * len(calib), "rows": rows}
+
+
 def run(tmp: str, quick: bool) -> dict[str, Any]:
+    return {"trained": fidelity(tmp, quick), **speed(tmp, quick)}
+
+
+def speed(tmp: str, quick: bool) -> dict[str, Any]:
     import transformers
 
     new = 16 if quick else NEW
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     cfg = transformers.LlamaConfig(**CONFIG)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -145,7 +210,21 @@ def run(tmp: str, quick: bool) -> dict[str, Any]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    m = [f"# llm_generate: decoding speed of generative exports ({res['machine']})", "",
+    tr = res["trained"]
+    fp = tr["rows"][0]
+    m = [f"# llm_generate: generative exports, fidelity and decoding speed ({res['machine']})", "",
+         "## Fidelity: the trained zoo Llama", "",
+         f"`slimkit.zoo.llama.trained_llama()`: `LlamaForCausalLM`, {tr['params'] / 1e6:.2f} M parameters (RMSNorm, "
+         "rotary positions, 4 query / 2 key-value heads, gated MLP, bytes as tokens) trained on standard-library "
+         f"docstrings. Perplexity per byte on {tr['test_windows']} held-out windows of 128 bytes, in PyTorch and in the "
+         "generative file (ONNX Runtime, each window one prefill); calibration on "
+         f"{tr['calib_windows']} training windows. Lower is better.", "",
+         "| config | ppl PyTorch | ppl file | file vs FP32 ppl | file size vs FP32 |", "|---|---|---|---|---|"]
+    for r in tr["rows"]:
+        torch_ppl = f"{r['ppl_torch']:.4f}" if "ppl_torch" in r else "-"
+        m.append(f"| {r['config']} | {torch_ppl} | {r['ppl_file']:.4f} | {r['ppl_file'] / fp['ppl_file']:.3f}x "
+                 f"| {r['size_x']:.3f} |")
+    m += ["", "## Speed: a 125 M random-weight Llama", "",
          f"onnxruntime {res['onnxruntime']}, torch {res['torch']}. Random-weight `LlamaForCausalLM`, "
          f"{res['params'] / 1e6:.0f} M parameters (width {res['config']['hidden_size']}, "
          f"{res['config']['num_hidden_layers']} layers, {res['config']['num_attention_heads']} query / "

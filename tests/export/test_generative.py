@@ -190,3 +190,38 @@ def test_float_compute_for_4_bit_layers_on_request(tmp_path):
     assert r.parity.ok and not any("export_accuracy_level" in vars(m) for m in q.modules())  # nothing left set
     with pytest.raises(ValueError, match="accuracy_level is MatMulNBits' 0-4"):
         sk.export_onnx(q, tmp_path / "x" / "model.onnx", batch, generative=True, accuracy_level=7)
+
+
+def test_the_zoo_llama_generates_bytes_through_its_tokenizer(tmp_path):
+    from slimkit.zoo.llama import ByteTokenizer, tiny_llama
+
+    model = tiny_llama(num_hidden_layers=2)
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok("def add(a, b):")["input_ids"]])
+    r = sk.export_onnx(model, tmp_path / "lm" / "model.onnx", ids, generative=True)
+    assert r.parity.ok and r.layout.kv_heads == 2 and r.layout.head_dim == 32
+    assert json.loads((tmp_path / "lm" / "genai_config.json").read_text())["model"]["eos_token_id"] == 0
+    out = Generator(tmp_path / "lm", tokenizer=tok).generate("def add(a, b):", max_new_tokens=6)
+    expected = _greedy(model, ids, 6)
+    if 0 in expected:
+        expected = expected[:expected.index(0)]
+    assert out.tokens == expected and out.text == tok.decode(expected)
+
+
+@pytest.mark.slow
+def test_the_trained_zoo_llama_writes_docstring_text_and_keeps_it_at_int4(tmp_path):
+    from slimkit.zoo.gpt import lm_data, perplexity
+    from slimkit.zoo.llama import ByteTokenizer, lm_logits, trained_llama
+
+    model = trained_llama()
+    train, test = lm_data(128)
+    fp32 = perplexity(lm_logits(model), test[:64])
+    assert fp32 < 4.0  # bytes: an untrained model is at 256
+    q = sk.quantize(model, sk.quant.PRESETS["int4-gptq"].with_pass(sk.quant.Embeddings(bits=4)),
+                    calib_data=[{"input_ids": train[i:i + 16, :-1]} for i in range(0, 64, 16)])
+    assert perplexity(lm_logits(q), test[:64]) < 1.1 * fp32
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok("Return the ")["input_ids"]])
+    sk.export_onnx(q, tmp_path / "q" / "model.onnx", ids, generative=True)
+    text = Generator(tmp_path / "q", tokenizer=tok).generate("Return the ", max_new_tokens=24).text
+    assert sum(c.isalpha() or c == " " for c in text) >= 0.8 * len(text)  # words, not noise

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 PARITY_TOKENS = 8  # new tokens the parity check generates after the example prompt
 # MatMulNBits' compute for 4-bit layers in a decoding file: int8 activations. A decoding step reads
-# every weight once (memory-bound); on a 125 M Llama, 2 threads, it runs 1.8x the tokens per second
+# every weight once (memory-bound); on a 125 M Llama, 2 threads, it runs 1.6x the tokens per second
 # of float compute (benchmarks/results/llm_generate.md)
 DECODE_ACCURACY_LEVEL = 4
 

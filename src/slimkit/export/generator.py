@@ -7,9 +7,10 @@ token, or ``max_new_tokens``, and calls ``on_token`` with each new token as it c
 prompts run as one batch, left-padded (the attention mask hides the padding and the positions
 count real tokens only).
 
->>> # doctest: +SKIP
->>> g = Generator("out/model.onnx", tokenizer="path/to/tokenizer")
->>> g.generate("def add(a, b):", max_new_tokens=16).text
+For example (a folder that ``export_onnx(model, "out/lm/model.onnx", ids, generative=True)`` wrote)::
+
+    g = Generator("out/lm", tokenizer="path/to/tokenizer")
+    print(g.generate("def add(a, b):", max_new_tokens=16).text)
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ class QuantLinearNBits(DropIn, nn.Linear):
 
     # MatMulNBits' accuracy_level in the exported file: None leaves it unset (float compute); 4
     # multiplies int8-quantized activations by the unpacked weights. Set per export (``export/generative.py``
-    # sets 4 for decoding, where each step reads every weight once: 1.8x the tokens per second of float
+    # sets 4 for decoding, where each step reads every weight once: 1.6x the tokens per second of float
     # compute on a 125 M Llama, benchmarks/results/llm_generate.md), never saved.
     export_accuracy_level: int | None = None
 

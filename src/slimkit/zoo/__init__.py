@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +25,8 @@ from .mlp import mlp
 from .mobilenet import mobilenet_v2
 from .resnet import resnet18
 
-__all__ = ["resnet18", "mobilenet_v2", "mlp", "mixed_cnn", "digits_model", "trained", "DIGITS_MODELS", "cache_dir"]
+__all__ = ["resnet18", "mobilenet_v2", "mlp", "mixed_cnn", "digits_model", "trained", "DIGITS_MODELS", "cache_dir",
+           "load_cached", "store_cached"]
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,8 @@ def trained(name: str, seed: int = 0) -> nn.Module:
     model = digits_model(name)
     key = hashlib.sha256(f"{name}-{seed}-{torch.__version__}-v1".encode()).hexdigest()[:12]
     path = cache_dir() / "zoo" / f"{name}-{key}.safetensors"
-    if path.exists():
-        try:
-            model.load_state_dict(load_file(str(path)))
-            return model.eval()
-        except Exception as e:  # a corrupt cache is rebuilt, not trusted
-            log.warning("ignoring unreadable cache %s: %s", path, e)
-            model = digits_model(name)
+    if load_cached(path, model):
+        return model.eval()
     from slimkit.core.progress import log as progress
 
     progress.info("zoo: training %s on the digits (first use, %d epochs; cached in %s)", name, DIGITS_MODELS[name][1],
@@ -72,10 +69,31 @@ def trained(name: str, seed: int = 0) -> nn.Module:
     model = digits_model(name)
     fit(model, batches(d.train_x, d.train_y, 32), epochs=DIGITS_MODELS[name][1], lr=0.05, seed=seed)
     log.info("trained %s on digits: test accuracy %.2f%%", name, accuracy(model, d.test_x, d.test_y))
+    store_cached(path, model.state_dict())
+    return model.eval()
+
+
+def load_cached(path: Path, model: nn.Module, fix: Callable[[dict[str, Any]], None] | None = None) -> bool:
+    """Load the cached weights at ``path`` into ``model`` (``fix`` may complete the state first, e.g.
+    a tied table stored once); False when there is none, or it is unreadable (then rebuilt, not trusted)."""
+    if not path.exists():
+        return False
+    try:
+        state = load_file(str(path))
+        if fix is not None:
+            fix(state)
+        model.load_state_dict(state)
+        return True
+    except Exception as e:  # a corrupt cache is rebuilt, not trusted
+        log.warning("ignoring unreadable cache %s: %s", path, e)
+        return False
+
+
+def store_cached(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as safetensors at ``path``, atomically, readable by the user only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent)
     os.close(fd)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
     user_mode(tmp)
     os.replace(tmp, path)
-    return model.eval()

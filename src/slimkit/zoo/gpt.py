@@ -22,15 +22,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-from slimkit.core.files import temp_file, user_mode
 
 __all__ = ["TinyGPT", "tiny_gpt", "trained_gpt", "lm_windows", "lm_data", "perplexity"]
 
@@ -132,20 +128,14 @@ def trained_gpt(steps: int = 4000, seed: int = 0) -> TinyGPT:
     of 16 windows), cached as safetensors under the zoo's cache folder; later calls load the cache."""
     from slimkit.train import fit
 
-    from . import cache_dir
+    from . import cache_dir, load_cached, store_cached
 
     model = tiny_gpt()
     key = hashlib.sha256(f"gpt-{steps}-{seed}-{torch.__version__}-v1".encode()).hexdigest()[:12]
     path = cache_dir() / "zoo" / f"tiny_gpt-{key}.safetensors"
-    if path.exists():
-        try:
-            state = load_file(str(path))
-            state["head.weight"] = state["embed.weight"]
-            model.load_state_dict(state)
-            return model.eval()
-        except Exception as e:  # a corrupt cache is rebuilt, not trusted
-            log.warning("ignoring unreadable cache %s: %s", path, e)
-            model = tiny_gpt()
+    if load_cached(path, model, lambda state: state.__setitem__("head.weight", state["embed.weight"])):
+        return model.eval()
+    model = tiny_gpt()
     train, test = lm_data(model.context)
     g = torch.Generator().manual_seed(seed)
     per_epoch = len(train) // 16
@@ -158,11 +148,5 @@ def trained_gpt(steps: int = 4000, seed: int = 0) -> TinyGPT:
     model.eval()
     log.info("trained tiny_gpt on docstrings (%d epochs of %d batches): test perplexity %.3f",
              epochs, len(batches), perplexity(model, test))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path.parent)
-    os.close(fd)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}  # tied: stored once
-    save_file(state, tmp)
-    user_mode(tmp)
-    os.replace(tmp, path)
+    store_cached(path, {k: v for k, v in model.state_dict().items() if k != "head.weight"})  # tied: stored once
     return model

@@ -18,15 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-from slimkit.core.files import temp_file, user_mode
 
 __all__ = ["tiny_llama", "trained_llama", "ByteTokenizer", "LLAMA_CONFIG", "lm_logits"]
 
@@ -69,20 +65,16 @@ def trained_llama(steps: int = 3000, seed: int = 0) -> nn.Module:
     windows of 128 bytes), cached as safetensors under the zoo's cache folder; later calls load it."""
     from slimkit.train import fit
 
-    from . import cache_dir
+    from . import cache_dir, load_cached, store_cached
     from .gpt import lm_data, perplexity
 
     model = tiny_llama()
     key = hashlib.sha256(f"llama-{steps}-{seed}-{torch.__version__}-{sorted(LLAMA_CONFIG.items())}-v1".encode()
                          ).hexdigest()[:12]
     path = cache_dir() / "zoo" / f"tiny_llama-{key}.safetensors"
-    if path.exists():
-        try:
-            model.load_state_dict(load_file(str(path)))
-            return model.eval()
-        except Exception as e:  # a corrupt cache is rebuilt, not trusted
-            log.warning("ignoring unreadable cache %s: %s", path, e)
-            model = tiny_llama()
+    if load_cached(path, model):
+        return model.eval()
+    model = tiny_llama()
     train, test = lm_data(128)
     g = torch.Generator().manual_seed(seed)
     per_epoch = len(train) // 16
@@ -104,10 +96,5 @@ def trained_llama(steps: int = 3000, seed: int = 0) -> nn.Module:
     model.eval()
     log.info("trained tiny_llama on docstrings (%d epochs of %d batches): test perplexity %.3f",
              epochs, len(batches), perplexity(lm_logits(model), test))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path.parent)
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    user_mode(tmp)
-    os.replace(tmp, path)
+    store_cached(path, model.state_dict())
     return model

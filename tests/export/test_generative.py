@@ -176,6 +176,16 @@ def test_bad_input_is_named(tmp_path):
         g.step(np.array([[5]]), np.ones((1, 2), np.int64), past)
     with pytest.raises(FileNotFoundError, match="tokenizer folder .*missing does not exist"):
         Generator(tmp_path / "lm", tokenizer=tmp_path / "missing")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        g.generate_batch([])
+    with pytest.raises(ValueError, match="the prompt holds no token"):
+        g.generate([])
+    with pytest.raises(ValueError, match="sampling needs temperature > 0"):
+        g.generate([5, 6], do_sample=True, temperature=0.0)
+    nan = Generator(tmp_path / "lm")
+    nan.step = lambda ids, mask, past: (np.full((ids.shape[0], ids.shape[1], 8), np.nan, np.float32), past)
+    with pytest.raises(ValueError, match="non-finite logits for prompt 0 at new token 0"):
+        nan.generate([5, 6])
     plain = sk.export_onnx(torch.nn.Linear(4, 2), tmp_path / "plain.onnx", torch.randn(1, 4))
     with pytest.raises(ValueError, match="not a generative export"):
         Generator(plain.path)

@@ -160,6 +160,8 @@ class Generator:
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
             raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, "
                              f"{top_p}, {top_k}")
+        if not prompts:
+            raise ValueError("generate_batch needs at least one prompt")
         rows = [self._encode(p) for p in prompts]
         longest = max(len(r) for r in rows)
         if self.context is not None and longest + max_new_tokens > self.context:
@@ -185,6 +187,10 @@ class Generator:
             logits, past = self.step(ids, mask, past)
             if t == 0:
                 first = time.perf_counter() - start
+            bad = [i for i in range(n) if not done[i] and not np.isfinite(logits[i, -1]).all()]
+            if bad:
+                raise ValueError(f"{Path(self.path).name} returned non-finite logits for prompt {bad[0]} at new token {t}; "
+                                 "the file (or its inputs) is broken")
             chosen = [self._choose(logits[i, -1], do_sample, temperature, top_k, top_p, rng) for i in range(n)]
             for i, tok in enumerate(chosen):
                 if done[i]:

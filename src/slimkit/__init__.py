@@ -16,7 +16,7 @@ from slimkit.core.batch import inputs_only
 from slimkit.core.verbmodule import callable_package
 from slimkit.distill import DistillConfig, FeatureKD, KDLoss
 from slimkit.export import ExportReport, ParityError, export_onnx
-from slimkit.io import load, save
+from slimkit.io import load, save, skeleton
 from slimkit.lowrank import FactorizeConfig
 from slimkit.prune import PruneConfig
 from slimkit.quant import QuantConfig, Quantize
@@ -29,7 +29,7 @@ callable_package(distill, _api.distill)
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "distill", "DistillConfig", "presets", "qat_presets", "export_onnx", "save", "load", "QuantConfig", "Quantize", "qat", "QATConfig", "ExportReport",
+__all__ = ["quantize", "factorize", "FactorizeConfig", "prune", "PruneConfig", "KDLoss", "FeatureKD", "distill", "DistillConfig", "presets", "qat_presets", "export_onnx", "save", "load", "skeleton", "QuantConfig", "Quantize", "qat", "QATConfig", "ExportReport",
            "ParityError", "inputs_only", "__version__"]
 
 

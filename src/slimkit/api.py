@@ -7,6 +7,7 @@ its names (``slimkit.prune.GradualPruning``) stay reachable.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -46,7 +47,8 @@ def qat_presets() -> dict[str, dict[str, Any]]:
     return presets("qat")
 
 
-def quantize(model: nn.Module, config: Quantize | Sequence[Any] | Mapping[str, Any] | str = "int8",
+def quantize(model: nn.Module | str | os.PathLike[str],
+             config: Quantize | Sequence[Any] | Mapping[str, Any] | str = "int8",
              calib_data: Iterable[Batch] | None = None, inplace: bool = False) -> nn.Module:
     """Quantize ``model`` with a preset name or a list of passes, run in order: pass configs
     (``Weights(bits=4, group_size=128)``, ``GPTQ()``, ...), their names (``"gptq"``) or one-key dicts
@@ -56,6 +58,11 @@ def quantize(model: nn.Module, config: Quantize | Sequence[Any] | Mapping[str, A
     Static activations (``int8``) need ``calib_data``: an iterable of batches the model is called
     with. Returns a new model; the caller's model is untouched unless ``inplace=True``.
 
+    ``model`` may be a Hugging Face model folder (``config.json`` and safetensors shards) in place
+    of a model: it is then quantized one block at a time, loading each block's weights from the
+    shards, so memory holds one float block, not the whole model (``quant/streaming.py``; weight-only
+    and dynamic presets, with ``calib_data``).
+
     >>> import torch
     >>> from slimkit.quant import Activations, Weights
     >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
@@ -64,6 +71,12 @@ def quantize(model: nn.Module, config: Quantize | Sequence[Any] | Mapping[str, A
     ['0', '2']
     """
     cfg = resolve_quantize(config)
+    if isinstance(model, (str, os.PathLike)):
+        from slimkit.quant.streaming import quantize_checkpoint
+
+        if inplace:
+            raise ValueError("inplace=True changes a model in memory; a model folder is read, never changed")
+        return quantize_checkpoint(model, cfg, calib_data)
     if calib_data is not None:  # (inputs, labels) pairs: the inputs, said once
         calib_data = calibration_batches(model, calib_data, "calib_data")
     return handler_for(cfg)(model, cfg, calib_data=calib_data, inplace=inplace)

@@ -2,7 +2,9 @@
 
 ``save(model, dir)`` writes ``dir/model.safetensors`` and ``dir/plan.json``; ``load(dir, base)``
 applies the plan to a freshly built ``base`` model and loads the weights (strictly: a plan or
-weights that do not match the base model are an error, never a silent partial load).
+weights that do not match the base model are an error, never a silent partial load). For a model
+too large to build in float, ``base`` can be ``skeleton(folder)``: the model of a Hugging Face
+folder with its parameters on ``meta``, which takes the saved tensors as they are loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from slimkit.core.files import temp_dir, user_mode
 from slimkit.core.plans import plans_of, replay
 
-__all__ = ["save", "load", "FORMAT_VERSION"]
+__all__ = ["save", "load", "skeleton", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _PLAN, _WEIGHTS = "plan.json", "model.safetensors"
@@ -46,6 +48,16 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return directory
+
+
+def skeleton(folder: str | os.PathLike[str], model_class: Any = None) -> nn.Module:
+    """The model a Hugging Face folder (``config.json``) holds, built without weights: every
+    parameter on ``meta``, taking no memory. ``sk.load(saved, sk.skeleton(folder))`` rebuilds a
+    model quantized from that folder without its float weights ever in memory. ``model_class``: a
+    transformers class, when the config's ``architectures`` names none."""
+    from slimkit.core.checkpoint import Checkpoint
+
+    return Checkpoint(folder).skeleton(model_class)
 
 
 def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
@@ -82,10 +94,16 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
             model = replay(plan, model)
         except ValueError as e:
             raise ValueError(f"{plan_path}, plan {i + 1} of {len(plans)} ({plan.get('kind')!r}): {e}") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a skeleton base (parameters on ``meta``: sk.skeleton) takes the saved tensors themselves
+    lazy = any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=lazy)
     if missing or unexpected:
         raise ValueError(
             f"the weights in {weights_path} do not match the base model: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    if lazy:
+        empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+        if empty:
+            raise ValueError(f"the weights in {weights_path} leave {empty[:5]} of the skeleton base without values")
     return model.eval()

@@ -104,9 +104,11 @@ class CanonicalLinear(nn.Linear):
         return layer
 
 
-def canonicalize(model: nn.Module) -> list[str]:
-    """Replace, in place, every linear-like layer of ``model`` by a ``CanonicalLinear``; returns their names."""
-    names = [n for n, m in model.named_modules() if n and any(p(m) for p in _LINEAR_LIKE)]
+def canonicalize(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+    """Replace, in place, every linear-like layer of ``model`` (but those under a module of ``skip``)
+    by a ``CanonicalLinear``; returns their names."""
+    names = [n for n, m in model.named_modules() if n and any(p(m) for p in _LINEAR_LIKE)
+             and not any(n.startswith(s + ".") for s in skip)]
     for name in names:
         replace_module(model, name, CanonicalLinear(model.get_submodule(name)))
     return names

@@ -38,11 +38,25 @@ def output_error_of(w: Tensor, w_hat: Tensor, x: Tensor) -> float:
     return float(((x @ (w_hat - w).T) ** 2).mean())
 
 
+def _scaled_error(w: Tensor, s: Tensor, x: Tensor, bits: int, group_size: int, symmetric: bool, rows: int) -> float:
+    """``output_error_of`` for round to nearest of ``w * s`` (divided back by ``s``), ``rows`` output
+    rows at a time: a large layer's scaled and rounded copies are slices of it."""
+    if w.shape[0] <= rows:
+        return output_error_of(w, dequantize_groups(*rtn_groups(w * s, bits, group_size, symmetric)) / s, x)
+    total = 0.0
+    for r in range(0, w.shape[0], rows):
+        wr = w[r:r + rows]
+        w_hat = dequantize_groups(*rtn_groups(wr * s, bits, group_size, symmetric)) / s
+        total += float(((x @ (w_hat - wr).T) ** 2).sum())
+    return total / (x.shape[0] * w.shape[0])
+
+
 @torch.no_grad()
 def awq_scales(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-               grid: int = 20) -> tuple[Tensor, float, dict[float, float]]:
+               grid: int = 20, rows: int = 4096) -> tuple[Tensor, float, dict[float, float]]:
     """Per-input-channel scales for ``w`` ``[out, in]`` from inputs ``x`` ``[n, in]``. Returns the
-    scales, the chosen alpha and the output error at each alpha tried."""
+    scales, the chosen alpha and the output error at each alpha tried. A layer of more than
+    ``rows`` outputs is measured ``rows`` at a time (the same error, in bounded memory)."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
     w = w.detach().float()
     if x.shape[0] == 0:
@@ -54,8 +68,7 @@ def awq_scales(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symme
         alpha = round(i / grid, 4)
         s = act.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()  # centred around 1, as the paper's code does
-        w_hat = dequantize_groups(*rtn_groups(w * s, bits, group_size, symmetric)) / s
-        errors[alpha] = output_error_of(w, w_hat, x)
+        errors[alpha] = _scaled_error(w, s, x, bits, group_size, symmetric, rows)
         if best is None or errors[alpha] < best[0]:
             best = (errors[alpha], alpha, s)
     assert best is not None
@@ -64,13 +77,13 @@ def awq_scales(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symme
 
 @torch.no_grad()
 def awq_clip(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-             steps: int = 20, max_shrink: float = 0.5, rows: int = 512) -> tuple[Tensor, Tensor]:
+             steps: int = 20, max_shrink: float = 0.5, rows: int = 512, out_rows: int = 4096) -> tuple[Tensor, Tensor]:
     """Each group's scale and zero-point (``[out, in // group_size]``, as ``group_qparams`` gives)
     with its range shrunk by the ratio in ``[1 - max_shrink, 1]`` (``steps`` of them) that
     minimizes the error of that group's contribution to the outputs, ``x[:, g] @ w[o, g]^T``, on up
     to ``rows`` rows of ``x`` ``[n, in]`` taken evenly. Ratio 1 is round to nearest, kept where
     nothing does better. The zero-point is the unshrunk one: shrinking ``[lo, hi]`` about zero
-    leaves it in place."""
+    leaves it in place. Each output row's choice is its own: they are searched ``out_rows`` at a time."""
     if not 0.0 <= max_shrink < 1.0 or steps < 1:
         raise ValueError(f"awq_clip needs 0 <= max_shrink < 1 and steps >= 1, got {max_shrink} and {steps}")
     x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -78,6 +91,10 @@ def awq_clip(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symmetr
         raise ValueError("AWQ's clipping search needs calibration inputs; the layer saw none")
     w = w.detach().float()
     x = x[torch.linspace(0, x.shape[0] - 1, min(rows, x.shape[0])).long()]
+    if w.shape[0] > out_rows:
+        parts = [awq_clip(w[r:r + out_rows], x, bits, group_size, symmetric, steps, max_shrink, rows, out_rows)
+                 for r in range(0, w.shape[0], out_rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     scale, zp = group_qparams(w, bits, group_size, symmetric)
     wg = w.reshape(w.shape[0], -1, group_size)  # [out, groups, size]
     xg = x.reshape(x.shape[0], -1, group_size).transpose(0, 1)  # [groups, n, size]

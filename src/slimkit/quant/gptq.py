@@ -38,36 +38,62 @@ def hessian(x: Tensor) -> Tensor:
     flat = x.detach().reshape(-1, x.shape[-1]).double()
     if flat.shape[0] == 0:
         raise ValueError("GPTQ needs calibration inputs; the layer saw none")
-    return 2.0 * flat.T @ flat / flat.shape[0]
+    return (flat.T @ flat).mul_(2.0).div_(flat.shape[0])  # in place: [in, in] float64 is large
 
 
 @torch.no_grad()
 def gptq(weight: Tensor, h: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-         block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+         block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+         rows: int = 4096, overwrite: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize ``weight`` ``[out, in]`` given the Hessian ``h`` ``[in, in]`` of its inputs.
-    Returns ``(q, scale, zp)`` in the layout of ``weight_only.rtn_groups``."""
+    Returns ``(q, scale, zp)`` in the layout of ``weight_only.rtn_groups``. Output rows are
+    independent given ``H``: they are rounded ``rows`` at a time, so the float64 working copy of a
+    large layer (an output head over 32000 tokens) is a slice of it. ``overwrite``: ``h`` (float64)
+    is the caller's to give up, and is used as the working copy."""
     out_f, in_f = weight.shape
     if h.shape != (in_f, in_f):
         raise ValueError(f"the Hessian is {tuple(h.shape)}, the weight has {in_f} inputs")
     if not torch.isfinite(h).all():
         raise ValueError("the Hessian holds NaN or inf: the calibration inputs are not finite")
-    w = weight.detach().double().clone()
-    h = h.double().clone()
+    # float64 [in, in] copies are the largest thing here (254 MB for an input of 5632): at most two at once
+    h = h if overwrite and h.dtype == torch.float64 else h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    if act_order:
+        h = h[perm][:, perm]
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    try:
+        hinv = torch.linalg.cholesky(h)
+        del h
+        hinv = torch.cholesky_inverse(hinv)
+        hinv = torch.linalg.cholesky(hinv, upper=True)
+    except RuntimeError as e:
+        raise ValueError(f"GPTQ: the Hessian is not positive definite even after dampening ({e}); "
+                         "raise damp or give more calibration data") from e
+    q = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    groups = -(-in_f // group_size)
+    scale, zp = torch.zeros(out_f, groups), torch.zeros(out_f, groups)
+    for r in range(0, out_f, rows):
+        q[r:r + rows], scale[r:r + rows], zp[r:r + rows] = _rows(
+            weight[r:r + rows], hinv, perm, dead, bits, group_size, symmetric, block_size, act_order)
+    return q, scale, zp
+
+
+def _rows(weight: Tensor, hinv: Tensor, perm: Tensor, dead: Tensor, bits: int, group_size: int, symmetric: bool,
+          block_size: int, act_order: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ's column sweep over some output rows of the weight."""
+    out_f, in_f = weight.shape
+    w = weight.detach().double()  # a copy, unless the weight is float64 already
+    if weight.dtype == torch.float64:
+        w = w.clone()
     w[:, dead] = 0.0
     # the group grids: from the weights as they are (static groups) when the order is permuted,
     # else from the updated weights as each group is reached, as in the paper
     scale, zp = group_qparams(w, bits, group_size, symmetric)
     scale, zp = scale.double(), zp.double()
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype)
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError as e:
-        raise ValueError(f"GPTQ: the Hessian is not positive definite even after dampening ({e}); "
-                         "raise damp or give more calibration data") from e
+    if act_order:
+        w = w[:, perm]
     qmax = 2**bits - 1
     q = torch.zeros(out_f, in_f, dtype=torch.uint8)
     for i1 in range(0, in_f, block_size):
@@ -79,7 +105,7 @@ def gptq(weight: Tensor, h: Tensor, bits: int = 4, group_size: int = 128, symmet
             col = int(perm[i1 + i])
             g = col // group_size
             if not act_order and col % group_size == 0:  # entering a group: its grid from the current weights
-                cur = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
+                cur = torch.cat([w1[:, i:], w[:, i2:i2 + group_size]], 1)[:, :group_size]
                 s, z = group_qparams(cur, bits, group_size, symmetric)
                 scale[:, g], zp[:, g] = s[:, 0].double(), z[:, 0].double()
             wi = w1[:, i]

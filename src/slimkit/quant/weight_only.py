@@ -77,8 +77,13 @@ def dequantize_groups(q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
     return ((g - zp[..., None]) * scale[..., None]).reshape(q.shape)
 
 
-def rtn_groups(w: Tensor, bits: int, group_size: int, symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Round to nearest: ``(q, scale, zp)``."""
+def rtn_groups(w: Tensor, bits: int, group_size: int, symmetric: bool = True,
+               rows: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+    """Round to nearest: ``(q, scale, zp)``; ``rows`` rows at a time (each row's own grid), so a large
+    table's float temporaries are slices of it."""
+    if w.shape[0] > rows:
+        parts = [rtn_groups(w[r:r + rows], bits, group_size, symmetric, rows) for r in range(0, w.shape[0], rows)]
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
     scale, zp = group_qparams(w, bits, group_size, symmetric)
     return quantize_groups(w, scale, zp, bits), scale, zp
 
@@ -133,6 +138,9 @@ def split_stored(packed: Tensor) -> Tensor:
     return _SplitStored.apply(packed)
 
 
+_ROWS = 4096  # output rows dequantized at a time by a wide layer's forward
+
+
 class _MatMulNBits(torch.autograd.Function):
     """``x @ W^T + b`` with W dequantized from packed groups; exports as MatMulNBits + Add."""
 
@@ -140,10 +148,16 @@ class _MatMulNBits(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, packed: Tensor, scales: Tensor, zp_packed: Tensor, bias: Tensor,  # type: ignore[override]
                 meta: dict[str, int]) -> Tensor:
         n, k, gs = meta["N"], meta["K"], meta["block_size"]
-        q = unpack_nibbles(packed.reshape(n, -1), k)
-        zp = unpack_nibbles(zp_packed.reshape(n, -1), k // gs).float()
-        w = dequantize_groups(q, scales.reshape(n, -1), zp)
-        return F.linear(x, w, bias)
+        packed, scales, zp_packed = packed.reshape(n, -1), scales.reshape(n, -1), zp_packed.reshape(n, -1)
+
+        def rows(r: int, e: int) -> Tensor:  # output rows r..e of the weight, in float
+            zp = unpack_nibbles(zp_packed[r:e], k // gs).float()
+            return dequantize_groups(unpack_nibbles(packed[r:e], k), scales[r:e], zp)
+
+        if n <= _ROWS:
+            return F.linear(x, rows(0, n), bias)
+        # a wide layer (an output head over 32000 tokens) a slice at a time: its float weight never whole
+        return torch.cat([F.linear(x, rows(r, min(r + _ROWS, n)), bias[r:r + _ROWS]) for r in range(0, n, _ROWS)], -1)
 
     @staticmethod
     def symbolic(g: Any, x: Any, packed: Any, scales: Any, zp_packed: Any, bias: Any, meta: dict[str, int]) -> Any:
@@ -312,7 +326,10 @@ class QuantEmbedding(DropIn, nn.Embedding):
         else:
             scale = w.abs().amax(1) / 127.0
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            self.register_buffer("table", torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
+            table = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+            for r in range(0, w.shape[0], 4096):  # a slice at a time: a large table's temporaries stay small
+                table[r:r + 4096] = torch.clamp(torch.round(w[r:r + 4096] / scale[r:r + 4096, None]), -127, 127)
+            self.register_buffer("table", table)
             self.register_buffer("scales", scale)
         adopt(self, embedding, skip=("weight",))
 

@@ -330,7 +330,7 @@ def _nearest(job: Job, layer: Layer) -> None:
     weights = job.q.weights
     if weights.group_size is not None:
         layer.grid = rtn_groups(layer.w, layer.bits, weights.group_size, weights.symmetric)
-        layer.wq = dequantize_groups(*layer.grid)
+        layer.wq = dequantize_groups(*layer.grid) if job.q.of_stage("layer") else None
     else:
         layer.wq = _on_grid(layer.module, layer.w, layer.bits, weights, layer.xs)
 
@@ -339,10 +339,10 @@ def _nearest(job: Job, layer: Layer) -> None:
 def _gptq_pass(job: Job, cfg: GPTQ, layer: Layer) -> None:
     weights = job.q.weights
     assert weights.group_size is not None
-    h = hessian(_token_rows(layer.xs, job.batches))
-    layer.grid = gptq(layer.w, h, layer.bits, weights.group_size, weights.symmetric, damp=cfg.damp,
-                      act_order=cfg.act_order)
-    layer.wq = dequantize_groups(*layer.grid)
+    layer.grid = gptq(layer.w, hessian(_token_rows(layer.xs, job.batches)), layer.bits, weights.group_size,
+                      weights.symmetric, damp=cfg.damp, act_order=cfg.act_order, overwrite=True)
+    # the float weights on the grid, for a layer pass after (a whole copy: an output head's is large)
+    layer.wq = dequantize_groups(*layer.grid) if job.q.of_stage("layer") else None
     job.summary.setdefault("gptq", []).append(layer.name)
 
 
@@ -358,7 +358,7 @@ def _awq_pass(job: Job, cfg: AWQ, layer: Layer) -> None:
         layer.grid = (quantize_groups(ws, scale, zp, layer.bits), scale, zp)
     else:
         layer.grid = rtn_groups(ws, layer.bits, weights.group_size, weights.symmetric)
-    layer.wq = dequantize_groups(*layer.grid) / input_scale
+    layer.wq = dequantize_groups(*layer.grid) / input_scale if job.q.of_stage("layer") else None
     layer.input_scale = input_scale
     job.summary.setdefault("awq", []).append(layer.name)
     job.summary.setdefault("awq_alpha", {})[layer.name] = alpha
@@ -443,7 +443,10 @@ def weight_passes(model: nn.Module, q: Quantize, batches: list[Batch]) -> tuple[
         for name, xs in progress(sequential_inputs(model, names, batches), total=len(names),
                                  desc=rounding.name if rounding is not None else "bias correction"):
             module = cast(nn.Linear | nn.Conv1d | nn.Conv2d, model.get_submodule(name))
-            layer = Layer(name, module, module.weight.detach().clone(), xs, weights.bits_for(name, module))
+            # a group-wise layer is replaced, never changed in place: its weight needs no copy
+            w = module.weight.detach()
+            layer = Layer(name, module, w if weights.group_size is not None else w.clone(), xs,
+                          weights.bits_for(name, module))
             if float_walk is not None:
                 float_name, layer.xs_float = next(float_walk)
                 assert float_name == name

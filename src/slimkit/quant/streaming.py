@@ -73,10 +73,10 @@ def _batch(model: nn.Module, b: Batch) -> Batch:
 
 def _named(block: nn.Module, args: Any, kwargs: Any) -> dict[str, Any]:
     """A block's ``(args, kwargs)`` as keyword arguments, a batch the weight passes can call it with."""
-    bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    sig = inspect.signature(block.forward)
     out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = inspect.signature(block.forward).parameters[name].kind
+    for name, value in sig.bind(*args, **kwargs).arguments.items():
+        kind = sig.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         elif kind is inspect.Parameter.VAR_POSITIONAL:
@@ -97,11 +97,13 @@ def _without(q: Quantize, names: list[str], embeddings: bool = True) -> Quantize
 
 
 def _prefixed(summary: Mapping[str, Any], block: str, into: dict[str, Any]) -> None:
+    """Merge a weight-pass summary into the plan's, its layer names under ``block`` (none when empty)."""
+    at = f"{block}." if block else ""
     for key, value in summary.items():
         if isinstance(value, list):
-            into.setdefault(key, []).extend(f"{block}.{v}" if isinstance(v, str) else v for v in value)
+            into.setdefault(key, []).extend(f"{at}{v}" if isinstance(v, str) else v for v in value)
         elif isinstance(value, dict):
-            into.setdefault(key, {}).update({f"{block}.{k}": v for k, v in value.items()})
+            into.setdefault(key, {}).update({f"{at}{k}": v for k, v in value.items()})
         else:
             into[key] = value
 
@@ -278,11 +280,7 @@ def quantize_checkpoint(folder: str | os.PathLike[str], cfg: Quantize, calib_dat
     rest = _without(cfg, inside)
     if rest.rounding is not None:
         model, summary = weight_passes(model, rest, batches)
-        for key, value in summary.items():
-            if isinstance(value, list):
-                plan.passes.setdefault(key, []).extend(value)
-            elif isinstance(value, dict):
-                plan.passes.setdefault(key, {}).update(value)
+        _prefixed(summary, "", plan.passes)
     out_model = _prepare(model, plan, None, None)
     if held:  # in the whole-model plan's place: after the layers and tables
         plan.quantized_layers += held

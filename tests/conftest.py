@@ -1,8 +1,17 @@
 import os
+import platform
 import tempfile
 
-import pytest
-import torch
+# One set of CPU kernels on every x86 machine. PyTorch, oneDNN (convolutions) and MKL (matrix products)
+# each pick AVX-512 code where the CPU has it and AVX2 elsewhere, and the two sum in other orders, so
+# the stored references (tests/references) would move from one CI machine to the next. Every x86 CPU CI
+# runs on has AVX2. Read by the libraries at their first kernel, so set before anything runs one.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    for var, isa in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+        os.environ.setdefault(var, isa)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # keep the zoo's trained checkpoints in one place for the whole run (CI starts empty)
 os.environ.setdefault("SLIMKIT_CACHE", os.path.join(tempfile.gettempdir(), "slimkit-test-cache"))

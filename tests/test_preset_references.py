@@ -1,10 +1,12 @@
 """Every preset gives the model it gave when the references were stored: the plan and a summary of
-every state tensor (shape, dtype, sum, sum of magnitudes) per preset, on the digits-trained zoo nets.
+every state tensor (shape, dtype, sum, sum of magnitudes) per preset, on the digits-trained zoo nets
+(the weights shipped with slimkit, the same bits on every machine).
 A change that alters what a preset computes fails here, naming the preset, the model and the tensor;
 a deliberate change re-stores them with ``SLIMKIT_STORE_REFERENCES=1 pytest tests/test_preset_references.py``.
 
-The sums are compared to a relative 1e-4: enough for one flipped integer code in a few thousand (a
-different CPU's rounding), far too little for a changed grid, calibrator, bit width or pass."""
+The sums are compared to a relative 1e-3, and an integer tensor's to two codes: enough for another
+CPU's kernels (conftest runs the AVX2 ones everywhere; the AVX-512 ones, which sum in other orders,
+pass against the same references), far too little for a changed grid, calibrator, bit width or pass."""
 
 import json
 import math
@@ -78,6 +80,15 @@ def _run(verb: str, name: str, net: str, digits) -> torch.nn.Module:
     return sk.factorize(model, name, data=batches(x, None, 32))
 
 
+RTOL = 1e-3  # one flipped code's ripple through the calibration after it, on another CPU's kernels
+
+
+def _tolerance(shape: list[int], dtype: str) -> float:
+    """The absolute slack on a tensor's sums: two flipped integer codes, or float noise in every element
+    (a running mean of pruned channels is zero up to it)."""
+    return 2.0 if "int" in dtype or "uint" in dtype else 1e-6 * max(math.prod(shape), 1)
+
+
 @pytest.fixture(scope="module")
 def stored():
     if os.environ.get("SLIMKIT_STORE_REFERENCES") or not REFS.exists():
@@ -107,8 +118,10 @@ def test_a_preset_gives_the_stored_model(verb, name, net, digits, stored):
     for k, (shape, dtype, total, mag) in want["state"].items():
         g_shape, g_dtype, g_total, g_mag = entry["state"][k]
         assert (g_shape, g_dtype) == (shape, dtype), f"{key}: {k} is {g_shape} {g_dtype}, was {shape} {dtype}"
-        assert math.isclose(g_mag, mag, rel_tol=1e-4, abs_tol=1e-6), f"{key}: {k} sum |x| {g_mag} was {mag}"
-        assert math.isclose(g_total, total, rel_tol=1e-4, abs_tol=1e-4 * max(mag, 1.0)), f"{key}: {k} sum {g_total} was {total}"
+        ok = _tolerance(shape, dtype)
+        assert math.isclose(g_mag, mag, rel_tol=RTOL, abs_tol=ok), f"{key}: {k} sum |x| {g_mag} was {mag}"
+        assert math.isclose(g_total, total, rel_tol=RTOL, abs_tol=max(ok, RTOL * max(mag, 1.0))), \
+            f"{key}: {k} sum {g_total} was {total}"
     plan_keys = ("config", "quantized_layers", "skipped", "keep", "ranks", "sparsity", "kind")
     if verb == "quantize" and "passes" not in want["plan"]["config"]:
         # stored before the quantize configs became passes: the old flat config, through the one translation

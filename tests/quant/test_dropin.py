@@ -320,3 +320,20 @@ def test_the_departing_layer_is_named_past_folded_batchnorms():
         folded.conv2.weight.neg_()
         folded.conv2.bias.neg_()
     assert first_departing_layer(model, folded, x, 0.05) == "conv2"
+
+
+def test_the_departing_layer_is_named_past_batchnorms_folded_to_identity(digits):
+    """On a model that stays the user's class (no graph), a folded BatchNorm leaves an Identity under
+    its name: the conv before it is still compared with the BatchNorm's output. On the digits
+    MobileNetV2, per-tensor INT8 collapses at the first depthwise conv (one channel's BatchNorm scales
+    by 338, another by 0.02), and that is the layer named, not the stem conv before it."""
+    from slimkit.zoo import trained
+
+    mnv2 = trained("mobilenet_v2")
+    calib = [digits.train_x[:32], digits.train_x[32:64]]
+    scheme = [sk.quant.Weights(per_channel=False), sk.quant.Activations()]
+    with pytest.raises(FidelityError, match=r"first layer that departs is 'features\.1\.block\.0\.0'"):
+        sk.quantize(mnv2, scheme, calib_data=calib)
+    q = sk.quantize(mnv2, [sk.quant.Weights(per_channel=False, exclude=["features.1.block.0.0"]), sk.quant.Activations()],
+                    calib_data=calib)
+    assert isinstance(q.features[0][1], nn.Identity)  # the stem's BatchNorm was folded into its conv

@@ -160,20 +160,32 @@ def test_low_bit_bad_input(trained_mlp):
 
 
 def test_equalization_is_kept_only_where_it_helps_the_trained_mobilenet(digits):
+    """Both ways are measured on the calibration data and the closer one returned; a way whose result
+    departs past its noise loses. On the shipped digits MobileNetV2, per-tensor INT8 without
+    equalization collapses at the first depthwise conv (its BatchNorm scales one channel by 338,
+    another by 0.02), and equalization rescues it; with per-channel weights it only costs fidelity."""
+    from slimkit.core.fidelity import FidelityError
     from slimkit.zoo import trained
 
     mnv2 = trained("mobilenet_v2")
     calib = _calib(digits, 64)
     x = digits.test_x[:200]
-    plain = sk.quantize(mnv2, {"per_channel": False}, calib_data=calib)
-    q = sk.quantize(mnv2, {"per_channel": False, "equalize": True}, calib_data=calib)
+    per_tensor = [sk.quant.Weights(per_channel=False), sk.quant.Activations()]
+    with pytest.raises(FidelityError, match="features.1.block.0.0"):
+        sk.quantize(mnv2, per_tensor, calib_data=calib)
+    q = sk.quantize(mnv2, [*per_tensor, sk.quant.Equalize()], calib_data=calib)
     report = q.slimkit_plan.passes["equalization"]
-    # both ways were measured on the calibration data and the closer one returned; its config says which
-    assert report["kept"] == (report["sqnr_db_with"] >= report["sqnr_db_without"])
-    assert (q.slimkit_plan.config.find(sk.quant.Equalize) is not None) == report["kept"]
-    assert abs(report["sqnr_db_with"] - report["sqnr_db_without"]) > 1.0  # it matters on this net, one way or the other
-    # so equalization never costs fidelity on held-out digits
-    assert _sqnr(mnv2, q, x) >= _sqnr(mnv2, plain, x) - 0.5
+    assert report["kept"] and report["sqnr_db_without"] is None and report["sqnr_db_with"] > 20.0
+    assert q.slimkit_plan.config.find(sk.quant.Equalize) is not None
+    assert _sqnr(mnv2, q, x) > 20.0  # on held-out digits too
+
+    per_channel = [sk.quant.Weights(), sk.quant.Activations()]
+    plain = sk.quantize(mnv2, per_channel, calib_data=calib)
+    q = sk.quantize(mnv2, [*per_channel, sk.quant.Equalize()], calib_data=calib)
+    report = q.slimkit_plan.passes["equalization"]
+    assert not report["kept"] and report["sqnr_db_without"] > report["sqnr_db_with"] + 1.0  # it matters here
+    assert q.slimkit_plan.config.find(sk.quant.Equalize) is None
+    assert _sqnr(mnv2, q, x) >= _sqnr(mnv2, plain, x) - 0.5  # so equalization never costs fidelity on held-out digits
 
 
 def test_clipped_grid_beats_the_max_grid_at_4_bits(trained_mlp, digits):

@@ -97,8 +97,12 @@ def first_departing_layer(original: nn.Module, result: nn.Module, batch: Batch, 
     """The first module (in the order the forward pass runs them), present under the same name in
     both models, whose output departs from the original's by more than ``limit`` (relative L2).
     A layer the result folded a BatchNorm into is compared with that BatchNorm's output."""
-    names = {n for n, _ in original.named_modules() if n} & {n for n, _ in result.named_modules() if n}
-    gone = {n for n, m in original.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} - names
+    kept = dict(result.named_modules())
+    names = {n for n, _ in original.named_modules() if n} & {n for n in kept if n}
+    # a BatchNorm folded away: no module of that name left, or an Identity in its place
+    gone = {n for n, m in original.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(kept.get(n), nn.modules.batchnorm._BatchNorm)}
+    names -= gone
     outputs: dict[int, dict[str, Tensor]] = {0: {}, 1: {}}
     order: list[str] = []
     made_by: dict[int, tuple[str, Any]] = {}  # the original's layer outputs, by identity (kept alive)

@@ -214,8 +214,10 @@ class MixedPrecision(QuantPass):
 @dataclass(frozen=True, kw_only=True)
 class KeepFloat(QuantPass):
     """The sensitivity pass: each layer is quantized alone and the outputs' change on
-    ``calib_data`` measured; the ``layers`` (a number) that change them most stay in float (added to the plan's
-    ``Weights.exclude``; the scan, by name, in ``plan.passes["keep_float"]``)."""
+    ``calib_data`` measured; up to ``layers`` (a number) of those that change them most stay in float,
+    tried in that order, each kept only where leaving it in float brings the outputs closer to the
+    float model's (added to the plan's ``Weights.exclude``; the scan and each try, by name, in
+    ``plan.passes["keep_float"]``; fewer than ``layers`` is a warning naming the layers tried)."""
 
     layers: int = 1
 

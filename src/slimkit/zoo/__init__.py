@@ -1,8 +1,10 @@
-"""Reference models, and digits-trained versions of them cached in the user's cache folder.
+"""Reference models, and digits-trained versions of them.
 
-``trained("resnet18")`` builds the small digits variant, trains it once (well under a minute on two
-cores) and caches the weights as safetensors under ``$SLIMKIT_CACHE`` (default
-``~/.cache/slimkit``); later calls load the cache.
+``trained("resnet18")`` builds the small digits variant and loads the weights shipped with slimkit
+(``zoo/weights/``, trained once with ``store_shipped``), so every machine gets the same bits: a model
+trained on first use would differ from one CPU to the next, with everything computed from it. Another
+``seed`` trains the model (well under a minute on two cores) and caches it as safetensors under
+``$SLIMKIT_CACHE`` (default ``~/.cache/slimkit``); later calls load the cache.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from .mlp import mlp
 from .mobilenet import mobilenet_v2
 from .resnet import resnet18
 
-__all__ = ["resnet18", "mobilenet_v2", "mlp", "mixed_cnn", "digits_model", "trained", "DIGITS_MODELS", "cache_dir",
-           "load_cached", "store_cached"]
+__all__ = ["resnet18", "mobilenet_v2", "mlp", "mixed_cnn", "digits_model", "trained", "train", "store_shipped",
+           "DIGITS_MODELS", "cache_dir", "load_cached", "store_cached"]
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLIMKIT_CACHE", Path.home() / ".cache" / "slimkit"))
 
 
-def trained(name: str, seed: int = 0) -> nn.Module:
-    """The digits-trained model ``name`` (trains and caches it on first use)."""
-    from slimkit.data import batches, load_digits32
-    from slimkit.train import accuracy, fit
+SHIPPED = Path(__file__).parent / "weights"  # seed 0 of every DIGITS_MODELS entry
 
+
+def trained(name: str, seed: int = 0) -> nn.Module:
+    """The digits-trained model ``name``: the shipped weights for seed 0, else trained and cached on first use."""
     model = digits_model(name)
-    key = hashlib.sha256(f"{name}-{seed}-{torch.__version__}-v1".encode()).hexdigest()[:12]
+    shipped = SHIPPED / f"{name}.safetensors"
+    if seed == 0 and shipped.exists():
+        model.load_state_dict(load_file(str(shipped)))
+        return model.eval()
+    # the CPU kernels PyTorch runs (AVX2, AVX-512, ...) sum in different orders: trained weights differ with them
+    kernels = torch.backends.cpu.get_cpu_capability()
+    key = hashlib.sha256(f"{name}-{seed}-{torch.__version__}-{kernels}-v1".encode()).hexdigest()[:12]
     path = cache_dir() / "zoo" / f"{name}-{key}.safetensors"
     if load_cached(path, model):
         return model.eval()
@@ -64,13 +72,29 @@ def trained(name: str, seed: int = 0) -> nn.Module:
 
     progress.info("zoo: training %s on the digits (first use, %d epochs; cached in %s)", name, DIGITS_MODELS[name][1],
                   path.parent)
+    model = train(name, seed)
+    store_cached(path, model.state_dict())
+    return model.eval()
+
+
+def train(name: str, seed: int = 0) -> nn.Module:
+    """Train the digits variant of ``name`` from scratch (its DIGITS_MODELS epochs, SGD at 0.05, batch 32)."""
+    from slimkit.data import batches, load_digits32
+    from slimkit.train import accuracy, fit
+
     d = load_digits32()
     torch.manual_seed(seed)
     model = digits_model(name)
     fit(model, batches(d.train_x, d.train_y, 32), epochs=DIGITS_MODELS[name][1], lr=0.05, seed=seed)
     log.info("trained %s on digits: test accuracy %.2f%%", name, accuracy(model, d.test_x, d.test_y))
-    store_cached(path, model.state_dict())
     return model.eval()
+
+
+def store_shipped(names: list[str] | None = None) -> None:
+    """Re-train seed 0 of the digits models (all by default) and write them as the shipped weights.
+    Everything stored from them (the preset references, the benchmarks) changes with them."""
+    for name in names or list(DIGITS_MODELS):
+        store_cached(SHIPPED / f"{name}.safetensors", train(name, 0).state_dict())
 
 
 def load_cached(path: Path, model: nn.Module, fix: Callable[[dict[str, Any]], None] | None = None) -> bool:

@@ -244,10 +244,11 @@ class Search:
         return floatm, ok
 
     def ladder(self, kind: str, key: str, steps: Iterable[float], base: nn.Module, qcfg: dict[str, Any] | None,
-               make: Callable[[float], nn.Module], label: Callable[[float], str]) -> nn.Module:
+               make: Callable[[float], nn.Module], label: Callable[[float], str]) -> tuple[nn.Module, float | None]:
         """Bisection over ``steps`` for the largest that keeps the budget (float or INT8); returns
-        the float model of that step, or ``base`` when none does."""
+        the float model of that step and the step, or ``base`` and None when none does."""
         ladder = sorted(steps)
+        best: float | None = None
         lo, hi = 0, len(ladder) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
@@ -259,10 +260,10 @@ class Search:
                 hi = mid - 1
                 continue
             if r[1]:
-                base, lo = r[0], mid + 1
+                base, best, lo = r[0], s, mid + 1
             else:
                 hi = mid - 1
-        return base
+        return base, best
 
     def both_ways(self, kind: str, label: str, make: Callable[[], nn.Module],
                   **extra: Any) -> tuple[nn.Module, Measurement] | None:
@@ -294,19 +295,22 @@ class Search:
             return prune(self.model, {"method": "structured", "sparsity": s, "importance": self.cfg.importance,
                                       "round_to": self.cfg.round_to}, example_inputs=self.example, data=self.train[:8])
 
-        base = self.model
+        base, pruned = self.model, None
         if self.cfg.sparsities:
-            base = self.ladder("prune", "sparsity", self.cfg.sparsities, base, qcfg, channels, lambda s: f"pruned {s:.0%}")
+            base, pruned = self.ladder("prune", "sparsity", self.cfg.sparsities, base, qcfg, channels,
+                                       lambda s: f"pruned {s:.0%}")
         if self.cfg.depth and self.stopped == "finished":
             start = base
-            prefix = "pruned + " if start is not self.model else ""
+            prefix = f"pruned {pruned:.0%} + " if pruned is not None else ""
+
+            def depth_label(s: float) -> str:  # the share is of the blocks a shortcut can stand in for
+                return prefix + ("every removable block removed" if s >= 1.0 else f"{s:.0%} of the removable blocks removed")
 
             def blocks(s: float) -> nn.Module:
                 return prune(start, {"method": "depth", "sparsity": s}, example_inputs=self.example,
                              data=self.train[:8])
 
-            base = self.ladder("depth", "depth", self.cfg.depth, start, qcfg, blocks,
-                               lambda s: f"{prefix}{s:.0%} of blocks removed")
+            base, _ = self.ladder("depth", "depth", self.cfg.depth, start, qcfg, blocks, depth_label)
         return base
 
     def factorize_steps(self, base: nn.Module, qcfg: dict[str, Any] | None) -> None:

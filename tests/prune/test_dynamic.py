@@ -1,5 +1,6 @@
 """Dynamic sparse training: SET and RigL (slimkit.prune.DynamicSparsity, sparse_train)."""
 
+import copy
 import math
 
 import pytest
@@ -108,6 +109,9 @@ def test_dense_first_last_and_the_plan(tmp_path):
     ({"sparsity": 0.5, "method": "snip"}, "method must be one of 'rigl', 'set'"),
     ({"sparsity": 0.5, "budget": "random"}, "budget must be one of"),
     ({"sparsity": 0.999, "budget": "uniform"}, "leaves layer '0' .* empty"),
+    ({"sparsity": 0.5, "init": "snip"}, "init must be one of 'random', 'magnitude', 'saliency'"),
+    ({"sparsity": 0.5, "init": "saliency"}, "init='saliency' scores the weights on data"),
+    ({"sparsity": 0.5, "data": [torch.randn(2, 4)]}, "data is only read by init='saliency'"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -145,3 +149,24 @@ def test_a_random_mask_is_independent_of_the_weights_it_masks():
     ds = DynamicSparsity(nn.Sequential(lin), 0.5, budget="uniform", init="random", seed=0)
     kept = lin.weight[ds.masks["0"]]
     assert 0.4 < float((kept > 0).float().mean()) < 0.6  # about as many positive as negative weights kept
+
+
+def test_a_saliency_mask_keeps_the_weights_snip_keeps():
+    """init='saliency' starts from SNIP's |w x grad| on the data: the same weights unstructured pruning
+    with taylor importance keeps (one global threshold), not the largest ones."""
+    model, data = _mlp(), _data(4)
+    with torch.no_grad():
+        model[0].weight[:, :4] *= 10.0  # large weights on inputs that are then zeroed: no gradient, no saliency
+    data = [(torch.cat([x[:, :4] * 0, x[:, 4:]], 1), y) for x, y in data]
+    snip = sk.prune(model, {"method": "unstructured", "sparsity": 0.5, "importance": "taylor", "scope": "global"}, data=data)
+    ds = DynamicSparsity(copy.deepcopy(model), 0.5, budget="global", init="saliency", data=data)
+    for name in ("0", "2", "4"):
+        assert torch.equal(ds.masks[name], snip.get_submodule(name).weight != 0), name
+    assert not bool(ds.masks["0"][:, :4].any())  # the large weights nothing flows through go first
+    magnitude = DynamicSparsity(copy.deepcopy(model), 0.5, budget="global", init="magnitude")
+    assert float(magnitude.masks["0"][:, :4].float().mean()) > 0.9  # where the magnitude mask keeps nearly all
+    trained = sparse_train(model, {"sparsity": 0.5, "init": "saliency", "budget": "global", "epochs": 1, "update_every": 4},
+                           data)
+    assert math.isclose(sum(float((m.weight == 0).sum()) for m in trained if isinstance(m, nn.Linear)) /
+                        sum(m.weight.numel() for m in trained if isinstance(m, nn.Linear)), 0.5, abs_tol=0.01)
+    assert not bool(trained[0].weight[:, :4].any())  # its first mask was the saliency one, and nothing grew there

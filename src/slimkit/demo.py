@@ -40,7 +40,7 @@ def run_demo(out: str | os.PathLike[str], model_name: str = "resnet18", tune_bud
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    progress.info("demo 1/6: the digits-trained %s (trained on first use, then cached)", model_name)
+    progress.info("demo 1/6: the digits-trained %s (the weights shipped with slimkit)", model_name)
     t = task()
     example, calib, train = t["example"], t["calib"], t["train"]
     model = trained(model_name)

@@ -521,35 +521,30 @@ def run(tmp: str, quick: bool) -> dict[str, Any]:
                                             ratios=(0.25, 0.5, 0.75) if not quick else (0.5,))}
 
 
+def _rerun_part(part: str) -> None:
+    """``--only dynamic`` / ``--only dynamic-minilm``: re-run that part alone and merge it into the
+    committed results (the other sections as they are)."""
+    import tempfile
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(2)
+    quick = "--quick" in sys.argv
+    res = json.loads((RESULTS / "pruning.json").read_text())
+    t = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        if part == "dynamic":
+            res["dynamic"] = section = dynamic_rows(tmp, quick)
+        else:
+            res["dynamic"]["minilm"] = section = _dynamic_minilm(tmp, quick, ["dense", "SNIP", "GMP", "SET", "RigL"],
+                                                                 [0.9] if quick else [0.8, 0.9])
+    section.update({"machine": machine(), "seconds": time.time() - t, "when": time.strftime("%Y-%m-%d")})
+    write_results("pruning", res, markdown, plot, quick)
+
+
 def main() -> None:
-    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1] == "dynamic-minilm":
-        import tempfile
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        torch.set_num_threads(2)
-        quick = "--quick" in sys.argv
-        res = json.loads((RESULTS / "pruning.json").read_text())  # the other sections as committed
-        t = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            res["dynamic"]["minilm"] = _dynamic_minilm(tmp, quick, ["dense", "SNIP", "GMP", "SET", "RigL"],
-                                                       [0.9] if quick else [0.8, 0.9])
-        res["dynamic"]["minilm"].update({"machine": machine(), "seconds": time.time() - t,
-                                         "when": time.strftime("%Y-%m-%d")})
-        write_results("pruning", res, markdown, plot, quick)
-        return
-    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1] == "dynamic":
-        import tempfile
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        torch.set_num_threads(2)
-        quick = "--quick" in sys.argv
-        res = json.loads((RESULTS / "pruning.json").read_text())  # the other sections as committed
-        t = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            res["dynamic"] = dynamic_rows(tmp, quick)
-        res["dynamic"].update({"machine": machine(), "seconds": time.time() - t,
-                               "when": time.strftime("%Y-%m-%d")})
-        write_results("pruning", res, markdown, plot, quick)
+    part = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    if part in ("dynamic", "dynamic-minilm"):
+        _rerun_part(part)
         return
     bench_main("pruning", lambda tmp, quick: {**run(tmp, quick), "dynamic": dynamic_rows(tmp, quick)}, markdown, plot)
 

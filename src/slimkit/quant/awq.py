@@ -53,7 +53,7 @@ def _scaled_error(w: Tensor, s: Tensor, x: Tensor, bits: int, group_size: int, s
 
 @torch.no_grad()
 def awq_scales(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-               grid: int = 20, rows: int = 4096) -> tuple[Tensor, float, dict[float, float]]:
+               grid: int = 20, rows: int = 1024) -> tuple[Tensor, float, dict[float, float]]:
     """Per-input-channel scales for ``w`` ``[out, in]`` from inputs ``x`` ``[n, in]``. Returns the
     scales, the chosen alpha and the output error at each alpha tried. A layer of more than
     ``rows`` outputs is measured ``rows`` at a time (the same error, in bounded memory)."""
@@ -77,7 +77,7 @@ def awq_scales(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symme
 
 @torch.no_grad()
 def awq_clip(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-             steps: int = 20, max_shrink: float = 0.5, rows: int = 512, out_rows: int = 4096) -> tuple[Tensor, Tensor]:
+             steps: int = 20, max_shrink: float = 0.5, rows: int = 512, out_rows: int = 1024) -> tuple[Tensor, Tensor]:
     """Each group's scale and zero-point (``[out, in // group_size]``, as ``group_qparams`` gives)
     with its range shrunk by the ratio in ``[1 - max_shrink, 1]`` (``steps`` of them) that
     minimizes the error of that group's contribution to the outputs, ``x[:, g] @ w[o, g]^T``, on up
@@ -98,13 +98,17 @@ def awq_clip(w: Tensor, x: Tensor, bits: int = 4, group_size: int = 128, symmetr
     scale, zp = group_qparams(w, bits, group_size, symmetric)
     wg = w.reshape(w.shape[0], -1, group_size)  # [out, groups, size]
     xg = x.reshape(x.shape[0], -1, group_size).transpose(0, 1)  # [groups, n, size]
+    # sum over the rows of (x_g . dw_og)^2 is dw_og^T (x_g^T x_g) dw_og: each group's Gram matrix
+    # [size, size] in place of the [groups, n, out] products (a quarter of the arithmetic at n = 512)
+    gram = torch.bmm(xg.transpose(1, 2), xg)  # [groups, size, size]
     best_err = torch.full_like(scale, float("inf"))
     best = torch.ones_like(scale)
     for r in torch.linspace(1.0, 1.0 - max_shrink, steps).tolist():
         s = scale * r
         q = torch.clamp(torch.round(wg / s[..., None]) + zp[..., None], 0, 2**bits - 1)
         dw = (q - zp[..., None]) * s[..., None] - wg
-        err = torch.bmm(xg, dw.permute(1, 2, 0)).pow(2).sum(1).T  # [out, groups]
+        del q
+        err = (torch.einsum("ogi,gij->ogj", dw, gram) * dw).sum(-1)  # [out, groups]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, r), best)

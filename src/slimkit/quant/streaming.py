@@ -172,6 +172,29 @@ def _head(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
 
+def _float_logits(model: nn.Module, stack: list[str], hidden: Tensor, form: tuple[Any, ...] | None,
+                  batch: Batch) -> Tensor:
+    """The model's output on ``batch`` with each block of ``stack`` passed over (its input handed on,
+    in the form a block returns: a tensor, or a tuple with ``form`` after it) and the last one
+    returning ``hidden``: what the layers after the blocks make of the float path's hidden states."""
+    last = stack[-1]
+
+    def over(name: str) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            h = hidden if name == last else (args[0] if args else kwargs["hidden_states"])
+            return h if form is None else (h, *form)
+        return forward
+
+    blocks = [model.get_submodule(name) for name in stack]
+    for name, block in zip(stack, blocks, strict=True):
+        block.forward = over(name)  # type: ignore[method-assign]
+    try:
+        return first_tensor(call(model, batch)).clone()
+    finally:
+        for block in blocks:
+            del block.forward
+
+
 @torch.no_grad()
 def quantize_checkpoint(folder: str | os.PathLike[str], cfg: Quantize, calib_data: Any = None,
                         model_class: Any = None) -> nn.Module:
@@ -209,6 +232,7 @@ def quantize_checkpoint(folder: str | os.PathLike[str], cfg: Quantize, calib_dat
     streamed: list[dict[str, Any]] = []
     held: list[str] = []  # weights the blocks' modules hold themselves (expert banks), quantized with their block
     held_pass: dict[str, Any] = {}
+    form: tuple[Any, ...] | None = None
     spill = tempfile.mkdtemp(prefix="slimkit-blocks-")  # the quantized blocks, until the last is done
     try:
         started = time.perf_counter()
@@ -258,22 +282,18 @@ def quantize_checkpoint(folder: str | os.PathLike[str], cfg: Quantize, calib_dat
                                  "as its hidden states: this model cannot be quantized block by block; load it and call "
                                  "sk.quantize(model, ...)")
             inputs, ref = nxt, ref_nxt
+            form = None if isinstance(out[0], Tensor) else tuple(out[0][1:])  # what a block returns beside the hidden states
             del float_out, out, summary
             _offload(block, os.path.join(spill, f"{i}.safetensors"))
             release_memory()
+        ckpt.load(model, skip=tuple(stack), missing_only=True)  # the float tables and head, again
+        # the float model's output on the first batch: the float path's last hidden states through the float head,
+        # the blocks passed over (still on disk: memory holds the float tables, not the quantized blocks beside them)
+        float_logits = _float_logits(model, stack, _hidden(ref[0]), form, batches[0])
         for i, name in enumerate(stack):
             _restore(model.get_submodule(name), os.path.join(spill, f"{i}.safetensors"))
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    ckpt.load(model, skip=tuple(stack), missing_only=True)  # the float tables and head, again
-    # the float model's output on the first batch: the float path's last hidden states, through the float head
-    last = model.get_submodule(stack[-1])
-    hidden = _hidden(ref[0])
-    handle = last.register_forward_hook(lambda m, a, out: hidden if isinstance(out, Tensor) else (hidden, *out[1:]))
-    try:
-        float_logits = first_tensor(call(model, batches[0])).clone()
-    finally:
-        handle.remove()
     del inputs, ref
     release_memory()
     inside = [n for n, m in model.named_modules() if any(n.startswith(s + ".") for s in stack)]

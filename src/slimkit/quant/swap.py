@@ -5,6 +5,7 @@ and the weights modules hold themselves (``param_weights.py``), each choice reco
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -23,6 +24,23 @@ __all__ = ["swap_weighted", "quantize_held"]
 log = logging.getLogger(__name__)
 
 
+def _parents(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` read as the swap goes: no list of them holds a float layer after
+    its quantized drop-in took its place (a 32000-token output head is a quarter of a GB)."""
+    for name in [n for n, _ in model.named_modules()]:
+        try:
+            yield name, model.get_submodule(name)
+        except AttributeError:  # under a layer swapped already
+            continue
+
+
+def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for child_name in list(module._modules):
+        child = module._modules[child_name]
+        if child is not None:
+            yield child_name, child
+
+
 def swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: bool = True) -> None:
     """Replace Linear/Conv modules by their quantized versions, in place, recording the choice;
     ``held``: then the weights modules hold themselves (``quantize_held``)."""
@@ -36,8 +54,8 @@ def swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: boo
     if unknown:
         raise ValueError(f"layer_bits names layers this model does not have: {unknown[:5]}; "
                          f"its Linear/Conv layers are {sorted(names)[:8]}")
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    for name, module in _parents(model):
+        for child_name, child in _children(module):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, (QuantLinearNBits, QuantLinear, QuantConv)):  # by a weight pass (GPTQ, SmoothQuant)
                 plan.quantized_layers.append(full)
@@ -101,8 +119,8 @@ def quantize_held(model: nn.Module, passes: Quantize, plan: QuantPlan) -> None:
 @pass_handler(Embeddings)
 def _swap_embeddings(model: nn.Module, cfg: Embeddings, plan: QuantPlan, owners: dict[int, list[str]]) -> None:
     bits = cfg.bits
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    for name, module in _parents(model):
+        for child_name, child in _children(module):
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Embedding) or isinstance(child, QuantEmbedding):
                 continue

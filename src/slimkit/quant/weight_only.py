@@ -65,8 +65,14 @@ def group_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool = True)
     return scale, zp
 
 
-def quantize_groups(w: Tensor, scale: Tensor, zp: Tensor, bits: int) -> Tensor:
-    """Round ``w`` to the groups' grids: unsigned integers in ``[0, 2**bits - 1]`` (uint8)."""
+def quantize_groups(w: Tensor, scale: Tensor, zp: Tensor, bits: int, rows: int = 4096) -> Tensor:
+    """Round ``w`` to the groups' grids: unsigned integers in ``[0, 2**bits - 1]`` (uint8); ``rows``
+    rows at a time, so a large table's float temporaries are slices of it."""
+    if w.shape[0] > rows:
+        q = torch.empty(w.shape, dtype=torch.uint8)
+        for r in range(0, w.shape[0], rows):
+            q[r:r + rows] = quantize_groups(w[r:r + rows], scale[r:r + rows], zp[r:r + rows], bits, rows)
+        return q
     g = _groups(w.detach().float(), w.shape[1] // scale.shape[1])
     q = torch.clamp(torch.round(g / scale[..., None]) + zp[..., None], 0, 2**bits - 1)
     return q.reshape(w.shape).to(torch.uint8)
@@ -82,8 +88,14 @@ def rtn_groups(w: Tensor, bits: int, group_size: int, symmetric: bool = True,
     """Round to nearest: ``(q, scale, zp)``; ``rows`` rows at a time (each row's own grid), so a large
     table's float temporaries are slices of it."""
     if w.shape[0] > rows:
-        parts = [rtn_groups(w[r:r + rows], bits, group_size, symmetric, rows) for r in range(0, w.shape[0], rows)]
-        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+        out: list[Tensor] = []
+        for r in range(0, w.shape[0], rows):  # each slice written into the whole: no list of parts beside it
+            part = rtn_groups(w[r:r + rows], bits, group_size, symmetric, rows)
+            if not out:
+                out = [torch.empty((w.shape[0], *p.shape[1:]), dtype=p.dtype) for p in part]
+            for whole, p in zip(out, part, strict=True):
+                whole[r:r + rows] = p
+        return out[0], out[1], out[2]
     scale, zp = group_qparams(w, bits, group_size, symmetric)
     return quantize_groups(w, scale, zp, bits), scale, zp
 
@@ -324,7 +336,7 @@ class QuantEmbedding(DropIn, nn.Embedding):
             self.register_buffer("scales", scale.float())
             self.register_buffer("zero_points", zp.to(torch.uint8))
         else:
-            scale = w.abs().amax(1) / 127.0
+            scale = torch.maximum(w.amax(1), -w.amin(1)) / 127.0  # |w|'s row maxima, without a copy of |w|
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             table = torch.empty(w.shape, dtype=torch.int8, device=w.device)
             for r in range(0, w.shape[0], 4096):  # a slice at a time: a large table's temporaries stay small

@@ -21,6 +21,17 @@ from slimkit.data import batches
 from slimkit.verbs import VERBS
 
 REFS = Path(__file__).parent / "references" / "presets.json"
+
+
+def _vendor() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("vendor_id")), "other")
+
+
+# Where one CPU vendor's kernels (the same instruction set, other cache blocking) move a data-driven choice
+# across its tie -- int8/resnet18's bias-correction source is 0.03 dB apart on an AMD EPYC, 0.16 dB on an Intel
+# Xeon -- that vendor's results for those keys are stored beside the others (SLIMKIT_STORE_REFERENCES=vendor).
+VENDOR_REFS = REFS.with_name(f"presets.{_vendor()}.json")
 SLOW_ON_CNNS = {"w4a8-adaround", "int8-cle", "w4a8"}  # minutes on 2 cores: the MLP only
 LINEAR_ONLY = {"int4-weight", "int4-gptq", "int4-awq"}  # weight-only Linear layers: nothing to do on a CNN
 
@@ -93,7 +104,10 @@ def _tolerance(shape: list[int], dtype: str) -> float:
 def stored():
     if os.environ.get("SLIMKIT_STORE_REFERENCES") or not REFS.exists():
         return None
-    return json.loads(REFS.read_text())
+    refs = json.loads(REFS.read_text())
+    if VENDOR_REFS.exists():
+        refs.update(json.loads(VENDOR_REFS.read_text()))
+    return refs
 
 
 _NEW: dict = {}
@@ -107,10 +121,11 @@ def test_a_preset_gives_the_stored_model(verb, name, net, digits, stored):
     entry = {"plan": _plan(got), "state": _summary(got)}
     if stored is None:  # storing: this run's results become the references
         _NEW[key] = entry
-        data = json.loads(REFS.read_text()) if REFS.exists() else {}
+        into = VENDOR_REFS if os.environ.get("SLIMKIT_STORE_REFERENCES") == "vendor" else REFS
+        data = json.loads(into.read_text()) if into.exists() else {}
         data[key] = entry
-        REFS.parent.mkdir(exist_ok=True)
-        REFS.write_text(json.dumps(data, indent=0, sort_keys=True))
+        into.parent.mkdir(exist_ok=True)
+        into.write_text(json.dumps(data, indent=0, sort_keys=True))
         pytest.skip("references stored")
     assert key in stored, f"no stored reference for {key}; store them with SLIMKIT_STORE_REFERENCES=1"
     want = stored[key]

@@ -55,9 +55,13 @@ OLD_PRESETS = {
 }
 
 
-# what changed since, deliberately (benchmarks/results/ptq_real_cnn.md): the old forms, as passes
+# what changed since, deliberately (benchmarks/results/ptq_real_cnn.md, int4_presets.md): the old forms, as passes
+_OLD_INT4 = [Weights(bits=4, reduce_range=False, group_size=128), Activations(mode="none")]
 CHANGED = {"int8": PRESETS["int8"].with_pass(BiasCorrection()),
-           "w4a8-adaround": PRESETS["w4a8-adaround"].with_pass(AdaRound(iterations=300))}
+           "w4a8-adaround": PRESETS["w4a8-adaround"].with_pass(AdaRound(iterations=300)),
+           "int4-weight": Quantize.of([*_OLD_INT4, Embeddings()]),
+           "int4-gptq": Quantize.of([*_OLD_INT4, GPTQ(), Embeddings()]),
+           "int4-awq": Quantize.of([*_OLD_INT4, AWQ(), Embeddings()])}
 
 
 @pytest.mark.parametrize("name", sorted(OLD_PRESETS))
@@ -69,15 +73,15 @@ def test_old_dicts_still_quantize_the_same_with_a_warning_showing_the_new_form(t
     calib = batches(digits.train_x[:128], None, 64)
     with pytest.warns(DeprecationWarning, match=r"\[\{'weights': \{'bits': 4"):
         old = sk.quantize(trained_mlp, OLD_PRESETS["int4-gptq"], calib_data=calib)
-    new = sk.quantize(trained_mlp, "int4-gptq", calib_data=calib)
+    new = sk.quantize(trained_mlp, CHANGED["int4-gptq"].to_dict(), calib_data=calib)  # the old preset, as passes
     for k, v in new.state_dict().items():
         assert torch.equal(old.state_dict()[k], v), k
-    assert old.slimkit_plan.config == new.slimkit_plan.config == PRESETS["int4-gptq"]
+    assert old.slimkit_plan.config == new.slimkit_plan.config == CHANGED["int4-gptq"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new forms do not warn
         for spec in ("int4-gptq", PRESETS["int4-gptq"], PRESETS["int4-gptq"].to_dict(),
                      [{"weights": {"bits": 4, "group_size": 128, "reduce_range": False}}, {"activations": {"mode": "none"}},
-                      "gptq", "embeddings"]):
+                      {"gptq": {"act_order": True}}, "embeddings"]):
             assert sk.quant.resolve_quantize(spec) == PRESETS["int4-gptq"]
 
 

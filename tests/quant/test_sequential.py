@@ -99,7 +99,9 @@ def test_gptq_and_awq_leave_tied_embeddings_alone():
         # the output head is quantized on its own, so the tie is gone and the table is quantized too
         assert type(q.head).__name__ == "QuantLinearNBits" and type(q.embed).__name__ == "QuantEmbedding"
         with torch.no_grad():
-            assert float((q.embed(ids) - model.embed(ids)).norm() / model.embed(ids).norm()) < 0.01
+            rows = sk.quant.PRESETS[preset].find(sk.quant.Embeddings).bits  # int8 rows, or 4-bit groups of 32
+            err = float((q.embed(ids) - model.embed(ids)).norm() / model.embed(ids).norm())
+            assert err < (0.01 if rows == 8 else 0.12), (preset, err)
         with torch.no_grad():
             rel = float((q(ids) - model(ids)).norm() / model(ids).norm())
         assert rel < 0.2

@@ -152,8 +152,14 @@ def test_4bit_embedding_tables_export_as_plain_onnx_and_reload(tmp_path):
                                q4(longer).detach().numpy(), rtol=1e-3, atol=1e-3)
     sk.save(q4, tmp_path / "lm4")
     torch.testing.assert_close(sk.load(tmp_path / "lm4", m)(ids), q4(ids))
-    odd = sk.quantize(_TinyLM(width=48).eval(), sk.quant.PRESETS["int8-dynamic"].with_pass(sk.quant.Embeddings(bits=4)))
-    assert "group_size 32 does not divide the input dimension 48" in odd.slimkit_plan.skipped["emb"]
+    m48 = _TinyLM(width=48).eval()
+    odd = sk.quantize(m48, sk.quant.PRESETS["int8-dynamic"].with_pass(sk.quant.Embeddings(bits=4)))
+    # a width the 4-bit groups of 32 do not divide: int8 rows instead, and the plan says why
+    assert odd.emb.bits == 8 and "emb" in odd.slimkit_plan.quantized_layers and "emb" not in odd.slimkit_plan.skipped
+    assert "not a multiple of the 4-bit groups of 32" in odd.slimkit_plan.passes["embeddings"]["emb"]
+    with torch.no_grad():
+        e48 = m48.emb(ids)
+    assert float((odd.emb(ids) - e48).norm() / e48.norm()) < 0.01  # int8 rows: close
     with pytest.raises(ValueError, match="embedding_bits must be one of"):
         sk.QuantConfig(embedding_bits=6)
     with pytest.raises(ValueError, match="it needs quantize_embeddings=True"):

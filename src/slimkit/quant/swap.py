@@ -132,7 +132,13 @@ def _swap_embeddings(model: nn.Module, cfg: Embeddings, plan: QuantPlan, owners:
                                       "would untie them")
                 continue
             try:
-                setattr(module, child_name, QuantEmbedding(child, bits))
+                if bits == 4 and child.embedding_dim % 32:
+                    # 4-bit rows go in groups of 32; a table of another width still halves as int8 rows
+                    setattr(module, child_name, QuantEmbedding(child, 8))
+                    plan.passes.setdefault("embeddings", {})[full] = (
+                        f"8-bit rows: its width {child.embedding_dim} is not a multiple of the 4-bit groups of 32")
+                else:
+                    setattr(module, child_name, QuantEmbedding(child, bits))
             except ValueError as e:
                 plan.skipped[full] = str(e)
                 continue

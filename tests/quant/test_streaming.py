@@ -108,6 +108,29 @@ def test_one_float_block_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert all(isinstance(q.model.layers[i].mlp.down_proj, QuantLinearNBits) for i in range(3))
 
 
+def test_the_heads_passes_run_on_the_hidden_states_the_sweep_has(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's GPTQ is calibrated on the quantized blocks' last outputs, which the sweep already
+    has: the blocks stay on disk meanwhile (not run again, not in memory beside the float head)."""
+    from slimkit.quant import streaming
+
+    folder = _saved(_llama(), tmp_path / "ckpt")
+    seen: list[set[str]] = []
+    passes = streaming.weight_passes
+
+    def watch(model: nn.Module, q: Any, batches: list[Any]) -> Any:
+        if hasattr(model, "lm_head"):  # the whole model: the head's passes
+            seen.append({t.device.type for b in model.model.layers for t in b.parameters()})
+        return passes(model, q, batches)
+
+    monkeypatch.setattr(streaming, "weight_passes", watch)
+    calib = _calib()
+    q = sk.quantize(folder, [*INT4, "gptq", "embeddings"], calib)
+    assert seen == [{"meta"}]
+    assert "lm_head" in q.slimkit_plan.passes["gptq"]
+    assert torch.equal(q(**calib[0]).logits, sk.quantize(_llama(), [*INT4, "gptq", "embeddings"], calib)(**calib[0]).logits)
+
+
 def test_saved_result_loads_onto_a_skeleton(tmp_path: Path) -> None:
     folder = _saved(_llama(), tmp_path / "ckpt")
     calib = _calib()

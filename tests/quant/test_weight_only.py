@@ -6,7 +6,7 @@ from torch import nn
 
 import slimkit as sk
 from slimkit.data import batches
-from slimkit.quant.gptq import gptq, hessian
+from slimkit.quant.gptq import gptq, hessian, inverse_cholesky
 from slimkit.quant.weight_only import (
     QuantLinearNBits,
     dequantize_groups,
@@ -66,6 +66,22 @@ def test_gptq_lowers_each_layers_output_error_on_the_trained_mlp(trained_mlp, di
     q_gptq = sk.quantize(trained_mlp, "int4-gptq", calib_data=calib)
     assert q_gptq.slimkit_plan.passes["gptq"] == ["1", "3", "5"]
     assert _sqnr(trained_mlp, q_gptq, digits.test_x) > _sqnr(trained_mlp, q_rtn, digits.test_x) + 6.0
+
+
+def test_inverse_cholesky_overwrites_the_hessian_and_equals_the_plain_chain():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 48, generator=g, dtype=torch.float64)
+    h = hessian(x)
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    at = h.untyped_storage().data_ptr()
+    u = inverse_cholesky(h)
+    assert u.untyped_storage().data_ptr() == at  # in the Hessian's own memory: no second [in, in] copy
+    assert torch.allclose(u, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(u.T @ u, torch.linalg.inv(hessian(x) + torch.diag_embed(
+        torch.full((48,), 0.01 * float(hessian(x).diagonal().mean()), dtype=torch.float64))), rtol=1e-8, atol=1e-10)
+    with pytest.raises(RuntimeError):  # not positive definite: LAPACK's error, which gptq() words
+        inverse_cholesky(-torch.eye(4, dtype=torch.float64))
 
 
 def test_int4_weights_export_as_matmulnbits_and_round_trip(trained_mlp, digits, tmp_path):

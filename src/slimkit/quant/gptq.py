@@ -25,12 +25,14 @@ True
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from slimkit.quant.weight_only import group_qparams
 
-__all__ = ["hessian", "gptq"]
+__all__ = ["hessian", "gptq", "inverse_cholesky"]
 
 
 def hessian(x: Tensor) -> Tensor:
@@ -39,6 +41,28 @@ def hessian(x: Tensor) -> Tensor:
     if flat.shape[0] == 0:
         raise ValueError("GPTQ needs calibration inputs; the layer saw none")
     return (flat.T @ flat).mul_(2.0).div_(flat.shape[0])  # in place: [in, in] float64 is large
+
+
+def inverse_cholesky(h: Tensor) -> Tensor:
+    """The upper Cholesky factor ``U`` of ``h^-1`` (``h^-1 = U^T U``) for a symmetric positive
+    definite ``h``, computed in ``h``'s own memory (``h`` is consumed): the factor, the inverse and
+    the factor of the inverse each overwrite it, so a ``[5632, 5632]`` float64 Hessian needs 254 MB,
+    not twice that. ``h`` is symmetric, so its transpose is the same matrix in the column-major
+    layout LAPACK works in, and each step writes there in place. Returns a (column-major) view of
+    ``h``'s storage; where torch will not write a result over its input, an ordinary copy."""
+    t = _in_place(torch.linalg.cholesky, h.mT)
+    t = _in_place(torch.cholesky_inverse, t)
+    return _in_place(torch.linalg.cholesky, t, upper=True)
+
+
+def _in_place(fn: Any, t: Tensor, **kwargs: Any) -> Tensor:
+    try:
+        fn(t, out=t, **kwargs)
+    except RuntimeError as e:
+        if "memory location" not in str(e):  # not the refusal to alias: not positive definite
+            raise
+        return fn(t, **kwargs)
+    return t
 
 
 @torch.no_grad()
@@ -55,7 +79,7 @@ def gptq(weight: Tensor, h: Tensor, bits: int = 4, group_size: int = 128, symmet
         raise ValueError(f"the Hessian is {tuple(h.shape)}, the weight has {in_f} inputs")
     if not torch.isfinite(h).all():
         raise ValueError("the Hessian holds NaN or inf: the calibration inputs are not finite")
-    # float64 [in, in] copies are the largest thing here (254 MB for an input of 5632): at most two at once
+    # the float64 [in, in] Hessian is the largest thing here (254 MB for an input of 5632): one copy at most
     h = h if overwrite and h.dtype == torch.float64 else h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -64,13 +88,11 @@ def gptq(weight: Tensor, h: Tensor, bits: int = 4, group_size: int = 128, symmet
         h = h[perm][:, perm]
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     try:
-        hinv = torch.linalg.cholesky(h)
-        del h
-        hinv = torch.cholesky_inverse(hinv)
-        hinv = torch.linalg.cholesky(hinv, upper=True)
+        hinv = inverse_cholesky(h)
     except RuntimeError as e:
         raise ValueError(f"GPTQ: the Hessian is not positive definite even after dampening ({e}); "
                          "raise damp or give more calibration data") from e
+    del h
     q = torch.zeros(out_f, in_f, dtype=torch.uint8)
     groups = -(-in_f // group_size)
     scale, zp = torch.zeros(out_f, groups), torch.zeros(out_f, groups)

@@ -7,9 +7,11 @@ head) is loaded, and the inputs of the first block are caught on ``calib_data``.
 block in turn: its float weights are loaded from the shards, its layers are quantized with the
 passes (GPTQ and AWQ each layer on its inputs with the layers before it already quantized, as in
 the whole-model sweep, ``weight_passes.py``), and the block's outputs on the quantized and on the
-float path become the next block's inputs. The float weights are then dropped: what memory holds
-is the quantized blocks so far, one float block and the calibration activations, not the float
-model. The layers outside the stack are quantized last, on the whole (now quantized) model.
+float path become the next block's inputs. The float weights are then dropped and the quantized
+block waits on disk: what memory holds is one float block and the calibration activations, not
+the float model. The layers outside the stack are quantized last, with the blocks passed over:
+the model runs its own layers before and after them on the hidden states the sweep already has
+(the quantized path's last outputs), which is what the whole (now quantized) model would give.
 
 Each block's output on the quantized path is compared with the float path's (relative L2 on the
 first calibration batch); a block that takes it beyond the noise is an error naming it, and the
@@ -20,6 +22,7 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -28,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -172,24 +175,35 @@ def _head(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
 
-def _float_logits(model: nn.Module, stack: list[str], hidden: Tensor, form: tuple[Any, ...] | None,
-                  batch: Batch) -> Tensor:
-    """The model's output on ``batch`` with each block of ``stack`` passed over (its input handed on,
-    in the form a block returns: a tensor, or a tuple with ``form`` after it) and the last one
-    returning ``hidden``: what the layers after the blocks make of the float path's hidden states."""
-    last = stack[-1]
+@contextlib.contextmanager
+def _passed_over(model: nn.Module, stack: list[str], first: list[Tensor], last: list[Tensor],
+                 form: tuple[Any, ...] | None) -> Iterator[None]:
+    """Within it, each block of ``stack`` is passed over (its input handed on, in the form a block
+    returns: a tensor, or a tuple with ``form`` after it) and the last one returns ``last[k]`` when
+    the first was given ``first[k]``: the model runs its layers outside the blocks on hidden states
+    the block-by-block sweep already has, without running (or holding) the blocks again. An input
+    to the first block that is none of ``first`` is an error."""
+    at: list[int] = []
 
-    def over(name: str) -> Any:
+    def over(i: int) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            h = hidden if name == last else (args[0] if args else kwargs["hidden_states"])
+            h = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                k = next((k for k, f in enumerate(first) if f.shape == h.shape and torch.equal(f, h)), None)
+                if k is None:
+                    raise RuntimeError(f"{stack[0]!r} was given hidden states the block-by-block sweep did not "
+                                       "see: the layers before the blocks changed (report this as a bug)")
+                at[:] = [k]
+            if i == len(stack) - 1:
+                h = last[at[0]]
             return h if form is None else (h, *form)
         return forward
 
     blocks = [model.get_submodule(name) for name in stack]
-    for name, block in zip(stack, blocks, strict=True):
-        block.forward = over(name)  # type: ignore[method-assign]
+    for i, block in enumerate(blocks):
+        block.forward = over(i)  # type: ignore[method-assign]
     try:
-        return first_tensor(call(model, batch)).clone()
+        yield
     finally:
         for block in blocks:
             del block.forward
@@ -227,6 +241,7 @@ def quantize_checkpoint(folder: str | os.PathLike[str], cfg: Quantize, calib_dat
     if inputs is None:
         raise ValueError(f"a calibration batch never reaches {stack[0]!r}: the model does not run its blocks on it")
     ref = [(tuple(a), dict(k)) for a, k in inputs]  # the float path; tensors are replaced, not changed
+    first = [_hidden(x) for x in inputs]  # what the first block is given, on either path (the tables are float still)
     q_block = _without(cfg, [], embeddings=False)
     plan = QuantPlan(config=cfg)
     streamed: list[dict[str, Any]] = []
@@ -287,20 +302,26 @@ def quantize_checkpoint(folder: str | os.PathLike[str], cfg: Quantize, calib_dat
             _offload(block, os.path.join(spill, f"{i}.safetensors"))
             release_memory()
         ckpt.load(model, skip=tuple(stack), missing_only=True)  # the float tables and head, again
-        # the float model's output on the first batch: the float path's last hidden states through the float head,
-        # the blocks passed over (still on disk: memory holds the float tables, not the quantized blocks beside them)
-        float_logits = _float_logits(model, stack, _hidden(ref[0]), form, batches[0])
+        # the layers after the blocks run on the hidden states the sweep has, the blocks passed over (still on disk:
+        # memory holds the float tables and head, not the quantized blocks beside them): the float path's through the
+        # float head are the float model's output on the first batch; the quantized path's calibrate the head's passes
+        with _passed_over(model, stack, first, [_hidden(r) for r in ref], form):
+            float_logits = first_tensor(call(model, batches[0])).clone()
+        del ref
+        release_memory()
+        inside = [n for n, m in model.named_modules() if any(n.startswith(s + ".") for s in stack)]
+        rest = _without(cfg, inside)
+        if rest.rounding is not None:
+            with _passed_over(model, stack, first, [_hidden(x) for x in inputs], form):
+                model, summary = weight_passes(model, rest, batches)
+            _prefixed(summary, "", plan.passes)
+            del summary
+        del inputs, first
+        release_memory()
         for i, name in enumerate(stack):
             _restore(model.get_submodule(name), os.path.join(spill, f"{i}.safetensors"))
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    del inputs, ref
-    release_memory()
-    inside = [n for n, m in model.named_modules() if any(n.startswith(s + ".") for s in stack)]
-    rest = _without(cfg, inside)
-    if rest.rounding is not None:
-        model, summary = weight_passes(model, rest, batches)
-        _prefixed(summary, "", plan.passes)
     out_model = _prepare(model, plan, None, None)
     if held:  # in the whole-model plan's place: after the layers and tables
         plan.quantized_layers += held

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from _common import bench_main
-from llm_generate import CONFIG, PROMPT, _ppl_file, _time_file
+from llm_generate import CONFIG_125M as CONFIG
+from llm_generate import PROMPT, _ppl_file, _time_file
 
 import slimkit as sk
 from slimkit.export import Generator

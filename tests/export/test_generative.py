@@ -235,3 +235,45 @@ def test_the_trained_zoo_llama_writes_docstring_text_and_keeps_it_at_int4(tmp_pa
     sk.export_onnx(q, tmp_path / "q" / "model.onnx", ids, generative=True)
     text = Generator(tmp_path / "q", tokenizer=tok).generate("Return the ", max_new_tokens=24).text
     assert sum(c.isalpha() or c == " " for c in text) >= 0.8 * len(text)  # words, not noise
+
+
+def test_a_model_over_the_protobuf_limit_keeps_its_tensors_beside_the_file(tmp_path, monkeypatch):
+    """Above 2 GiB of tensors (here: the limit lowered to 4 kB) a model is traced to disk and written
+    as ``model.onnx`` with ``model.onnx.data`` beside it; ONNX Runtime, the Generator and
+    onnxruntime-genai read the folder; a refused file leaves nothing behind."""
+    from slimkit.export import writing
+
+    monkeypatch.setattr(writing, "LARGE", 4096)
+    model, batch = ARCHS["llama-gqa"].build()
+    r = sk.export_onnx(model, tmp_path / "lm" / "model.onnx", batch, generative=True)
+    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data"]
+    assert r.parity.ok and r.tokens_file == r.tokens_torch
+    weights = onnx.load(r.path, load_external_data=False).graph.initializer
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    assert r.size_bytes == sum(p.stat().st_size for p in (tmp_path / "lm").glob("model.onnx*"))
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) <= 1024 for t in weights)
+    prompt = batch["input_ids"][:1]
+    assert Generator(tmp_path / "lm").generate(prompt[0].tolist(), max_new_tokens=12).tokens == _greedy(model, prompt, 12)
+    og = pytest.importorskip("onnxruntime_genai")
+    m = og.Model(str(tmp_path / "lm"))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=prompt.shape[1] + 4, do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(prompt.numpy().astype(np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert tokens == _greedy(model, prompt, 4)
+    # the plain export too, and a file its check refuses is not left behind (nor its tensors)
+    plain = sk.export_onnx(model, tmp_path / "plain" / "model.onnx", batch)
+    assert plain.parity.ok and (tmp_path / "plain" / "model.onnx.data").exists()
+    proto = onnx.load(plain.path)
+
+    def refuse(tmp):
+        raise sk.export.ParityError("refused")
+
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(sk.export.ParityError):
+        writing.write_checked(proto, tmp_path / "refused" / "model.onnx", refuse)
+    assert list((tmp_path / "refused").iterdir()) == []

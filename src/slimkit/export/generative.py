@@ -17,7 +17,6 @@ be about as close to the float model's logits on that path as the PyTorch result
 from __future__ import annotations
 
 import inspect
-import io
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -37,6 +35,7 @@ from slimkit.core.files import temp_file
 from slimkit.core.plans import has_plan, reference_of
 from slimkit.export.lint import LintReport, lint
 from slimkit.export.runtime import Parity, _rel, session
+from slimkit.export.writing import traced, write_checked
 
 __all__ = ["CacheLayout", "GenerativeReport", "cache_layout", "export_generative", "decode_path", "KVStep",
            "PARITY_TOKENS"]
@@ -335,41 +334,39 @@ def export_generative(model: nn.Module, path: str | os.PathLike[str], example_in
             "logits": {0: "batch_size", 1: "sequence_length"},
             **{n: {0: "batch_size", 2: "past_sequence_length"} for n in layout.past_names},
             **{n: {0: "batch_size", 2: "total_sequence_length"} for n in layout.present_names}}
-        buf = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad(), _no_fastpath():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(step, tuple(args + past), buf, input_names=layout.input_names,  # type: ignore[arg-type]
-                              output_names=layout.output_names, opset_version=OPSET, dynamo=False,
-                              dynamic_axes={k: v for k, v in dynamic.items() if k in layout.input_names + layout.output_names},
-                              do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
+
+        def export(f: Any) -> None:
+            with warnings.catch_warnings(), torch.no_grad(), _no_fastpath():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(step, tuple(args + past), f, input_names=layout.input_names,  # type: ignore[arg-type]
+                                  output_names=layout.output_names, opset_version=OPSET, dynamo=False,
+                                  dynamic_axes={k: v for k, v in dynamic.items()
+                                                if k in layout.input_names + layout.output_names},
+                                  do_constant_folding=True)
+
+        proto = traced(export, model, path.parent)
     quantized = has_plan(model, "quant")
     if quantized:
         slim_quantized(proto)
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
     config = genai_config(model, layout, path.name)
-    fd, tmp = temp_file(path.parent, suffix=".onnx.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+
+    def checked(tmp: str) -> tuple[Parity, list[int], list[int], LintReport]:
         parity, torch_tokens, file_tokens = _check(model, tmp, layout, prompt, quantized, tolerance, default_tolerance)
         if check and (not parity.ok or not quantized and file_tokens != torch_tokens):  # float: the same tokens
             raise ParityError(f"ONNX Runtime does not generate what PyTorch generates with {path.name}: {parity} "
                               f"(tokens: PyTorch {torch_tokens}, file {file_tokens})")
-        report_lint = lint(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return parity, torch_tokens, file_tokens, lint(tmp)
+
+    (parity, torch_tokens, file_tokens, report_lint), size = write_checked(proto, path, checked)
+    del proto
     config_path = path.parent / "genai_config.json"
     fd, tmp = temp_file(path.parent, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(config, f, indent=2)
     os.replace(tmp, config_path)
-    log.info("exported %s for generation (%.1f kB, %d layers' cache): %s", path, len(data) / 1e3, layout.layers, parity)
+    log.info("exported %s for generation (%.1f kB, %d layers' cache): %s", path, size / 1e3, layout.layers, parity)
     return GenerativeReport(str(path), str(config_path), layout.input_names, layout.output_names, parity, report_lint,
-                            len(data), layout, torch_tokens, file_tokens)
+                            size, layout, torch_tokens, file_tokens)
 
 
 def _check(model: nn.Module, path: str, layout: CacheLayout, prompt: torch.Tensor, quantized: bool,

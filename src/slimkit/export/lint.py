@@ -8,6 +8,7 @@ True
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,19 +48,21 @@ def lint(path: str) -> LintReport:
     src = onnx.load(path, load_external_data=False)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
                     for n in src.graph.node)
-    fd, opt = tempfile.mkstemp(suffix=".onnx")
-    os.close(fd)
+    scratch = tempfile.mkdtemp(prefix="slimkit-lint-")
     try:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = opt
+        so.optimized_model_filepath = os.path.join(scratch, "optimized.onnx")
+        # its tensors beside it (only the graph is read): a model over 2 GiB could not be written otherwise
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         so.log_severity_level = 3
         ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        g = onnx.load(opt).graph
+        g = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
     finally:
-        os.remove(opt)
+        shutil.rmtree(scratch, ignore_errors=True)
     ops = Counter(n.op_type for n in g.node)
     integer = {k: v for k, v in ops.items() if k in INTEGER_OPS}
     floats = {k: v for k, v in ops.items() if k in FLOAT_COMPUTE_OPS}

@@ -11,7 +11,6 @@ for parity with the PyTorch model on the example inputs.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import warnings
@@ -21,16 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import nn
 
 from slimkit.core.batch import Batch, cache_free, tensors_of
-from slimkit.core.files import temp_file
 from slimkit.core.plans import has_plan, plans_of, reference_of
 from slimkit.export.lint import LintReport, lint
 from slimkit.export.rewrite import fold_pads_into_convs, slim_quantized
 from slimkit.export.runtime import Parity, check_parity
+from slimkit.export.writing import traced, write_checked
 
 __all__ = ["export_onnx", "ExportReport", "OPSET"]
 
@@ -140,38 +138,34 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             value = example_inputs.get(n)
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point():
                 dynamic[n][1] = f"{n}_length"  # one name per input: encoder and decoder lengths differ
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad(), _eager_attention(model), _no_fastpath():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(exported, args, buf, input_names=names,  # type: ignore[arg-type]
-                          output_names=outputs,
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    if _is_quantized(model):
+    def export(f: Any) -> None:
+        with warnings.catch_warnings(), torch.no_grad(), _eager_attention(model), _no_fastpath():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(exported, args, f, input_names=names,  # type: ignore[arg-type]
+                              output_names=outputs,
+                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+
+    proto = traced(export, model, path.parent)
+    quantized = _is_quantized(model)
+    if quantized:
         fold_pads_into_convs(proto)
         slim_quantized(proto)  # and the pads' shapes, gone with them, are not kept either
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
-    fd, tmp = temp_file(path.parent, suffix=".onnx.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        quantized = _is_quantized(model)
+
+    def checked(tmp: str) -> tuple[Parity, LintReport]:
         tol = tolerance if tolerance is not None else default_tolerance(model)
         reference = reference_of(model) if quantized and tolerance is None else None
         parity = check_parity(model, tmp, calls, names, tol, reference)
         if check and not parity.ok:
             raise ParityError(f"ONNX Runtime disagrees with PyTorch on {path.name}: {parity}")
-        report_lint = lint(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return parity, lint(tmp)
+
+    (parity, report_lint), size = write_checked(proto, path, checked)
+    del proto
     if quantized and report_lint.issues:
         log.warning("export lint for %s: %s", path.name, "; ".join(report_lint.issues[:5]))
-    log.info("exported %s (%.1f kB): %s", path, len(data) / 1e3, parity)
-    return ExportReport(str(path), names, outputs, parity, report_lint, len(data))
+    log.info("exported %s (%.1f kB): %s", path, size / 1e3, parity)
+    return ExportReport(str(path), names, outputs, parity, report_lint, size)
 
 
 @contextmanager

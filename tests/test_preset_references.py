@@ -33,7 +33,7 @@ def _vendor() -> str:
 # Xeon -- that vendor's results for those keys are stored beside the others (SLIMKIT_STORE_REFERENCES=vendor).
 VENDOR_REFS = REFS.with_name(f"presets.{_vendor()}.json")
 SLOW_ON_CNNS = {"w4a8-adaround", "int8-cle", "w4a8"}  # minutes on 2 cores: the MLP only
-LINEAR_ONLY = {"int4-weight", "int4-gptq", "int4-awq"}  # weight-only Linear layers: nothing to do on a CNN
+LINEAR_ONLY = {"int4-weight", "int4-gptq", "int4-awq", "nf4-weight"}  # weight-only Linear layers: nothing to do on a CNN
 
 
 def _summary(model: torch.nn.Module) -> dict:

@@ -64,10 +64,23 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
                          "ptq_real_cnn)",
         "int4-weight": "4-bit weight-only Linear layers in groups of 128 (MatMulNBits): LLMs and transformers; no "
                        "data; 0.18-0.20x the file, decoding 2.98x FP32's tokens per second at batch 1 (int4_presets)",
+        "fp16": "FP16 arithmetic with normalizations and softmax in FP32, FP32 inputs and outputs: the GPU "
+                "baseline; no data; a 16-bit ONNX file (float_formats)",
+        "bf16": "BF16 arithmetic (FP32's range, 7 mantissa bits), normalizations and softmax in FP32: GPUs and "
+                "BF16 CPUs; no data; ONNX Runtime's CPU provider has no BF16 kernels: export bf16-weights for "
+                "it (float_formats)",
+        "fp16-weights": "FP16 weights, FP32 arithmetic: half the file, any runtime, the CPU form; no data "
+                        "(float_formats)",
+        "bf16-weights": "BF16 weights, FP32 arithmetic: half the file, any runtime; no data (float_formats)",
+        "fp8": "FP8 E4M3 weights per channel and activations per tensor, calibrated, as Q/DQ with float8 "
+               "tensors (opset 19): GPUs with FP8 tensor cores; needs data; runs in float on the CPU "
+               "(float_formats)",
         "int4-gptq": "int4-weight with GPTQ's error-compensating rounding, in act-order: LLMs; needs data; the "
                      "closest to FP32 of the 4-bit presets (int4_presets)",
         "int4-awq": "int4-weight with AWQ's activation-aware scaling and clipping, zero-points and 4-bit embedding "
                     "rows: LLMs; needs data (int4_presets)",
+        "nf4-weight": "4-bit NormalFloat weight-only Linear layers in groups of 64 (QLoRA's grid), exported as plain "
+                      "ONNX lookups: fidelity at 4 bits, no 4-bit kernel (the runtime dequantizes to float); no data",
     },
     "qat": {
         "int8": "INT8 quantization-aware training (fake quantization, straight-through estimator); needs "

@@ -297,13 +297,21 @@ def export_generative(model: nn.Module, path: str | os.PathLike[str], example_in
     if accuracy_level not in (None, 0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level is MatMulNBits' 0-4 (or None), got {accuracy_level!r}")
     from slimkit.export.onnx import (
-        OPSET,
         ParityError,
         _eager_attention,
+        _half_plan,
         _no_fastpath,
         default_tolerance,
+        opset_for,
     )
-    from slimkit.export.rewrite import slim_quantized
+    from slimkit.export.rewrite import slim_quantized, store_half
+
+    half = _half_plan(model)
+    if half is not None and half.compute == "half":
+        raise ValueError(f"generative export of a model computing in {half.dtype} is not written yet (its key/value "
+                         f"cache would be 16-bit, the runner's FP32); export the "
+                         f"'{'fp16' if half.dtype == 'float16' else 'bf16'}-weights' form (16-bit weights, FP32 "
+                         "arithmetic), or the plain forward with sk.export_onnx(..., generative=False)")
 
     path = Path(path)
     if path.suffix != ".onnx":
@@ -339,7 +347,7 @@ def export_generative(model: nn.Module, path: str | os.PathLike[str], example_in
             with warnings.catch_warnings(), torch.no_grad(), _no_fastpath():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(step, tuple(args + past), f, input_names=layout.input_names,  # type: ignore[arg-type]
-                                  output_names=layout.output_names, opset_version=OPSET, dynamo=False,
+                                  output_names=layout.output_names, opset_version=opset_for(model), dynamo=False,
                                   dynamic_axes={k: v for k, v in dynamic.items()
                                                 if k in layout.input_names + layout.output_names},
                                   do_constant_folding=True)
@@ -348,6 +356,8 @@ def export_generative(model: nn.Module, path: str | os.PathLike[str], example_in
     quantized = has_plan(model, "quant")
     if quantized:
         slim_quantized(proto)
+    if half is not None:  # fp16-weights / bf16-weights: the weights stored in 16 bits, FP32 arithmetic
+        store_half(proto, half.dtype)
     config = genai_config(model, layout, path.name)
 
     def checked(tmp: str) -> tuple[Parity, list[int], list[int], LintReport]:

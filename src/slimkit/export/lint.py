@@ -68,7 +68,15 @@ def lint(path: str) -> LintReport:
     floats = {k: v for k, v in ops.items() if k in FLOAT_COMPUTE_OPS}
     produced_by = {o: n for n in g.node for o in n.output}
     issues: list[str] = []
-    if quantized:
+    float8 = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2)
+    fp8 = any(t.data_type in float8 for t in src.graph.initializer) or any(
+        a.t.data_type in float8 for n in src.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")
+    if fp8:  # a format for GPUs: the CPU provider has no FP8 kernels, so every FP8 layer runs in float here
+        fed = sum(1 for n in g.node if n.op_type in FLOAT_COMPUTE_OPS
+                  and any(i in produced_by and produced_by[i].op_type == "DequantizeLinear" for i in n.input))
+        issues.append(f"FP8 Q/DQ: ONNX Runtime's CPU provider has no FP8 kernels, so {fed} FP8 layers run in float "
+                      "here (correct, not faster): the format is for GPU runtimes with FP8 tensor cores (TensorRT)")
+    elif quantized:
         for n in g.node:
             if n.op_type in FLOAT_COMPUTE_OPS:
                 fed_by_dq = [i for i in n.input if i in produced_by and produced_by[i].op_type == "DequantizeLinear"]
@@ -84,6 +92,6 @@ def lint(path: str) -> LintReport:
             continue  # so is dequantizing its output
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             leftover += 1
-    if quantized and leftover:
+    if quantized and leftover and not fp8:
         issues.append(f"{leftover} QuantizeLinear/DequantizeLinear nodes left unfused inside the graph")
     return LintReport(dict(integer), dict(floats), leftover, issues)

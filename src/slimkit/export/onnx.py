@@ -26,15 +26,31 @@ from torch import nn
 from slimkit.core.batch import Batch, cache_free, tensors_of
 from slimkit.core.plans import has_plan, plans_of, reference_of
 from slimkit.export.lint import LintReport, lint
-from slimkit.export.rewrite import fold_pads_into_convs, slim_quantized
+from slimkit.export.rewrite import (
+    fold_pads_into_convs,
+    relu_after_fp8_qdq,
+    slim_quantized,
+    store_half,
+)
 from slimkit.export.runtime import Parity, check_parity
 from slimkit.export.writing import traced, write_checked
+from slimkit.quant.passes import HalfPrecision
 
-__all__ = ["export_onnx", "ExportReport", "OPSET"]
+__all__ = ["export_onnx", "ExportReport", "OPSET", "opset_for"]
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+FLOAT8_OPSET = 19  # QuantizeLinear / DequantizeLinear take float8 tensors from opset 19
+
+
+def opset_for(model: nn.Module) -> int:
+    """``OPSET``, or 19 where the model holds 8-bit float tensors (``quant/fp8.py``), which ONNX's
+    Q/DQ take from that opset on."""
+    float8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if any(b.dtype in float8 for b in model.buffers()) or any(getattr(m, "fmt", "int") != "int" for m in model.modules()):
+        return FLOAT8_OPSET
+    return OPSET
 
 
 @dataclass
@@ -42,7 +58,7 @@ class ExportReport:
     path: str
     inputs: list[str]
     outputs: list[str]
-    parity: Parity
+    parity: Parity | None  # None only for a file ONNX Runtime cannot run here, written with check=False (BF16)
     lint: LintReport
     size_bytes: int
 
@@ -69,6 +85,12 @@ def default_tolerance(model: nn.Module) -> float:
         return 0.15
     rounds_activations = any(hasattr(m, "calibrating") for m in modules)  # static activation quantizers
     return 0.15 if rounds_activations and any(isinstance(m, nn.LayerNorm) for m in modules) else 2e-2
+
+
+def _half_plan(model: nn.Module) -> Any:
+    """The model's ``HalfPrecision`` pass, if its last quantization cast it to 16 bits."""
+    plan = next((p for p in plans_of(model)[::-1] if getattr(p, "kind", None) == "quant"), None)
+    return plan.config.find(HalfPrecision) if plan is not None else None
 
 
 def _output_names(model: nn.Module, example: Batch) -> list[str]:
@@ -143,16 +165,29 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             warnings.simplefilter("ignore")
             torch.onnx.export(exported, args, f, input_names=names,  # type: ignore[arg-type]
                               output_names=outputs,
-                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                              dynamic_axes=dynamic, opset_version=opset_for(model), dynamo=False,
                               do_constant_folding=True)
 
+    half = _half_plan(model)
+    if check and half is not None and half.compute == "half" and half.dtype == "bfloat16":
+        raise ValueError("a BF16 file cannot be checked here: ONNX Runtime's CPU provider has no BF16 MatMul, Add or "
+                         "Softmax kernels. Export the CPU form, the 'bf16-weights' preset (BF16 weights, FP32 "
+                         "arithmetic), or pass check=False to write the BF16 file for a GPU runtime unchecked")
     proto = traced(export, model, path.parent)
+    if half is not None and half.compute == "float32":
+        store_half(proto, half.dtype)
     quantized = _is_quantized(model)
     if quantized:
         fold_pads_into_convs(proto)
         slim_quantized(proto)  # and the pads' shapes, gone with them, are not kept either
+        relu_after_fp8_qdq(proto)
 
-    def checked(tmp: str) -> tuple[Parity, LintReport]:
+    cpu_runs = half is None or half.compute != "half" or half.dtype != "bfloat16"
+
+    def checked(tmp: str) -> tuple[Parity | None, LintReport]:
+        if not cpu_runs:  # check=False on a BF16 file: nothing here can run it
+            return None, LintReport({}, {}, 0, ["BF16 arithmetic: not run or checked here (ONNX Runtime's CPU "
+                                                "provider has no BF16 kernels); a GPU runtime runs it"])
         tol = tolerance if tolerance is not None else default_tolerance(model)
         reference = reference_of(model) if quantized and tolerance is None else None
         parity = check_parity(model, tmp, calls, names, tol, reference)

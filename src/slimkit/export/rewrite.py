@@ -14,6 +14,9 @@ two modules share (their readers read the source), and the inferred shapes (``va
 runtimes infer again). EfficientNet-Lite1's INT8 file: 26.9% of FP32's with it
 (benchmarks/results/ptq_real_cnn.md; 27.8% in that file's previous run, without it), with the same
 integer kernels and, measured ad hoc, bit-identical outputs.
+
+``store_half``: the FP32 tensors a model rounded to 16 bits (``fp16-weights``) stored in 16 bits,
+each behind a ``Cast``: torch's exporter folds the model's own up-cast into FP32 initializers.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["fold_pads_into_convs", "slim_quantized"]
+__all__ = ["fold_pads_into_convs", "slim_quantized", "store_half", "relu_after_fp8_qdq"]
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -174,3 +177,102 @@ def slim_quantized(model: onnx.ModelProto) -> dict[str, int]:
     shapes = len(graph.value_info)
     del graph.value_info[:]
     return {"zero_points": zero_points, "identities": identities, "value_info": shapes}
+
+
+HALF_MIN_ELEMENTS = 256  # smaller FP32 tensors are not worth a Cast node of their own
+
+
+def store_half(model: onnx.ModelProto, dtype: str) -> int:
+    """FP32 initializers of ``HALF_MIN_ELEMENTS`` values or more stored in ``dtype`` (``"float16"``,
+    ``"bfloat16"``), each read through a ``Cast`` back to FP32: the ``fp16-weights`` /
+    ``bf16-weights`` form, half the bytes, FP32 arithmetic. The weights the model rounded to 16 bits
+    are stored exactly; tensors the exporter computed from them (a conv's weights with a BatchNorm
+    folded in) are rounded once more, within the format's own step, and the parity check says
+    whether the file still computes the model's function. Returns how many were converted.
+
+    >>> import numpy as np
+    >>> from onnx import TensorProto
+    >>> w = numpy_helper.from_array(np.full((16, 16), 0.5, np.float32), "w")
+    >>> g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    ...                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+    ...                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [w])
+    >>> m = helper.make_model(g)
+    >>> store_half(m, "float16"), m.graph.initializer[0].data_type == TensorProto.FLOAT16, m.graph.node[0].op_type
+    (1, True, 'Cast')
+    """
+    import ml_dtypes
+
+    np_half = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    to = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
+    graph = model.graph
+    casts, done = [], 0
+    for i, init in enumerate(list(graph.initializer)):
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < HALF_MIN_ELEMENTS:
+            continue
+        name, value = init.name, numpy_helper.to_array(init)
+        if dtype == "float16":
+            value = np.clip(value, -65504.0, 65504.0)
+        half = value.astype(np_half)
+        stored = numpy_helper.from_array(half, f"{name}_{dtype}") if dtype == "float16" else \
+            helper.make_tensor(f"{name}_{dtype}", to, list(value.shape), half.view(np.uint16).tobytes(), raw=True)
+        graph.initializer[i].CopyFrom(stored)  # ``init`` is that entry: its name is the new one from here
+        casts.append(helper.make_node("Cast", [stored.name], [name], to=onnx.TensorProto.FLOAT, name=f"{name}_to_float"))
+        done += 1
+    for n in reversed(casts):
+        graph.node.insert(0, n)
+    return done
+
+
+def relu_after_fp8_qdq(model: onnx.ModelProto) -> int:
+    """``Relu`` (or ``Clip``, ReLU6) ``-> QuantizeLinear -> DequantizeLinear`` with an 8-bit float
+    zero-point rewritten as ``QuantizeLinear -> DequantizeLinear -> Relu``: for a ReLU the same
+    numbers (rounding to FP8 keeps each value's sign, so zeroing the negatives before or after gives
+    the same tensor); for a clip the same but where its upper bound is not on the scaled FP8 grid
+    (then a value just below it may round one step above, which the clip after caps), and a form
+    ONNX Runtime's optimizer leaves alone. Its ReLU-into-Q fusion removes a ReLU before a quantizer
+    whose zero-point is 0, exact for uint8 (the grid starts at 0) but not for FP8, whose grid is
+    signed: ONNX Runtime 1.32 then computes another function (measured: a conv net's output 0.28 off
+    at its extended optimization level, 4e-8 with optimizations off); its Clip-into-Q fusion fails
+    to load the file at all (``GetQConstantLowerUpper``: "Unexpected data type ... of 17"). Returns
+    how many it moved."""
+    graph = model.graph
+    float8 = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2)
+    fp8_consts = {n.output[0] for n in graph.node if n.op_type == "Constant"
+                  and any(a.name == "value" and a.t.data_type in float8 for a in n.attribute)}
+    fp8_consts |= {i.name for i in graph.initializer if i.data_type in float8}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    moved = 0
+    for q in list(graph.node):
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in fp8_consts:
+            continue
+        relu = producer.get(q.input[0])
+        dqs = readers.get(q.output[0], [])
+        if relu is None or relu.op_type not in ("Relu", "Clip") or len(readers.get(relu.output[0], [])) != 1 \
+                or relu.output[0] in outputs or len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+            continue
+        dq = dqs[0]
+        q.input[0] = relu.input[0]  # quantize the ReLU's input
+        after = dq.output[0]
+        dq.output[0] = f"{after}_before_relu"
+        relu.input[0], relu.output[0] = dq.output[0], after  # the ReLU now reads the dequantized tensor
+        moved += 1
+    if moved:  # keep the nodes in topological order: each ReLU after its dequantizer
+        order: list[onnx.NodeProto] = []
+        done: set[str] = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+        pending = list(graph.node)
+        while pending:
+            ready = [n for n in pending if all(not i or i in done for i in n.input)]
+            if not ready:
+                raise RuntimeError("relu_after_fp8_qdq left a cycle in the graph")
+            for n in ready:
+                order.append(n)
+                done.update(n.output)
+                pending.remove(n)
+        del graph.node[:]
+        graph.node.extend(order)
+    return moved

@@ -9,6 +9,7 @@ from .passes import (
                      BiasCorrection,
                      Embeddings,
                      Equalize,
+                     HalfPrecision,
                      KeepFloat,
                      MixedPrecision,
                      OutlierChannels,
@@ -24,4 +25,4 @@ from .ptq import QuantPlan, apply_plan, quantize_ptq
 
 __all__ = ["PRESETS", "QuantConfig", "QuantPlan", "apply_plan", "quantize_ptq", "Quantize", "QuantPass", "Weights",
            "Activations", "Embeddings", "Equalize", "SmoothQuant", "OutlierChannels", "GPTQ", "AWQ", "AdaRound",
-           "BiasCorrection", "MixedPrecision", "KeepFloat", "quant_pass", "pass_handler", "resolve_quantize"]
+           "BiasCorrection", "MixedPrecision", "KeepFloat", "HalfPrecision", "quant_pass", "pass_handler", "resolve_quantize"]

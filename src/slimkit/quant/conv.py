@@ -58,7 +58,8 @@ class QuantConv(_QuantWeighted):
         return super()._class_for(layer)
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, bits: int = 8, narrow: bool = True,
-                 dynamic: bool = False, per_channel: bool = True, scale: Tensor | None = None) -> None:
+                 dynamic: bool = False, per_channel: bool = True, scale: Tensor | None = None,
+                 fmt: str = "int") -> None:
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
             raise ValueError(f"QuantConv takes nn.Conv1d or nn.Conv2d, not {type(conv).__name__}")
         if conv.padding_mode != "zeros":
@@ -66,7 +67,7 @@ class QuantConv(_QuantWeighted):
         if dynamic and not isinstance(conv, nn.Conv2d):
             raise ValueError("dynamic quantization supports Conv2d only")
         padding = numeric_padding(conv)
-        super().__init__(conv.weight, conv.bias, bits, narrow, dynamic, per_channel, scale)
+        super().__init__(conv.weight, conv.bias, bits, narrow, dynamic, per_channel, scale, fmt)
         self.dims = conv.weight.dim() - 2
         self.conv: dict[str, Any] = {"stride": tuple(conv.stride), "padding": padding,
                                      "dilation": tuple(conv.dilation), "groups": conv.groups}
@@ -82,7 +83,8 @@ class QuantConv(_QuantWeighted):
 
     def extra_repr(self) -> str:
         w = self.weight_q.shape
-        return f"{w[1] * self.conv['groups']}, {w[0]}, kernel={tuple(w[2:])}, bits={self.bits}, {self.conv}"
+        kind = f"bits={self.bits}" if self.fmt == "int" else self.fmt
+        return f"{w[1] * self.conv['groups']}, {w[0]}, kernel={tuple(w[2:])}, {kind}, {self.conv}"
 
 
 class QuantConv1d(QuantConv, nn.Conv1d):  # type: ignore[misc]

@@ -24,6 +24,7 @@ from slimkit.core.affine import choose_qparams, qrange, quantize
 from slimkit.core.dropin import DropIn, adopt
 from slimkit.core.layers import in_own_layout
 from slimkit.quant.calibrators import Observer
+from slimkit.quant.fp8 import DequantizeFP8, FakeFP8, fp8_scale, to_fp8
 
 __all__ = ["WEIGHTED_LAYERS", "ActQuant", "ScaleInput", "QuantLinear", "QuantConv", "QuantConv1d", "QuantConv2d",
            "numeric_padding", "dynamic_qparams", "weight_qparams", "fake_quant_weight"]
@@ -124,16 +125,18 @@ class ScaleInput(torch.autograd.Function):
 
 
 class ActQuant(nn.Module):
-    """Activation quantizer: observes in ``calibrate`` mode, fake-quantizes once frozen."""
+    """Activation quantizer: observes in ``calibrate`` mode, fake-quantizes once frozen. ``fmt``
+    ``"fp8-e4m3"`` / ``"fp8-e5m2"`` rounds to 8-bit floats instead (``fp8.py``): the scale puts the
+    observed range's largest magnitude on the format's largest value; the zero-point stays 0."""
 
     fx_leaf = True  # torch.fx keeps it one call (core/graph.py)
 
     scale: Tensor
     zero_point: Tensor
 
-    def __init__(self, bits: int = 8, signed: bool = False, observer: Observer | None = None):
+    def __init__(self, bits: int = 8, signed: bool = False, observer: Observer | None = None, fmt: str = "int"):
         super().__init__()
-        self.bits, self.signed = bits, signed
+        self.bits, self.signed, self.fmt = bits, signed, fmt
         self.qmin, self.qmax = qrange(bits, signed)
         zdtype = torch.int8 if signed else torch.uint8
         self.register_buffer("scale", torch.tensor(1.0))
@@ -147,12 +150,20 @@ class ActQuant(nn.Module):
                 raise RuntimeError("ActQuant is calibrating but has no observer")
             self.observer.update(x)
             return x
+        if self.fmt != "int":
+            return FakeFP8.apply(x, self.scale, self.fmt)
         return _QDQ.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def freeze(self) -> None:
         """Turn the observed range into qparams and stop observing."""
         if self.observer is None:
             raise RuntimeError("ActQuant.freeze needs an observer")
+        if self.fmt != "int":
+            if self.observer.seen == 0:
+                raise ValueError(f"{self.observer.name} observer saw no finite values during calibration")
+            lo, hi = self.observer.compute_range()
+            self.set_qparams(fp8_scale(torch.tensor(max(-lo, hi)), self.fmt), torch.tensor(0))
+            return
         scale, zp = self.observer.qparams()
         self.set_qparams(scale, zp)
 
@@ -164,7 +175,8 @@ class ActQuant(nn.Module):
 
     def extra_repr(self) -> str:
         state = "calibrating" if self.calibrating else f"scale={float(self.scale):.3g}, zp={int(self.zero_point)}"
-        return f"bits={self.bits}, signed={self.signed}, {state}"
+        kind = f"bits={self.bits}, signed={self.signed}" if self.fmt == "int" else self.fmt
+        return f"{kind}, {state}"
 
 
 def weight_qparams(weight: Tensor, bits: int, per_channel: bool = True, narrow: bool = True) -> tuple[Tensor, int, int]:
@@ -205,10 +217,25 @@ class _QuantWeighted(DropIn, nn.Module):
     bias_scale: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, narrow: bool,
-                 dynamic: bool, per_channel: bool, scale: Tensor | None = None) -> None:
+                 dynamic: bool, per_channel: bool, scale: Tensor | None = None, fmt: str = "int") -> None:
         nn.Module.__init__(self)  # not the torch layer's __init__: its weight is held as integers
-        self.bits, self.dynamic = bits, dynamic
+        self.bits, self.dynamic, self.fmt = bits, dynamic, fmt
         cout = weight.shape[0]
+        if fmt != "int":  # FP8 (fp8.py): the largest magnitude per channel on the format's largest value
+            if dynamic or scale is not None:
+                raise ValueError(f"{fmt} weights take static activations and choose their own scales")
+            amax = weight.detach().reshape(cout, -1).abs().amax(1).float()
+            fscale = fp8_scale(amax if per_channel else amax.max().expand(cout).clone(), fmt)
+            self.bits = 8
+            self.register_buffer("weight_q", to_fp8(weight.detach(), fscale.reshape([-1] + [1] * (weight.dim() - 1)), fmt))
+            self.register_buffer("weight_scale", fscale)
+            self.register_buffer("weight_zero_point", torch.zeros(cout, dtype=torch.int8))
+            self.register_buffer("bias", (bias.detach().float() if bias is not None else torch.zeros(cout)).clone())
+            self.register_buffer("bias_q", torch.zeros(cout, dtype=torch.int32))
+            self.register_buffer("bias_scale", torch.ones(cout))
+            self.bias_quantized = False
+            self.weight_dtype = weight.dtype
+            return
         observed, lo, hi = weight_qparams(weight, bits, per_channel, narrow)
         if scale is None:
             scale = observed
@@ -239,13 +266,18 @@ class _QuantWeighted(DropIn, nn.Module):
                              "it cannot be assigned")
 
     def quantize_bias(self, input_scale: Tensor) -> None:
-        """Store the bias as int32 with scale ``s_x * s_w`` (what QLinearConv/QGemm consume)."""
+        """Store the bias as int32 with scale ``s_x * s_w`` (what QLinearConv/QGemm consume); an
+        FP8 layer's bias stays float (FP8 GEMMs add it in float)."""
+        if self.fmt != "int":
+            return
         bscale = self.weight_scale * input_scale.reshape(())
         self.bias_scale.copy_(bscale)
         self.bias_q.copy_(torch.clamp(torch.round(self.bias / bscale), -(2**31), 2**31 - 1).to(torch.int32))
         self.bias_quantized = True
 
     def dequantized_weight(self) -> Tensor:
+        if self.fmt != "int":
+            return DequantizeFP8.apply(self.weight_q, self.weight_scale, self.fmt)
         return _DQ.apply(self.weight_q, self.weight_scale, self.weight_zero_point)
 
     def effective_weight(self) -> Tensor:
@@ -284,7 +316,7 @@ class QuantLinear(_QuantWeighted, nn.Linear):  # type: ignore[misc]
 
     def __init__(self, linear: nn.Linear, bits: int = 8, narrow: bool = True, dynamic: bool = False,
                  per_channel: bool = True, scale: Tensor | None = None, input_scale: Tensor | None = None,
-                 outliers: Tensor | None = None) -> None:
+                 outliers: Tensor | None = None, fmt: str = "int") -> None:
         s = torch.ones(linear.in_features) if input_scale is None else input_scale.detach().float().reshape(-1)
         if s.numel() != linear.in_features or not bool((s > 0).all()):
             raise ValueError(f"input_scale must hold {linear.in_features} positive values")
@@ -299,7 +331,7 @@ class QuantLinear(_QuantWeighted, nn.Linear):  # type: ignore[misc]
         if idx.numel():
             w = w.clone()
             w[:, idx] = 0.0
-        super().__init__(w, linear.bias, bits, narrow, dynamic, per_channel, scale)
+        super().__init__(w, linear.bias, bits, narrow, dynamic, per_channel, scale, fmt)
         multiplier = 1.0 / s
         multiplier[idx] = 0.0
         self.register_buffer("input_multiplier", multiplier)
@@ -353,7 +385,8 @@ class QuantLinear(_QuantWeighted, nn.Linear):  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         extra = f", float channels={self.outliers.tolist()}" if self.outliers.numel() else ""
-        return f"{self.in_features}, {self.out_features}, bits={self.bits}, dynamic={self.dynamic}{extra}"
+        kind = f"bits={self.bits}" if self.fmt == "int" else self.fmt
+        return f"{self.in_features}, {self.out_features}, {kind}, dynamic={self.dynamic}{extra}"
 
 
 # the quantized convolutions live in conv.py; imported here so that both names work

@@ -5,12 +5,13 @@ mixture-of-experts banks (``gate_up_proj [experts, out, in]`` in transformers 5)
 At 8 bits the parameter becomes int8 values with a symmetric scale per row (per expert and output
 row for a bank); with ``group_size`` it becomes 2- to 4-bit values in groups along the last
 (input) axis, each group with a scale and a zero-point, two values to a byte: the grid the
-group-wise presets give Linear layers (``weight_only.py``). Either way the module gets a subclass
+group-wise presets give Linear layers (``weight_only.py``); with ``fmt="nf4"`` it becomes NF4
+codes in groups, each with its absmax (``nf4.py``). Either way the module gets a subclass
 of its own class (``core/dropin.py``) in which the name reads the dequantized tensor: the module's
 forward, and every function it hands the weight to, run unchanged. The ONNX file holds the
 integers: at 8 bits behind a ``DequantizeLinear`` (a bank is dequantized as rows, then reshaped),
 a quarter of the float size; at 4 bits as the packed bytes, split with BitShift, an eighth plus
-the groups' scales.
+the groups' scales (NF4: then a Gather of the codebook and a Mul by the absmax).
 
 >>> import torch
 >>> from torch import nn
@@ -31,6 +32,11 @@ True
 ((4, 8, 8), torch.uint8, (4, 8, 2))
 >>> bool((q4.experts - bank.experts).abs().max() <= q4.experts_scale.abs().max() / 2 + 1e-6)
 True
+>>> nf = quantize_parameters(bank, ["experts"], bits=4, group_size=8, fmt="nf4")
+>>> tuple(nf.experts_q.shape), tuple(nf.experts_absmax.shape)
+((4, 8, 8), (4, 8, 2))
+>>> bool(((nf.experts - bank.experts).abs() <= 0.152 * nf.experts_absmax.repeat_interleave(8, -1)).all())
+True
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimkit.quant.nf4 import NF4, dequant_stored, nf4_groups
 from slimkit.quant.weight_only import dequantize_groups, pack_nibbles, rtn_groups, split_stored
 
 __all__ = ["quantize_parameters", "quantizable_parameters", "quantize_held_weights", "MIN_ELEMENTS"]
@@ -66,8 +73,13 @@ class _DQRows(torch.autograd.Function):
 
 def _reader(name: str) -> property:
     def get(self: nn.Module) -> Tensor:
-        q, scale = getattr(self, f"{name}_q"), getattr(self, f"{name}_scale")
+        q = getattr(self, f"{name}_q")
         shape = self.__dict__["slimkit_weight_shapes"][name]
+        if f"{name}_absmax" in self._buffers:  # NF4 codes, an absmax per group
+            absmax = getattr(self, f"{name}_absmax")
+            return dequant_stored(q.reshape(-1, q.shape[-1]), absmax.reshape(-1, absmax.shape[-1]), NF4
+                                  ).reshape(shape).to(self.__dict__["slimkit_weight_dtypes"][name])
+        scale = getattr(self, f"{name}_scale")
         if q.dtype == torch.uint8:  # packed nibbles, a scale and a zero-point per group
             zp = getattr(self, f"{name}_zero_point")
             rows = dequantize_groups(split_stored(q.reshape(-1, q.shape[-1])), scale.reshape(-1, scale.shape[-1]),
@@ -77,25 +89,30 @@ def _reader(name: str) -> property:
         return rows.reshape(shape).to(self.__dict__["slimkit_weight_dtypes"][name])
 
     def put(self: nn.Module, value: Tensor) -> None:
-        raise AttributeError(f"{type(self).__name__}.{name} is held as integers ({name}_q, {name}_scale); "
+        raise AttributeError(f"{type(self).__name__}.{name} is held as integers ({name}_q and its scales); "
                              "it cannot be assigned")
 
     return property(get, put, doc=f"``{name}``, dequantized from integers (read-only)")
 
 
 def quantize_parameters(module: nn.Module, names: list[str], bits: int = 8, group_size: int | None = None,
-                        symmetric: bool = True) -> nn.Module:
+                        symmetric: bool = True, fmt: str = "int") -> nn.Module:
     """A copy of ``module`` in which each parameter of ``names`` (directly on it, two or more
     dimensions) is int8 with a scale per row, or, with ``group_size``, ``bits``-bit groups along its
-    last axis, read back dequantized under its name."""
+    last axis (``fmt="nf4"``: NF4 codes, 4 bits), read back dequantized under its name."""
     out = copy.deepcopy(module)
-    _in_place(out, names, bits, group_size, symmetric)
+    _in_place(out, names, bits, group_size, symmetric, fmt)
     return out
 
 
-def _check_grid(cls: type, name: str, w: Tensor, bits: int, group_size: int | None) -> None:
+def _check_grid(cls: type, name: str, w: Tensor, bits: int, group_size: int | None, fmt: str = "int") -> None:
     if not isinstance(w, Tensor) or w.dim() < 2 or not w.is_floating_point():
         raise ValueError(f"{cls.__name__}.{name} is not a floating-point parameter of two or more dimensions")
+    if fmt not in ("int", "nf4"):
+        raise ValueError(f"held weights are integers or NF4 codes; got fmt={fmt!r}")
+    if fmt == "nf4" and (bits != 4 or group_size is None):
+        raise ValueError(f"{cls.__name__}.{name}: NF4 held weights are 4-bit codes in groups: give bits=4 and a "
+                         "group_size")
     if group_size is None:
         if bits != 8:
             raise ValueError(f"{cls.__name__}.{name}: a held weight is int8 per row, or group-wise at 2-4 bits "
@@ -111,7 +128,7 @@ def _check_grid(cls: type, name: str, w: Tensor, bits: int, group_size: int | No
 
 
 def _in_place(module: nn.Module, names: list[str], bits: int = 8, group_size: int | None = None,
-              symmetric: bool = True) -> None:
+              symmetric: bool = True, fmt: str = "int") -> None:
     cls = type(module)
     key = (cls, tuple(sorted(names)))
     if key not in _CLASSES:
@@ -120,7 +137,7 @@ def _in_place(module: nn.Module, names: list[str], bits: int = 8, group_size: in
                      "slimkit_quantized_parameters": tuple(sorted(names)), "fx_leaf": True})
         _CLASSES[key] = type(f"Slim{cls.__name__}", (cls,), body)
     for name in names:  # every name checked before any is changed
-        _check_grid(cls, name, module._parameters.get(name), bits, group_size)  # type: ignore[arg-type]
+        _check_grid(cls, name, module._parameters.get(name), bits, group_size, fmt)  # type: ignore[arg-type]
     dtypes: dict[str, torch.dtype] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name in names:
@@ -133,6 +150,10 @@ def _in_place(module: nn.Module, names: list[str], bits: int = 8, group_size: in
             q = torch.clamp(torch.round(rows / scale[:, None]), -127, 127).to(torch.int8)
             module.register_buffer(f"{name}_q", q.reshape(w.shape))
             module.register_buffer(f"{name}_scale", scale.reshape(lead))
+        elif fmt == "nf4":
+            codes, absmax = nf4_groups(rows, group_size)
+            module.register_buffer(f"{name}_q", pack_nibbles(codes).reshape(*lead, -1))
+            module.register_buffer(f"{name}_absmax", absmax.reshape(*lead, -1))
         else:
             q, scale, zp = rtn_groups(rows, bits, group_size, symmetric)
             module.register_buffer(f"{name}_q", pack_nibbles(q).reshape(*lead, -1))
@@ -164,7 +185,7 @@ def quantizable_parameters(model: nn.Module, covered: set[str]) -> dict[str, lis
 
 def quantize_held_weights(model: nn.Module, covered: set[str], exclude: tuple[str, ...] = (), bits: int = 8,
                           group_size: int | None = None, symmetric: bool = True,
-                          skipped: dict[str, str] | None = None) -> list[str]:
+                          skipped: dict[str, str] | None = None, fmt: str = "int") -> list[str]:
     """Quantize, in place, every weight ``quantizable_parameters`` finds; returns their names. A
     module whose weights do not fit the grid (a last axis the group size does not divide) is left
     in float, with the reason in ``skipped``."""
@@ -176,12 +197,12 @@ def quantize_held_weights(model: nn.Module, covered: set[str], exclude: tuple[st
         fits = []
         for p in pnames:
             try:
-                _check_grid(type(module), p, module._parameters[p], bits, group_size)  # type: ignore[arg-type]
+                _check_grid(type(module), p, module._parameters[p], bits, group_size, fmt)  # type: ignore[arg-type]
                 fits.append(p)
             except ValueError as e:
                 if skipped is not None:
                     skipped[f"{mname}.{p}" if mname else p] = str(e)
         if fits:
-            _in_place(module, fits, bits, group_size, symmetric)
+            _in_place(module, fits, bits, group_size, symmetric, fmt)
             done += [f"{mname}.{p}" if mname else p for p in fits]
     return done

@@ -43,10 +43,12 @@ from torch import nn
 from slimkit.core.config import Config, check_choice, check_range
 from slimkit.quant.calibrators import CALIBRATORS
 
-__all__ = ["QuantPass", "Quantize", "Weights", "Activations", "Embeddings", "Equalize", "SmoothQuant",
+__all__ = ["QuantPass", "Quantize", "Weights", "Activations", "Embeddings", "HalfPrecision", "Equalize", "SmoothQuant",
            "OutlierChannels", "GPTQ", "AWQ", "AdaRound", "BiasCorrection", "MixedPrecision", "KeepFloat",
            "quant_pass", "pass_handler", "handler_of", "PASSES", "STAGES", "cannot_saturate"]
 
+WEIGHT_FORMATS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
+ACTIVATION_FORMATS = ("int", "fp8-e4m3", "fp8-e5m2")
 STAGES = ("scheme", "model", "rounding", "layer", "convert", "search")  # the order a list's passes run in
 PASSES: dict[str, type[QuantPass]] = {}  # dict key ("gptq") -> config class
 _HANDLERS: dict[type, Callable[..., Any]] = {}
@@ -144,6 +146,11 @@ class Weights(QuantPass):
     - ``grid``: each channel's scale from its largest magnitude (``"max"``), or a clipping of it
       (``clipping.py``): the one whose rounding moves the channel's output least on ``calib_data``
       (``"output"``) or the one with the least squared error in the weights (``"mse"``, no data).
+    - ``format``: the number format: ``"int"`` (the signed integers above), ``"fp8-e4m3"`` /
+      ``"fp8-e5m2"`` (8-bit floats with a scale per output channel, ``quant/fp8.py``: what current
+      GPUs' FP8 tensor cores take; ``bits`` and the grid options do not apply), or ``"nf4"``
+      (4-bit NormalFloat codes with an absmax per group, QLoRA's non-uniform grid, ``quant/nf4.py``:
+      weight-only, needs ``group_size``).
     - ``layer_bits``: bits per layer (module name), overriding ``bits``.
     - ``int8_layers``: layers kept at INT8 in a narrower scheme: module names, or ``"first"``,
       ``"last"`` (the first and last Linear/Conv layer) and ``"depthwise"``; they become
@@ -158,6 +165,7 @@ class Weights(QuantPass):
     symmetric: bool = True
     group_size: int | None = None
     grid: str = "max"
+    format: str = "int"
     layer_bits: dict[str, int] = field(default_factory=dict)
     int8_layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -166,6 +174,7 @@ class Weights(QuantPass):
     def validate(self) -> None:
         check_range("bits", self.bits, 2, 8)
         check_choice("grid", self.grid, ("max", "mse", "output"))
+        check_choice("format", self.format, WEIGHT_FORMATS)
         if not all(isinstance(n, str) for n in self.exclude):
             raise ValueError("exclude must be a list of module names (strings)")
         if not isinstance(self.layer_bits, dict) or not all(isinstance(n, str) for n in self.layer_bits):
@@ -174,6 +183,14 @@ class Weights(QuantPass):
             check_range(f"layer_bits[{name!r}]", bits, 2, 8)
         if not all(isinstance(n, str) and n for n in self.int8_layers):
             raise ValueError(f"int8_layers must be module names or 'first', 'last', 'depthwise'; got {self.int8_layers!r}")
+        if self.format.startswith("fp8"):
+            if self.group_size is not None or self.grid != "max" or self.layer_bits or self.int8_layers:
+                raise ValueError(f"format={self.format!r} scales each output channel by its largest magnitude: "
+                                 "group_size, grid, layer_bits and int8_layers do not apply")
+            return
+        if self.format == "nf4" and (self.group_size is None or self.bits != 4):
+            raise ValueError("format='nf4' stores 4-bit codes in groups, each with its absmax: give bits=4 and "
+                             "group_size (64 is QLoRA's)")
         if self.group_size is None:
             if not self.symmetric:
                 raise ValueError("symmetric=False (zero-points per group) needs group_size")
@@ -191,6 +208,19 @@ class Weights(QuantPass):
             raise ValueError("layer_bits sets per-channel widths; it does not combine with group_size yet")
 
     def check(self, q: Quantize) -> None:
+        acts = q.activations
+        if self.format.startswith("fp8") != acts.format.startswith("fp8") and acts.mode != "none":
+            raise ValueError(f"Weights(format={self.format!r}) with Activations(format={acts.format!r}): FP8 "
+                             "weights take FP8 activations (or none: Activations(mode='none')), integer weights "
+                             "integer ones")
+        other = [p for p in q.of_stage("model", "rounding", "layer")]
+        if self.format.startswith("fp8") and other:
+            raise ValueError(f"{type(other[0]).__name__} works on integer grids; FP8 weights are rounded to the "
+                             "nearest 8-bit float, per channel")
+        if self.format == "nf4" and (q.rounding is not None or q.of_stage("model")):
+            raise ValueError(f"format='nf4' rounds each weight to the nearest NormalFloat code; "
+                             f"{type(q.rounding or q.of_stage('model')[0]).__name__} chooses integers on a uniform "
+                             "grid and does not apply")
         if self.group_size is not None and q.activations.mode != "none":
             raise ValueError("group_size quantizes weights only (MatMulNBits keeps activations in float): "
                              "add Activations(mode='none')")
@@ -220,6 +250,8 @@ class Activations(QuantPass):
     - ``calibrator``: how static ranges are chosen: ``minmax``, ``moving_average``, ``percentile``,
       ``entropy``, ``mse``; after a clamp with known bounds (ReLU6) min-max is used, since clipping
       a bounded activation can only lose its saturated values.
+    - ``format``: ``"int"`` (uint8 with a zero-point), or ``"fp8-e4m3"`` / ``"fp8-e5m2"`` (8-bit
+      floats, one scale per tensor from the calibrated largest magnitude: ``quant/fp8.py``).
     - ``percentile``: the ``percentile`` calibrator's percentile.
     """
 
@@ -227,9 +259,14 @@ class Activations(QuantPass):
     bits: int = 8
     calibrator: str = "minmax"
     percentile: float = 99.99
+    format: str = "int"
 
     def validate(self) -> None:
         check_choice("mode", self.mode, ("static", "dynamic", "none"))
+        check_choice("format", self.format, ACTIVATION_FORMATS)
+        if self.format != "int" and self.mode == "dynamic":
+            raise ValueError(f"format={self.format!r} activations are scaled by a calibrated range "
+                             "(mode='static'): ONNX has no dynamic quantizer to 8-bit floats")
         check_choice("bits", self.bits, (8,))
         check_choice("calibrator", self.calibrator, tuple(CALIBRATORS))
         check_range("percentile", self.percentile, 50.0, 100.0, lo_open=True)
@@ -250,6 +287,35 @@ class Embeddings(QuantPass):
 
     def validate(self) -> None:
         check_choice("bits", self.bits, (8, 4))
+
+
+@quant_pass("half", "scheme", needs_data=False)
+@dataclass(frozen=True, kw_only=True)
+class HalfPrecision(QuantPass):
+    """The model in 16-bit floats (``quant/half.py``), alone in its list.
+
+    - ``dtype``: ``"float16"`` or ``"bfloat16"``.
+    - ``compute``: ``"half"``: 16-bit arithmetic, normalizations and softmax modules kept in FP32
+      (the GPU form, exported as a 16-bit ONNX file with FP32 inputs and outputs); ``"float32"``:
+      16-bit weights, FP32 arithmetic (the CPU form: half the file, any runtime runs it).
+    - ``keep_float``: more modules (names, or class names) kept in FP32.
+    """
+
+    dtype: str = "float16"
+    compute: str = "half"
+    keep_float: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        check_choice("dtype", self.dtype, ("float16", "bfloat16"))
+        check_choice("compute", self.compute, ("half", "float32"))
+        if not all(isinstance(n, str) and n for n in self.keep_float):
+            raise ValueError(f"keep_float must be module names or class names; got {self.keep_float!r}")
+
+    def check(self, q: Quantize) -> None:
+        others = [type(p).__name__ for p in q.passes if p is not self]
+        if others:
+            raise ValueError(f"HalfPrecision casts the whole model and stands alone in its list; got it with "
+                             f"{', '.join(others)}")
 
 
 def _pass_from(entry: Any, where: str) -> QuantPass:
@@ -365,6 +431,8 @@ class Quantize(Config):
 
     def wants_data(self) -> list[str]:
         """The passes that need ``calib_data``, as the user would write them."""
+        if self.find(HalfPrecision) is not None:
+            return []
         out = ["Weights(grid='output')"] if self.weights.wants_data(self) else []
         out += [f"Activations(mode={self.activations.mode!r})"] if self.activations.wants_data(self) else []
         return out + [type(p).__name__ for p in self.passes if p.stage != "scheme" and p.wants_data(self)]

@@ -18,6 +18,7 @@ from slimkit.quant.passes import (
     BiasCorrection,
     Embeddings,
     Equalize,
+    HalfPrecision,
     OutlierChannels,
     Quantize,
     QuantPass,
@@ -67,6 +68,24 @@ PRESETS: dict[str, Quantize] = {
     "int4-gptq": Quantize.of([_INT4_GROUPS, Activations(mode="none"), GPTQ(act_order=True), Embeddings()]),
     "int4-awq": Quantize.of([Weights(bits=4, reduce_range=False, group_size=128, symmetric=False),
                              Activations(mode="none"), AWQ(), Embeddings(bits=4)]),
+    # 4-bit NormalFloat weight-only Linear layers in QLoRA's blocks of 64 (quant/nf4.py): a grid of the
+    # normal distribution's quantiles, closer than symmetric int4's on normally distributed weights at
+    # these groups (tests/quant/test_nf4.py). ONNX Runtime has no NF4 kernel: the file keeps the codes
+    # and dequantizes them with plain ops.
+    "nf4-weight": Quantize.of([Weights(bits=4, reduce_range=False, group_size=64, format="nf4"),
+                               Activations(mode="none"), Embeddings()]),
+    # 16-bit floats (quant/half.py). fp16 / bf16 compute in 16 bits with normalizations and softmax
+    # modules in FP32: the GPU form, exported as a 16-bit file with FP32 inputs and outputs (ONNX
+    # Runtime's CPU provider runs FP16 files, not BF16 ones). fp16-weights / bf16-weights keep 16-bit
+    # weights and FP32 arithmetic: half the file, and the form every CPU runtime runs.
+    "fp16": Quantize.of([HalfPrecision(dtype="float16")]),
+    "bf16": Quantize.of([HalfPrecision(dtype="bfloat16")]),
+    "fp16-weights": Quantize.of([HalfPrecision(dtype="float16", compute="float32")]),
+    "bf16-weights": Quantize.of([HalfPrecision(dtype="bfloat16", compute="float32")]),
+    # FP8 E4M3 (the format of current GPUs' FP8 tensor cores, quant/fp8.py): weights per output channel,
+    # activations per tensor from calibrated ranges, as Q/DQ with float8 tensors (opset 19). ONNX
+    # Runtime's CPU provider runs it in float (correct, not faster); TensorRT builds FP8 engines from it.
+    "fp8": Quantize.of([Weights(format="fp8-e4m3", reduce_range=False), Activations(format="fp8-e4m3")]),
 }
 
 

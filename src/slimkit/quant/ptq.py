@@ -28,11 +28,13 @@ from slimkit.core.progress import progress
 from slimkit.quant.calibrators import make_observer
 from slimkit.quant.config import QuantConfig, resolve_int8_layers
 from slimkit.quant.equalization import relu6_to_relu
+from slimkit.quant.half import to_half
 from slimkit.quant.modules import ActQuant, QuantConv, QuantLinear
 from slimkit.quant.passes import (
     Activations,
     BiasCorrection,
     Equalize,
+    HalfPrecision,
     Quantize,
     handler_of,
 )
@@ -111,11 +113,12 @@ def _observer_factory(cfg: Activations) -> Any:
     since clipping a bounded activation can only lose its saturated values (the KL search clipped the
     digits MobileNetV2's ReLU6 outputs at 1.6 and took its SQNR from 35 to 10 dB)."""
     def make(node_name: str, bounded: bool = False) -> ActQuant:
-        opts: dict[str, Any] = {"bits": cfg.bits, "signed": False, "symmetric": False}
+        fp8 = cfg.format != "int"  # a range symmetric about zero: its largest magnitude sets the FP8 scale
+        opts: dict[str, Any] = {"bits": cfg.bits, "signed": fp8, "symmetric": fp8}
         method = "minmax" if bounded and cfg.calibrator in CLIPPING_CALIBRATORS else cfg.calibrator
         if method == "percentile":
             opts["percentile"] = cfg.percentile
-        return ActQuant(cfg.bits, signed=False, observer=make_observer(method, **opts))
+        return ActQuant(cfg.bits, signed=False, observer=make_observer(method, **opts), fmt=cfg.format)
 
     return make
 
@@ -124,7 +127,7 @@ CLIPPING_CALIBRATORS = ("percentile", "entropy", "mse")
 
 
 def _frozen_factory(cfg: Activations) -> Any:
-    return lambda node_name, bounded=False: ActQuant(cfg.bits, signed=False)
+    return lambda node_name, bounded=False: ActQuant(cfg.bits, signed=False, fmt=cfg.format)
 
 
 def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None,
@@ -205,6 +208,9 @@ def quantize_ptq(model: nn.Module, cfg: Quantize, calib_data: Any = None,
     others several times and keeps its choice; ``Equalize`` with data is kept only where it helps."""
     from slimkit.quant import choose  # the passes that measure to choose call back here
 
+    half = cfg.find(HalfPrecision)
+    if half is not None:
+        return quantize_half(model, cfg, half, calib_data, inplace)
     cfg = resolve_int8_layers(model, cfg)  # "first", "last", "depthwise": names, in the plan's passes
     for p in cfg.of_stage("search"):
         return cast(nn.Module, handler_of(p)(model, cfg, p, calib_data, inplace))
@@ -214,6 +220,25 @@ def quantize_ptq(model: nn.Module, cfg: Quantize, calib_data: Any = None,
     if bc is not None and bc.compares() and calib_data is not None and not inplace:
         return choose.quantize_compared(model, cfg, choose._data(calib_data, cfg))
     return quantize_fixed(model, cfg, calib_data, inplace)
+
+
+def quantize_half(model: nn.Module, cfg: Quantize, half: HalfPrecision, calib_data: Any = None,
+                  inplace: bool = False) -> nn.Module:
+    """``HalfPrecision``: the model cast (``half.py``); the plan lists the modules cast and those
+    kept in FP32, and, given ``calib_data``, the fidelity on its first batch."""
+    batch = None
+    if calib_data is not None:
+        batch = cache_free(model, check_batches(calib_data)[0])
+        with torch.no_grad(), modes_kept(model):
+            call_checked(model.eval(), batch, "calib_data batch 0")
+    out, cast_, kept = to_half(model.eval() if inplace else model, half.dtype, half.compute, half.keep_float, inplace)
+    out.eval()
+    plan = QuantPlan(config=cfg, mode="module", quantized_layers=cast_, skipped=dict(kept))
+    _report(model, out, plan, batch, inplace)
+    attach(out, model, plan)
+    log.info("%s (%s arithmetic): %d modules cast, %d kept in float32", half.dtype,
+             "16-bit" if half.compute == "half" else "float32", len(cast_), len(kept))
+    return out
 
 
 def quantize_fixed(model: nn.Module, cfg: Quantize, calib_data: Any = None, inplace: bool = False) -> nn.Module:
@@ -307,6 +332,11 @@ def calibrate(model: nn.Module, batches: list[Batch], quantizers: Mapping[str, n
 def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
     """Rebuild the quantized model from a freshly built ``base`` and a saved plan, without data.
     Weights are then loaded from the saved state dict by the caller."""
+    half = plan.config.find(HalfPrecision)
+    if half is not None:  # deterministic: the cast again, then the caller loads the saved weights
+        out, _, _ = to_half(base, half.dtype, half.compute, half.keep_float)
+        attach(out.eval(), base, plan)
+        return out
     model = copy.deepcopy(base).eval()
     canonicalize(model)
     saved = QuantPlan(config=plan.config, mode=plan.mode, placement=plan.placement)

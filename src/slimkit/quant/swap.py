@@ -1,5 +1,5 @@
 """The layer swap of post-training quantization: each Linear/Conv replaced by its quantized drop-in
-(``QuantLinear``, ``QuantConv``, ``QuantLinearNBits``), embedding tables (the ``Embeddings`` pass)
+(``QuantLinear``, ``QuantConv``, ``QuantLinearNBits``, ``QuantLinearNF4``), embedding tables (the ``Embeddings`` pass)
 and the weights modules hold themselves (``param_weights.py``), each choice recorded in the plan."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from torch import nn
 
 from slimkit.quant.modules import WEIGHTED_LAYERS as _WEIGHTED
 from slimkit.quant.modules import QuantConv, QuantLinear
+from slimkit.quant.nf4 import QuantLinearNF4
 from slimkit.quant.param_weights import quantize_held_weights
 from slimkit.quant.passes import Embeddings, Quantize, handler_of, pass_handler
 from slimkit.quant.weight_only import QuantEmbedding, QuantLinearNBits
@@ -46,6 +47,7 @@ def swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: boo
     ``held``: then the weights modules hold themselves (``quantize_held``)."""
     cfg = passes.weights
     dynamic = passes.activations.mode == "dynamic"
+    fmt = cfg.format if cfg.format.startswith("fp8") else "int"
     owners: dict[int, list[str]] = {}  # parameter -> modules holding it (tied embeddings), before any swap
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
@@ -57,7 +59,8 @@ def swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: boo
     for name, module in _parents(model):
         for child_name, child in _children(module):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, (QuantLinearNBits, QuantLinear, QuantConv)):  # by a weight pass (GPTQ, SmoothQuant)
+            # replaced by a weight pass already (GPTQ, SmoothQuant)
+            if isinstance(child, (QuantLinearNBits, QuantLinearNF4, QuantLinear, QuantConv)):
                 plan.quantized_layers.append(full)
                 continue
             if not isinstance(child, _WEIGHTED):
@@ -74,7 +77,8 @@ def swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: boo
                     plan.skipped[full] = "group-wise weight-only quantization covers Linear layers"
                     continue
                 try:
-                    grouped = QuantLinearNBits(child, bits, cfg.group_size, cfg.symmetric)
+                    grouped: nn.Module = (QuantLinearNF4(child, cfg.group_size) if cfg.format == "nf4"
+                                          else QuantLinearNBits(child, bits, cfg.group_size, cfg.symmetric))
                 except ValueError as e:
                     plan.skipped[full] = str(e)
                     continue
@@ -83,9 +87,9 @@ def swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: boo
                 continue
             try:
                 q: nn.Module = (
-                    QuantLinear(child, bits, dynamic=dynamic, per_channel=cfg.per_channel)
+                    QuantLinear(child, bits, dynamic=dynamic, per_channel=cfg.per_channel, fmt=fmt)
                     if isinstance(child, nn.Linear)
-                    else QuantConv(child, bits, dynamic=dynamic, per_channel=cfg.per_channel)
+                    else QuantConv(child, bits, dynamic=dynamic, per_channel=cfg.per_channel, fmt=fmt)
                 )
             except ValueError as e:
                 plan.skipped[full] = str(e)
@@ -105,7 +109,8 @@ def quantize_held(model: nn.Module, passes: Quantize, plan: QuantPlan) -> None:
     cfg = passes.weights
     if cfg.group_size is not None or cfg.bits == 8:
         held = quantize_held_weights(model, set(plan.quantized_layers), cfg.exclude, bits=cfg.bits,
-                                     group_size=cfg.group_size, symmetric=cfg.symmetric, skipped=plan.skipped)
+                                     group_size=cfg.group_size, symmetric=cfg.symmetric, skipped=plan.skipped,
+                                     fmt="nf4" if cfg.format == "nf4" else "int")
         plan.quantized_layers += held
         if held:  # the rounding passes reconstruct layers from their inputs; a held weight has no layer input
             rounding = passes.rounding

@@ -42,6 +42,7 @@ from .gptq import gptq, hessian
 from .llm_int8 import outlier_channels
 from .modules import WEIGHTED_LAYERS as _WEIGHTED
 from .modules import QuantLinear, fake_quant_weight, weight_qparams
+from .nf4 import QuantLinearNF4, dequantize_nf4, nf4_groups
 from .passes import (
     AWQ,
     GPTQ,
@@ -86,7 +87,7 @@ class Job:
 class Layer:
     """One layer in the sweep: its float weight ``w``, its calibration inputs ``xs`` and its width;
     the rounding pass sets ``wq`` (the weight on its grid) and, for group-wise layers, ``grid`` (the
-    integers, scales, zero-points) and ``input_scale`` (AWQ)."""
+    integers, scales, zero-points) and ``input_scale`` (AWQ), or ``nf4`` (NF4 codes and absmax)."""
 
     name: str
     module: nn.Linear | nn.Conv1d | nn.Conv2d
@@ -97,6 +98,7 @@ class Layer:
     wq: Tensor | None = None
     grid: tuple[Tensor, Tensor, Tensor] | None = None
     input_scale: Tensor | None = None
+    nf4: tuple[Tensor, Tensor] | None = None
 
 
 @torch.no_grad()
@@ -326,9 +328,14 @@ def _equalize_pass(job: Job, cfg: Equalize) -> None:
 
 
 def _nearest(job: Job, layer: Layer) -> None:
-    """Without a rounding pass: round to nearest on the ``Weights`` grid (per group, or per channel)."""
+    """Without a rounding pass: round to nearest on the ``Weights`` grid (per group, or per channel;
+    ``format="nf4"``: the nearest NF4 code per group)."""
     weights = job.q.weights
-    if weights.group_size is not None:
+    if weights.format == "nf4":
+        assert weights.group_size is not None
+        layer.nf4 = nf4_groups(layer.w, weights.group_size)
+        layer.wq = dequantize_nf4(*layer.nf4) if job.q.of_stage("layer") else None
+    elif weights.group_size is not None:
         layer.grid = rtn_groups(layer.w, layer.bits, weights.group_size, weights.symmetric)
         layer.wq = dequantize_groups(*layer.grid) if job.q.of_stage("layer") else None
     else:
@@ -462,6 +469,10 @@ def weight_passes(model: nn.Module, q: Quantize, batches: list[Batch]) -> tuple[
                 assert weights.group_size is not None and isinstance(module, nn.Linear)
                 replace_module(model, name, QuantLinearNBits(module, layer.bits, weights.group_size, weights.symmetric,
                                                              grid=layer.grid, input_scale=layer.input_scale))
+                grouped.append(name)
+            elif layer.nf4 is not None:  # NF4 codes: the packed layer, its bias as the layer passes left it
+                assert weights.group_size is not None and isinstance(module, nn.Linear)
+                replace_module(model, name, QuantLinearNF4(module, weights.group_size, grid=layer.nf4))
                 grouped.append(name)
             else:
                 assert layer.wq is not None

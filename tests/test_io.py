@@ -16,7 +16,7 @@ def test_save_load_round_trip_without_pickle(trained_resnet, digits, tmp_path):
     x = digits.test_x[:16]
     assert torch.equal(q(x), q2(x))
     [plan] = json.loads((tmp_path / "out" / "plan.json").read_text())["plans"]
-    assert plan["config"]["passes"][1] == {"activations": {"mode": "static", "bits": 8, "calibrator": "minmax", "percentile": 99.99, "format": "int"}} and plan["qparams"]
+    assert plan["config"]["passes"][1] == {"activations": {"mode": "static", "bits": 8, "calibrator": "minmax", "percentile": 99.99, "format": "int", "placement": "onnxruntime"}} and plan["qparams"]
 
 
 def test_dynamic_and_float_round_trip(trained_mlp, tmp_path):

@@ -64,6 +64,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
                          "ptq_real_cnn)",
         "int4-weight": "4-bit weight-only Linear layers in groups of 128 (MatMulNBits): LLMs and transformers; no "
                        "data; 0.18-0.20x the file, decoding 2.98x FP32's tokens per second at batch 1 (int4_presets)",
+        "int8-tensorrt": "static INT8 placed for TensorRT's explicit quantization: symmetric int8 activations, "
+                         "float biases, quantized residual inputs; GPUs; needs data; checked against TensorRT's "
+                         "rules by the export lint (not built in TensorRT here)",
         "fp16": "FP16 arithmetic with normalizations and softmax in FP32, FP32 inputs and outputs: the GPU "
                 "baseline; no data; a 16-bit ONNX file (float_formats)",
         "bf16": "BF16 arithmetic (FP32's range, 7 mantissa bits), normalizations and softmax in FP32: GPUs and "

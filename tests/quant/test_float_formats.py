@@ -220,3 +220,52 @@ def test_an_fp8_decoder_exports_for_generation(tmp_path):
     q = sk.quantize(model, "fp8", calib_data=calib)
     report = sk.export_onnx(q, tmp_path / "gen8" / "model.onnx", ids, generative=True)
     assert report.parity.ok and "FLOAT8E4M3FN" in _initializer_types(report.path)
+
+
+# --- TensorRT's explicit quantization ----------------------------------------------------------
+
+def test_the_tensorrt_placement_writes_symmetric_int8_float_biases_and_quantized_residuals(tmp_path, trained_resnet,
+                                                                                          digits):
+    from slimkit.export.lint import lint
+
+    calib = [digits.train_x[i:i + 64] for i in range(0, 128, 64)]
+    q = sk.quantize(trained_resnet, "int8-tensorrt", calib_data=calib)
+    report = sk.export_onnx(q, tmp_path / "trt.onnx", digits.test_x[:4])
+    assert report.parity.ok and report.lint.issues == []
+    graph = onnx.load(report.path).graph
+    inits = {i.name: i for i in graph.initializer}
+    zps = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(z).any() for z in zps)
+    assert not any(i.data_type == onnx.TensorProto.INT32 for i in graph.initializer)  # biases stay float
+    producer = {o: n for n in graph.node for o in n.output}
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    assert adds and all(producer[i].op_type == "DequantizeLinear" for n in adds for i in n.input)
+    with torch.no_grad():
+        agree = (q(digits.test_x).argmax(1) == trained_resnet(digits.test_x).argmax(1)).float().mean()
+    assert agree > 0.98
+    # the same rules fail ONNX Runtime's own form: uint8 activations, int32 biases
+    ort_form = sk.export_onnx(sk.quantize(trained_resnet, "int8", calib_data=calib), tmp_path / "ort.onnx",
+                              digits.test_x[:4])
+    issues = lint(ort_form.path, "tensorrt").issues
+    assert any("not symmetric int8" in i for i in issues) and any("int32 bias" in i for i in issues)
+
+
+def test_the_tensorrt_rules_find_a_float_residual_and_a_float_input():
+    from onnx import TensorProto, helper
+
+    from slimkit.export.lint import tensorrt_issues
+
+    w = onnx.numpy_helper.from_array(np.ones((4, 4), np.int8), "w")
+    s = onnx.numpy_helper.from_array(np.ones(4, np.float32), "s")
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0),
+             helper.make_node("Gemm", ["x", "wf"], ["y"], transB=1),  # a float input into quantized weights
+             helper.make_node("Add", ["y", "x"], ["z"])]  # a residual that is not quantized
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])], [w, s])
+    issues = tensorrt_issues(g)
+    assert any("float input" in i for i in issues) and any("residual input" in i for i in issues)
+
+
+def test_the_tensorrt_placement_takes_calibrated_activations_only():
+    with pytest.raises(ValueError, match="placement='tensorrt'.*static"):
+        Activations(placement="tensorrt", mode="dynamic")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-__all__ = ["LintReport", "lint", "INTEGER_OPS", "FLOAT_COMPUTE_OPS"]
+__all__ = ["LintReport", "lint", "tensorrt_issues", "INTEGER_OPS", "FLOAT_COMPUTE_OPS"]
 
 INTEGER_OPS = {
     "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
@@ -43,8 +43,62 @@ class LintReport:
                 "leftover_qdq": self.leftover_qdq, "issues": self.issues}
 
 
-def lint(path: str) -> LintReport:
-    """Optimize ``path`` with ONNX Runtime (extended level, hardware-independent) and inspect it."""
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def tensorrt_issues(graph: onnx.GraphProto) -> list[str]:
+    """Where a QDQ graph departs from TensorRT's rules for explicit quantization (its developer guide,
+    "Q/DQ layer placement"), read from the file as written:
+
+    - activation quantizers are symmetric int8 (zero-point 0), or FP8;
+    - each weighted op (Conv, Gemm, MatMul) with quantized weights has its data input quantized;
+    - an Add that takes a quantized weighted op's output has its other (residual) input quantized too,
+      so TensorRT fuses the add into that op's int8 epilogue;
+    - biases stay float (an int32 bias behind a DequantizeLinear is ONNX Runtime's form).
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    consts = {n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+    ok_types = (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2)
+    issues: list[str] = []
+
+    def from_dq(name: str) -> bool:
+        n = producer.get(name)
+        return n is not None and n.op_type == "DequantizeLinear"
+
+    for n in graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+            zp_t = zp if zp is not None else consts.get(n.input[2]) if len(n.input) > 2 else None
+            if zp_t is None or zp_t.data_type not in ok_types:
+                issues.append(f"TensorRT: quantizer {n.name or n.output[0]!r} is not symmetric int8 (its zero-point "
+                              "is uint8 or absent); TensorRT takes int8 with zero-point 0")
+            elif zp_t.data_type == onnx.TensorProto.INT8 and onnx.numpy_helper.to_array(zp_t).any():
+                issues.append(f"TensorRT: quantizer {n.name or n.output[0]!r} has a non-zero zero-point")
+        elif n.op_type in WEIGHTED_OPS and len(n.input) > 1 and from_dq(n.input[1]):
+            if not from_dq(n.input[0]):
+                issues.append(f"TensorRT: {n.op_type} {n.name!r} has quantized weights but a float input; it runs "
+                              "in float")
+            if len(n.input) > 2 and from_dq(n.input[2]):
+                issues.append(f"TensorRT: {n.op_type} {n.name!r} reads an int32 bias through a DequantizeLinear; "
+                              "TensorRT takes float biases")
+        elif n.op_type == "Add" and len(n.input) == 2:
+            heads = [producer.get(i) for i in n.input]
+            weighted = [h is not None and h.op_type in WEIGHTED_OPS and len(h.input) > 1 and from_dq(h.input[1])
+                        for h in heads]
+            for i, w in enumerate(weighted):
+                other = n.input[1 - i]
+                if w and not from_dq(other) and other not in inits and other not in consts:
+                    issues.append(f"TensorRT: the residual input of Add {n.name!r} is not quantized; TensorRT "
+                                  "fuses the add into the int8 op before it only when it is")
+                    break
+    return issues
+
+
+def lint(path: str, target: str = "onnxruntime") -> LintReport:
+    """Optimize ``path`` with ONNX Runtime (extended level, hardware-independent) and inspect it;
+    ``target="tensorrt"`` checks the file as written against TensorRT's placement rules instead
+    (``tensorrt_issues``), with ONNX Runtime's op counts beside them."""
     src = onnx.load(path, load_external_data=False)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
                     for n in src.graph.node)
@@ -76,6 +130,8 @@ def lint(path: str) -> LintReport:
                   and any(i in produced_by and produced_by[i].op_type == "DequantizeLinear" for i in n.input))
         issues.append(f"FP8 Q/DQ: ONNX Runtime's CPU provider has no FP8 kernels, so {fed} FP8 layers run in float "
                       "here (correct, not faster): the format is for GPU runtimes with FP8 tensor cores (TensorRT)")
+    elif target == "tensorrt":
+        issues += tensorrt_issues(src.graph)
     elif quantized:
         for n in g.node:
             if n.op_type in FLOAT_COMPUTE_OPS:
@@ -92,6 +148,6 @@ def lint(path: str) -> LintReport:
             continue  # so is dequantizing its output
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             leftover += 1
-    if quantized and leftover and not fp8:
+    if quantized and leftover and not fp8 and target != "tensorrt":
         issues.append(f"{leftover} QuantizeLinear/DequantizeLinear nodes left unfused inside the graph")
     return LintReport(dict(integer), dict(floats), leftover, issues)

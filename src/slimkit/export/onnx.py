@@ -34,7 +34,7 @@ from slimkit.export.rewrite import (
 )
 from slimkit.export.runtime import Parity, check_parity
 from slimkit.export.writing import traced, write_checked
-from slimkit.quant.passes import HalfPrecision
+from slimkit.quant.passes import HalfPrecision, Quantize
 
 __all__ = ["export_onnx", "ExportReport", "OPSET", "opset_for"]
 
@@ -87,10 +87,21 @@ def default_tolerance(model: nn.Module) -> float:
     return 0.15 if rounds_activations and any(isinstance(m, nn.LayerNorm) for m in modules) else 2e-2
 
 
+def _target(model: nn.Module) -> str:
+    """The runtime the model's last quantization placed its quantizers for (``Activations.placement``)."""
+    acts = getattr(_quant_config(model), "activations", None)  # a QAT plan's config has none
+    return "tensorrt" if getattr(acts, "placement", None) == "tensorrt" else "onnxruntime"
+
+
+def _quant_config(model: nn.Module) -> Any:
+    plan = next((p for p in plans_of(model)[::-1] if getattr(p, "kind", None) == "quant"), None)
+    return getattr(plan, "config", None)
+
+
 def _half_plan(model: nn.Module) -> Any:
     """The model's ``HalfPrecision`` pass, if its last quantization cast it to 16 bits."""
-    plan = next((p for p in plans_of(model)[::-1] if getattr(p, "kind", None) == "quant"), None)
-    return plan.config.find(HalfPrecision) if plan is not None else None
+    cfg = _quant_config(model)
+    return cfg.find(HalfPrecision) if isinstance(cfg, Quantize) else None
 
 
 def _output_names(model: nn.Module, example: Batch) -> list[str]:
@@ -193,7 +204,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         parity = check_parity(model, tmp, calls, names, tol, reference)
         if check and not parity.ok:
             raise ParityError(f"ONNX Runtime disagrees with PyTorch on {path.name}: {parity}")
-        return parity, lint(tmp)
+        return parity, lint(tmp, _target(model))
 
     (parity, report_lint), size = write_checked(proto, path, checked)
     del proto

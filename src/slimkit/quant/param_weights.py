@@ -15,6 +15,7 @@ the groups' scales (NF4: then a Gather of the codebook and a Mul by the absmax).
 
 >>> import torch
 >>> from torch import nn
+>>> _ = torch.manual_seed(0)
 >>> class Bank(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()
@@ -30,7 +31,8 @@ True
 >>> q4 = quantize_parameters(bank, ["experts"], bits=4, group_size=8)
 >>> tuple(q4.experts_q.shape), q4.experts_q.dtype, tuple(q4.experts_scale.shape)
 ((4, 8, 8), torch.uint8, (4, 8, 2))
->>> bool((q4.experts - bank.experts).abs().max() <= q4.experts_scale.abs().max() / 2 + 1e-6)
+>>> err = (q4.experts - bank.experts).abs()  # half a step, or one where a group's extreme has its opposite clipped
+>>> bool(err.max() <= q4.experts_scale.abs().max() + 1e-6) and bool(err.median() <= q4.experts_scale.abs().max() / 2)
 True
 >>> nf = quantize_parameters(bank, ["experts"], bits=4, group_size=8, fmt="nf4")
 >>> tuple(nf.experts_q.shape), tuple(nf.experts_absmax.shape)

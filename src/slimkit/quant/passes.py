@@ -250,6 +250,10 @@ class Activations(QuantPass):
     - ``calibrator``: how static ranges are chosen: ``minmax``, ``moving_average``, ``percentile``,
       ``entropy``, ``mse``; after a clamp with known bounds (ReLU6) min-max is used, since clipping
       a bounded activation can only lose its saturated values.
+    - ``placement``: ``"onnxruntime"`` (uint8 with a zero-point, int32 biases: what ONNX Runtime's CPU
+      kernels fuse) or ``"tensorrt"`` (TensorRT's explicit quantization: symmetric int8 activations,
+      zero-point 0, float biases, Q/DQ on the inputs of weighted ops and on both inputs of residual adds;
+      ``export/lint.py`` checks a file against those rules).
     - ``format``: ``"int"`` (uint8 with a zero-point), or ``"fp8-e4m3"`` / ``"fp8-e5m2"`` (8-bit
       floats, one scale per tensor from the calibrated largest magnitude: ``quant/fp8.py``).
     - ``percentile``: the ``percentile`` calibrator's percentile.
@@ -260,10 +264,15 @@ class Activations(QuantPass):
     calibrator: str = "minmax"
     percentile: float = 99.99
     format: str = "int"
+    placement: str = "onnxruntime"
 
     def validate(self) -> None:
         check_choice("mode", self.mode, ("static", "dynamic", "none"))
         check_choice("format", self.format, ACTIVATION_FORMATS)
+        check_choice("placement", self.placement, ("onnxruntime", "tensorrt"))
+        if self.placement == "tensorrt" and self.mode != "static":
+            raise ValueError("placement='tensorrt' places calibrated quantizers (TensorRT's explicit quantization "
+                             "takes Q/DQ with fixed scales): use mode='static'")
         if self.format != "int" and self.mode == "dynamic":
             raise ValueError(f"format={self.format!r} activations are scaled by a calibrated range "
                              "(mode='static'): ONNX has no dynamic quantizer to 8-bit floats")

@@ -74,6 +74,11 @@ PRESETS: dict[str, Quantize] = {
     # and dequantizes them with plain ops.
     "nf4-weight": Quantize.of([Weights(bits=4, reduce_range=False, group_size=64, format="nf4"),
                                Activations(mode="none"), Embeddings()]),
+    # Static INT8 placed for TensorRT's explicit quantization (GPUs): symmetric int8 activations, float
+    # biases, full 8-bit weights (a GPU's int8 kernels do not saturate), biases corrected towards the float
+    # model; export/lint.py checks the file against TensorRT's rules on the CPU.
+    "int8-tensorrt": Quantize.of([Weights(reduce_range=False), Activations(placement="tensorrt"),
+                                  BiasCorrection(from_float=True)]),
     # 16-bit floats (quant/half.py). fp16 / bf16 compute in 16 bits with normalizations and softmax
     # modules in FP32: the GPU form, exported as a 16-bit file with FP32 inputs and outputs (ONNX
     # Runtime's CPU provider runs FP16 files, not BF16 ones). fp16-weights / bf16-weights keep 16-bit

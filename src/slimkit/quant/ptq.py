@@ -113,12 +113,13 @@ def _observer_factory(cfg: Activations) -> Any:
     since clipping a bounded activation can only lose its saturated values (the KL search clipped the
     digits MobileNetV2's ReLU6 outputs at 1.6 and took its SQNR from 35 to 10 dB)."""
     def make(node_name: str, bounded: bool = False) -> ActQuant:
-        fp8 = cfg.format != "int"  # a range symmetric about zero: its largest magnitude sets the FP8 scale
-        opts: dict[str, Any] = {"bits": cfg.bits, "signed": fp8, "symmetric": fp8}
+        # a range symmetric about zero: its largest magnitude sets the FP8 scale, or TensorRT's int8 one
+        sym = cfg.format != "int" or cfg.placement == "tensorrt"
+        opts: dict[str, Any] = {"bits": cfg.bits, "signed": sym, "symmetric": sym}
         method = "minmax" if bounded and cfg.calibrator in CLIPPING_CALIBRATORS else cfg.calibrator
         if method == "percentile":
             opts["percentile"] = cfg.percentile
-        return ActQuant(cfg.bits, signed=False, observer=make_observer(method, **opts), fmt=cfg.format)
+        return ActQuant(cfg.bits, signed=_signed(cfg), observer=make_observer(method, **opts), fmt=cfg.format)
 
     return make
 
@@ -127,7 +128,12 @@ CLIPPING_CALIBRATORS = ("percentile", "entropy", "mse")
 
 
 def _frozen_factory(cfg: Activations) -> Any:
-    return lambda node_name, bounded=False: ActQuant(cfg.bits, signed=False, fmt=cfg.format)
+    return lambda node_name, bounded=False: ActQuant(cfg.bits, signed=_signed(cfg), fmt=cfg.format)
+
+
+def _signed(cfg: Activations) -> bool:
+    """int8 activations (TensorRT's symmetric ones), else uint8 (ONNX Runtime's CPU kernels)."""
+    return cfg.placement == "tensorrt" and cfg.format == "int"
 
 
 def _prepare(model: nn.Module, plan: QuantPlan, make: Any, example: Batch | None,
@@ -183,8 +189,11 @@ def _act_quantizers(model: nn.Module) -> dict[str, ActQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
 
 
-def _quantize_biases(model: nn.Module) -> None:
-    """Give each static quantized layer fed by a quantizer an int32 bias at scale s_x * s_w."""
+def _quantize_biases(model: nn.Module, cfg: Quantize | None = None) -> None:
+    """Give each static quantized layer fed by a quantizer an int32 bias at scale s_x * s_w (TensorRT's
+    placement keeps float biases: TensorRT quantizes them itself when it fuses)."""
+    if cfg is not None and cfg.activations.placement == "tensorrt":
+        return
     graph = graph_of(model)
     if graph is not None:
         modules = dict(model.named_modules())
@@ -284,7 +293,7 @@ def quantize_fixed(model: nn.Module, cfg: Quantize, calib_data: Any = None, inpl
     calibrate(out, batches, quantizers, lambda q: q.freeze())
     for name, q in quantizers.items():
         plan.qparams_[name] = (float(q.scale), int(q.zero_point))
-    _quantize_biases(out)
+    _quantize_biases(out, cfg)
     restore(out)
     _report(model, out, plan, batches[0], inplace)
     attach(out, model, plan)
@@ -350,7 +359,7 @@ def apply_plan(base: nn.Module, plan: QuantPlan) -> nn.Module:
                          f"(plan: {plan.quantized_layers[:5]}..., model: {saved.quantized_layers[:5]}...)")
     for name, (s, z) in plan.qparams_.items():
         quantizers[name].set_qparams(torch.tensor(s), torch.tensor(z))
-    _quantize_biases(out)
+    _quantize_biases(out, plan.config)
     restore(out)
     attach(out, base, plan)
     return out

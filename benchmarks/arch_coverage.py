@@ -4,8 +4,9 @@ Every tiny random-weight architecture of ``slimkit.zoo.archs`` (Hugging Face dec
 T5, vision and speech models, ``nn.TransformerEncoder``, small CNNs, the zoo's own nets) against
 every operation: ``fp32`` (no compression: the baseline for calling, saving and exporting),
 ``int8`` (calibrated on the example batch twice), ``int8-dynamic``, ``int8-smoothquant``,
-``int4-weight``, ``int4-gptq``, ``int4-awq`` (the presets with ``group_size`` 32, since the
-presets' 128 divides none of these 32- and 64-wide layers; ``--group-size 0`` keeps 128), structured
+``int4-weight``, ``int4-gptq``, ``int4-awq`` and ``nf4-weight`` (the presets with ``group_size`` 32, since the
+presets' 128 divides none of these 32- and 64-wide layers; ``--group-size 0`` keeps 128), the float formats
+``fp16``, ``fp16-weights`` and ``fp8`` (its peer: ONNX Runtime's FP8 ``quantize_static``), ``int8-tensorrt``, structured
 and unstructured pruning at 50% and SVD at ratio 0.5. For each cell, in order and each stage run
 even when an earlier one failed (after the operation itself):
 
@@ -62,11 +63,16 @@ OPS = [
     "int4-weight",
     "int4-gptq",
     "int4-awq",
+    "nf4-weight",
+    "fp16",
+    "fp16-weights",
+    "fp8",
+    "int8-tensorrt",
     "prune-structured",
     "prune-unstructured",
     "svd",
 ]
-CALIBRATED = {"int8", "int8-smoothquant", "int4-gptq", "int4-awq"}
+CALIBRATED = {"int8", "int8-smoothquant", "int4-gptq", "int4-awq", "fp8", "int8-tensorrt", "fp16"}
 SILENT_BELOW = {
     "int8": 0.9,
     "int8-dynamic": 0.9,
@@ -74,6 +80,11 @@ SILENT_BELOW = {
     "int4-weight": 0.8,
     "int4-gptq": 0.8,
     "int4-awq": 0.8,
+    "nf4-weight": 0.8,
+    "fp16": 0.99,
+    "fp16-weights": 0.99,
+    "fp8": 0.9,
+    "int8-tensorrt": 0.9,
 }
 STAGES = ["op", "state", "call", "save/load", "export"]
 
@@ -99,9 +110,9 @@ def time_limit(seconds: int) -> Iterator[None]:
 def run_op(op: str, model: nn.Module, batch: Batch, group_size: int) -> nn.Module:
     if op == "fp32":
         return model
-    if op.startswith(("int8", "int4")):
+    if op.startswith(("int8", "int4", "nf4", "fp")):
         cfg = sk.quant.PRESETS[op]
-        if op.startswith("int4") and group_size:
+        if op.startswith(("int4", "nf4")) and group_size:
             cfg = cfg.with_weights(group_size=group_size)
         return sk.quantize(model, cfg, calib_data=[batch] * 2 if op in CALIBRATED else None)
     if op.startswith("prune-"):
@@ -319,7 +330,46 @@ def run_cell(
     stage(cell, "export", export)
     if op.startswith("int8") and cell.get("cosine", 1.0) < SILENT_BELOW[op]:
         cell["peer_cosine"] = ort_dynamic_cosine(model, batch, Path(tmp) / f"{arch}-peer", ref)
+    if op == "fp8" and cell.get("cosine", 1.0) < SILENT_BELOW[op]:
+        cell["peer_cosine"] = ort_fp8_cosine(model, batch, Path(tmp) / f"{arch}-peer8", ref)
     return finish(cell)
+
+
+def ort_fp8_cosine(model: nn.Module, batch: Batch, stem: Path, ref: torch.Tensor) -> float | None:
+    """The FP8 peer: ONNX Runtime's ``quantize_static`` of the FP32 export to E4M3 weights (per channel) and
+    activations (its float quantization takes the ``Distribution`` calibration only), on the same batch
+    twice; cosine with PyTorch's FP32 output, run at the basic level (its later fusions mistreat FP8)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from slimkit.export.runtime import feeds, session
+
+    try:
+        sk.export_onnx(model, f"{stem}-fp32.onnx", batch)
+        names = [i.name for i in session(f"{stem}-fp32.onnx").get_inputs()]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.left = 2
+
+            def get_next(self) -> dict[str, Any] | None:
+                self.left -= 1
+                return feeds(session(f"{stem}-fp32.onnx"), batch, names) if self.left >= 0 else None
+
+        quantize_static(f"{stem}-fp32.onnx", f"{stem}-q.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
+                        calibrate_method=CalibrationMethod.Distribution, per_channel=True)
+        s = session(f"{stem}-q.onnx", level="basic")
+        out = torch.from_numpy(s.run(None, feeds(s, batch, names))[0])
+        return float(compare(out, ref)["cosine"])
+    except Exception as e:  # noqa: BLE001 -- a peer that fails is recorded, not fatal
+        log.info("FP8 peer failed: %s", e)
+        return None
 
 
 def ort_dynamic_cosine(model: nn.Module, batch: Batch, stem: Path, ref: torch.Tensor) -> float | None:

@@ -269,3 +269,16 @@ def test_the_tensorrt_rules_find_a_float_residual_and_a_float_input():
 def test_the_tensorrt_placement_takes_calibrated_activations_only():
     with pytest.raises(ValueError, match="placement='tensorrt'.*static"):
         Activations(placement="tensorrt", mode="dynamic")
+
+
+def test_torch_attention_stays_float32_in_fp16_and_the_file_loads(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    x = torch.randn(2, 5, 8)
+    q = sk.quantize(model, "fp16", calib_data=[x])
+    attn = q[1].layers[0].self_attn
+    assert attn.in_proj_weight.dtype == torch.float32 and q[1].layers[0].linear1.weight.dtype == torch.float16
+    assert "MultiheadAttention" in q.slimkit_plan.skipped["1.layers.0.self_attn"]
+    report = sk.export_onnx(q, tmp_path / "mha16.onnx", x)  # ONNX Runtime 1.32 crashed loading its FP16 form
+    assert report.parity.ok

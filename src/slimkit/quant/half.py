@@ -53,8 +53,8 @@ def round_to(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def is_kept(name: str, module: nn.Module, keep_float: tuple[str, ...]) -> str | None:
     """Why ``module`` keeps FP32 arithmetic, or None: normalizations (any class named ``...Norm...``:
-    LayerNorm, RMSNorm, GroupNorm, BatchNorm), softmax modules, and ``keep_float`` (module names,
-    with their submodules, or class names)."""
+    LayerNorm, RMSNorm, GroupNorm, BatchNorm), softmax modules, torch's ``nn.MultiheadAttention``, and
+    ``keep_float`` (module names, with their submodules, or class names)."""
     cls = type(module).__name__
     if any(name == k or name.startswith(k + ".") or cls == k for k in keep_float):
         return "keep_float: kept in float32"
@@ -62,6 +62,10 @@ def is_kept(name: str, module: nn.Module, keep_float: tuple[str, ...]) -> str | 
         return "normalization: kept in float32"
     if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
         return "softmax: kept in float32"
+    if isinstance(module, nn.MultiheadAttention):
+        # its FP16 graph (a batched q @ k^T through Transpose) crashes ONNX Runtime 1.32's CPU provider while
+        # it loads the file (MatmulTransposeFusion with the NCHWc layout pass: a segmentation fault)
+        return "nn.MultiheadAttention: kept in float32 (ONNX Runtime's CPU provider crashes on its FP16 graph)"
     return None
 
 

@@ -73,6 +73,16 @@ def _fold(graph: onnx.GraphProto, name: str, known: dict[str, np.ndarray], opset
         return None
 
 
+def _wiring(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Each tensor's producing node, and the nodes reading it."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return producer, readers
+
+
 def _same(known: dict[str, np.ndarray], a: str, b: str) -> bool:
     return a == b or (a in known and b in known and np.array_equal(known[a], known[b])
                       and known[a].dtype == known[b].dtype)
@@ -83,11 +93,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
     only by convs into those convs' ``pads``, in place; returns how many were folded."""
     graph = model.graph
     known = _constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _wiring(graph)
     outputs = {o.name for o in graph.output}
     drop: list[onnx.NodeProto] = []
     for pad in list(graph.node):
@@ -240,11 +246,7 @@ def relu_after_fp8_qdq(model: onnx.ModelProto) -> int:
     fp8_consts = {n.output[0] for n in graph.node if n.op_type == "Constant"
                   and any(a.name == "value" and a.t.data_type in float8 for a in n.attribute)}
     fp8_consts |= {i.name for i in graph.initializer if i.data_type in float8}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    producer, readers = _wiring(graph)
     outputs = {o.name for o in graph.output}
     moved = 0
     for q in list(graph.node):

@@ -282,3 +282,14 @@ def test_torch_attention_stays_float32_in_fp16_and_the_file_loads(tmp_path):
     assert "MultiheadAttention" in q.slimkit_plan.skipped["1.layers.0.self_attn"]
     report = sk.export_onnx(q, tmp_path / "mha16.onnx", x)  # ONNX Runtime 1.32 crashed loading its FP16 form
     assert report.parity.ok
+
+
+def test_fp8_leaves_weights_a_module_holds_itself_in_float_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 1, enable_nested_tensor=False)).eval()
+    x = torch.randn(2, 5, 8)
+    q = sk.quantize(model, "fp8", calib_data=[x, x])
+    attn = q[1].layers[0].self_attn
+    assert attn.in_proj_weight.dtype == torch.float32 and "in_proj_weight" in dict(attn.named_parameters())
+    assert "stays float with fp8-e4m3" in q.slimkit_plan.skipped["1.layers.0.self_attn.in_proj_weight"]

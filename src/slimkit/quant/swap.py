@@ -107,6 +107,14 @@ def swap_weighted(model: nn.Module, passes: Quantize, plan: QuantPlan, held: boo
 def quantize_held(model: nn.Module, passes: Quantize, plan: QuantPlan) -> None:
     """The weights a module holds itself (expert banks, ``in_proj_weight``), on the ``Weights`` grid."""
     cfg = passes.weights
+    if cfg.format.startswith("fp8"):  # held weights are int8 rows or groups: say so rather than mix formats
+        from slimkit.quant.param_weights import quantizable_parameters
+
+        for mname, pnames in quantizable_parameters(model, set(plan.quantized_layers)).items():
+            for p in pnames:
+                plan.skipped[f"{mname}.{p}" if mname else p] = (
+                    f"a weight the module holds itself stays float with {cfg.format} (FP8 covers Linear/Conv layers)")
+        return
     if cfg.group_size is not None or cfg.bits == 8:
         held = quantize_held_weights(model, set(plan.quantized_layers), cfg.exclude, bits=cfg.bits,
                                      group_size=cfg.group_size, symmetric=cfg.symmetric, skipped=plan.skipped,

@@ -130,22 +130,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     feeds = _bench_feeds(args, ref_sess, ref_path)
     ref = _run(ref_sess, feeds, ref_path)
     rows = []
-    for f in args.files:
+    other = args.runtime != "onnxruntime"
+    if other:  # the reference's outputs from ONNX Runtime; each file's from the runtime asked for
+        from slimkit.export.runtimes import compare_runtime_latency, open_file
+
+        runners = {f: open_file(f, args.runtime, args.threads) for f in args.files}
+        small_feeds = [{k: np.ascontiguousarray(v[: args.batch]) for k, v in onnx_feeds(onnx_session(f, 1), feeds, f).items()}
+                       for f in args.files]
+        lats = compare_runtime_latency(args.files, small_feeds, args.runtime, args.threads, rounds=5, seconds=0.5)
+    for i, f in enumerate(args.files):
         sess = onnx_session(f, args.threads)
-        got = _run(sess, onnx_feeds(sess, feeds, f), f)
+        given = onnx_feeds(sess, feeds, f)
+        got = runners[f].run(given)[0] if other else _run(sess, given, f)
         if got.shape != ref.shape:
             raise ValueError(f"{f} gives outputs of shape {list(got.shape)}, the reference {ref_path} {list(ref.shape)}")
         import torch
 
         small = {k: torch.from_numpy(np.ascontiguousarray(v[: args.batch])) for k, v in feeds.items()}
-        lat = measure_latency(f, small, threads=args.threads, runs=args.runs, min_seconds=1.0)
+        lat = lats[i] if other else measure_latency(f, small, threads=args.threads, runs=args.runs, min_seconds=1.0)
         row: dict[str, Any] = {"file": f, "size_kb": os.path.getsize(f) / 1e3, "latency_ms": lat["median_ms"],
                                "rel_l2": float(np.linalg.norm(got - ref)) / max(float(np.linalg.norm(ref)), 1e-30)}
         if ref.ndim == 2 and ref.shape[1] > 1:
             row["top1_agreement"] = float(100 * np.mean(got.argmax(1) == ref.argmax(1)))
         rows.append(row)
     base: dict[str, Any] = next((r for r in rows if r["file"] == ref_path), rows[0])
-    lines = [f"reference: {ref_path}; batch {args.batch}, {args.threads} threads, median latency", "",
+    where = "" if not other else f"; run in {args.runtime} (the reference's outputs from ONNX Runtime; latency in interleaved rounds)"
+    lines = [f"reference: {ref_path}; batch {args.batch}, {args.threads} threads, median latency{where}", "",
              "| file | size kB | size vs ref | latency ms | latency vs ref | rel. L2 vs ref | top-1 agreement % |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -164,7 +174,7 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     from slimkit.export import lint
 
     onnx_session(args.file, 1)  # missing, corrupt, not ONNX: exit 2 with the file named
-    report = lint(args.file)
+    report = lint(args.file, args.target)
     sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
     return 0 if report.ok else 1
 
@@ -273,6 +283,8 @@ def add_tools(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino", "tvm"],
+                   help="the runtime the files run and are timed in (openvino, tvm: when installed)")
     p.set_defaults(fn=_cmd_bench)
     p = sub.add_parser("generate", help="generate text with a file export_onnx(..., generative=True) wrote")
     p.add_argument("model", help="the .onnx file, or its folder (with genai_config.json)")
@@ -293,6 +305,8 @@ def add_tools(sub: Any) -> None:
     p = sub.add_parser("lint", help="Q/DQ pairs left unfused and float ops left in a quantized ONNX file "
                        "(exit 1 when it finds any)")
     p.add_argument("file")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "openvino", "tvm", "tensorrt"],
+                   help="the runtime's rules the file is checked against (default onnxruntime)")
     p.set_defaults(fn=_cmd_lint)
     p = sub.add_parser("report", help="write report.md and report.html from a run folder's results.json")
     p.add_argument("folder")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-__all__ = ["LintReport", "lint", "tensorrt_issues", "INTEGER_OPS", "FLOAT_COMPUTE_OPS"]
+__all__ = ["LintReport", "lint", "TARGETS", "tensorrt_issues", "openvino_issues", "tvm_issues", "INTEGER_OPS", "FLOAT_COMPUTE_OPS"]
 
 INTEGER_OPS = {
     "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
@@ -95,10 +95,56 @@ def tensorrt_issues(graph: onnx.GraphProto) -> list[str]:
     return issues
 
 
+TARGETS = ("onnxruntime", "openvino", "tvm", "tensorrt")
+
+
+def openvino_issues(path: str, graph: onnx.GraphProto) -> list[str]:
+    """What OpenVINO's CPU plugin runs in float in this file: read off what it compiled when
+    OpenVINO is installed (``runtimes.integer_kernels``), else from the graph's ops."""
+    from slimkit.export.runtimes import available, integer_kernels
+
+    ops = Counter(n.op_type for n in graph.node)
+    issues = []
+    if ops.get("DynamicQuantizeLinear") or ops.get("MatMulInteger"):
+        issues.append("dynamic INT8 (DynamicQuantizeLinear + MatMulInteger): OpenVINO runs MatMulInteger in float "
+                      "with conversions around it, so this file is no faster there than FP32; quantize with static "
+                      "'int8' (calibrated) or weight-only 'int4-weight' for OpenVINO")
+    quantized = any(ops.get(k) for k in ("DequantizeLinear", "MatMulNBits", "MatMulInteger"))
+    if quantized and available("openvino"):
+        kernels = integer_kernels(path, "openvino")
+        floats = sum(v for layer in kernels.values() for p, v in layer.items() if p in ("f32", "bf16", "f16"))
+        total = sum(v for layer in kernels.values() for v in layer.values())
+        if floats:
+            issues.append(f"OpenVINO runs {floats} of its {total} weighted layers in float ({kernels})")
+    return issues
+
+
+def tvm_issues(graph: onnx.GraphProto) -> list[str]:
+    """What Apache TVM's Relax ONNX frontend refuses, or runs without integer kernels, in this file."""
+    ops = Counter(n.op_type for n in graph.node)
+    issues = []
+    custom = sorted({n.op_type for n in graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        issues.append(f"ops TVM's ONNX frontend does not have: {', '.join(custom)} (export with target='tvm' "
+                      "writes 4-bit layers as plain ONNX)")
+    dynamic = any(d.dim_param or not d.HasField("dim_value") for i in graph.input
+                  for d in i.type.tensor_type.shape.dim)
+    if dynamic and (ops.get("ConstantOfShape") or ops.get("Expand")):
+        issues.append("shape arithmetic on dynamic axes (ConstantOfShape, Expand): TVM's frontend fails on it in "
+                      "transformer masks; export with static_shapes=True (target='tvm' does)")
+    if ops.get("DequantizeLinear") or ops.get("DynamicQuantizeLinear"):
+        issues.append("TVM keeps Q/DQ elementwise and runs convs and matmuls in float: the quantized file is "
+                      "correct there, not faster")
+    return issues
+
+
 def lint(path: str, target: str = "onnxruntime") -> LintReport:
     """Optimize ``path`` with ONNX Runtime (extended level, hardware-independent) and inspect it;
     ``target="tensorrt"`` checks the file as written against TensorRT's placement rules instead
-    (``tensorrt_issues``), with ONNX Runtime's op counts beside them."""
+    (``tensorrt_issues``), with ONNX Runtime's op counts beside them; ``"openvino"`` and ``"tvm"``
+    say what those runtimes refuse or run in float (``openvino_issues``, ``tvm_issues``)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown lint target {target!r}; one of {', '.join(TARGETS)}")
     src = onnx.load(path, load_external_data=False)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
                     for n in src.graph.node)
@@ -132,6 +178,10 @@ def lint(path: str, target: str = "onnxruntime") -> LintReport:
                       "here (correct, not faster): the format is for GPU runtimes with FP8 tensor cores (TensorRT)")
     elif target == "tensorrt":
         issues += tensorrt_issues(src.graph)
+    elif target == "openvino":
+        issues += openvino_issues(path, src.graph)
+    elif target == "tvm":
+        issues += tvm_issues(src.graph)
     elif quantized:
         for n in g.node:
             if n.op_type in FLOAT_COMPUTE_OPS:
@@ -148,6 +198,6 @@ def lint(path: str, target: str = "onnxruntime") -> LintReport:
             continue  # so is dequantizing its output
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             leftover += 1
-    if quantized and leftover and not fp8 and target != "tensorrt":
+    if quantized and leftover and not fp8 and target == "onnxruntime":
         issues.append(f"{leftover} QuantizeLinear/DequantizeLinear nodes left unfused inside the graph")
     return LintReport(dict(integer), dict(floats), leftover, issues)

@@ -25,7 +25,8 @@ from torch import nn
 
 from slimkit.core.batch import Batch, cache_free, tensors_of
 from slimkit.core.plans import has_plan, plans_of, reference_of
-from slimkit.export.lint import LintReport, lint
+from slimkit.export.fold import fold_constants
+from slimkit.export.lint import TARGETS, LintReport, lint
 from slimkit.export.rewrite import (
     fold_pads_into_convs,
     relu_after_fp8_qdq,
@@ -33,6 +34,7 @@ from slimkit.export.rewrite import (
     store_half,
 )
 from slimkit.export.runtime import Parity, check_parity
+from slimkit.export.runtimes import available
 from slimkit.export.writing import traced, write_checked
 from slimkit.quant.passes import HalfPrecision, Quantize
 
@@ -61,6 +63,9 @@ class ExportReport:
     parity: Parity | None  # None only for a file ONNX Runtime cannot run here, written with check=False (BF16)
     lint: LintReport
     size_bytes: int
+    # the same check run in the export's target runtime (OpenVINO, TVM) when it is installed here
+    runtime_parity: Parity | None = None
+    target: str = "onnxruntime"
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -117,7 +122,8 @@ def _output_names(model: nn.Module, example: Batch) -> list[str]:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Batch,
                 check: bool = True, tolerance: float | None = None,
-                input_names: list[str] | None = None, generative: bool = False, **generative_options: Any) -> Any:
+                input_names: list[str] | None = None, generative: bool = False, target: str = "onnxruntime",
+                static_shapes: bool | None = None, **generative_options: Any) -> Any:
     """Write ``model`` to ``path`` as ONNX and check it in ONNX Runtime.
 
     ``example_inputs`` is a batch as the model is called with (tensor, tuple, or dict of named
@@ -132,12 +138,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     dynamic length of its own (``input_ids_length``...).
     The file is written atomically: a failed export leaves no partial file behind.
 
+    ``target``: the runtime the file is for (``lint.TARGETS``). ``"openvino"`` and ``"tvm"`` write a
+    graph with its constant arithmetic folded (``export/fold.py``); ``"tvm"`` and ``"tensorrt"``
+    write 4-bit layers as plain ONNX (the codes kept as bytes, split by BitShift, then MatMul)
+    instead of ONNX Runtime's MatMulNBits. Where the target runtime is installed, the parity check
+    runs there too (``report.runtime_parity``), and the lint says what it runs in float.
+    ``static_shapes`` (default: only for ``"tvm"``, whose frontend fails on dynamic shape arithmetic):
+    fix every input to the example's shape and fold the shape and mask arithmetic that follows.
+
     ``generative=True`` (a Hugging Face causal LM; ``example_inputs`` its token ids): the file is one
     decoding step with the key/value cache as inputs and outputs, in onnxruntime-genai's layout with
     its ``genai_config.json`` beside it, checked on greedy generation (``export/generative.py``);
     returns a ``GenerativeReport``; ``generative_options`` go to ``export_generative`` (``accuracy_level``).
     """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
     if generative:
+        if target != "onnxruntime" or static_shapes:
+            raise ValueError("a generative export is for ONNX Runtime (onnxruntime-genai's layout, dynamic lengths): "
+                             "leave target and static_shapes unset")
         from slimkit.export.generative import export_generative
 
         return export_generative(model, path, example_inputs, check=check, tolerance=tolerance, **generative_options)
@@ -184,7 +203,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         raise ValueError("a BF16 file cannot be checked here: ONNX Runtime's CPU provider has no BF16 MatMul, Add or "
                          "Softmax kernels. Export the CPU form, the 'bf16-weights' preset (BF16 weights, FP32 "
                          "arithmetic), or pass check=False to write the BF16 file for a GPU runtime unchecked")
-    proto = traced(export, model, path.parent)
+    with _standard_int4(model, target in ("tvm", "tensorrt")):
+        proto = traced(export, model, path.parent)
     if half is not None and half.compute == "float32":
         store_half(proto, half.dtype)
     quantized = _is_quantized(model)
@@ -192,26 +212,54 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         fold_pads_into_convs(proto)
         slim_quantized(proto)  # and the pads' shapes, gone with them, are not kept either
         relu_after_fp8_qdq(proto)
+    if static_shapes if static_shapes is not None else target == "tvm":
+        shapes = {n: list(t.shape) for n, t in zip(names, args if not isinstance(example_inputs, Mapping)
+                                                   else [example_inputs[n] for n in names], strict=True)}
+        log.info("%s: inputs fixed to %s; %d constant nodes folded", path.name, shapes, fold_constants(proto, shapes))
+    elif target in ("openvino", "tvm"):
+        fold_constants(proto)
 
     cpu_runs = half is None or half.compute != "half" or half.dtype != "bfloat16"
 
-    def checked(tmp: str) -> tuple[Parity | None, LintReport]:
+    def checked(tmp: str) -> tuple[tuple[Parity | None, Parity | None], LintReport]:
         if not cpu_runs:  # check=False on a BF16 file: nothing here can run it
-            return None, LintReport({}, {}, 0, ["BF16 arithmetic: not run or checked here (ONNX Runtime's CPU "
+            return (None, None), LintReport({}, {}, 0, ["BF16 arithmetic: not run or checked here (ONNX Runtime's CPU "
                                                 "provider has no BF16 kernels); a GPU runtime runs it"])
         tol = tolerance if tolerance is not None else default_tolerance(model)
         reference = reference_of(model) if quantized and tolerance is None else None
         parity = check_parity(model, tmp, calls, names, tol, reference)
         if check and not parity.ok:
             raise ParityError(f"ONNX Runtime disagrees with PyTorch on {path.name}: {parity}")
-        return parity, lint(tmp, _target(model))
+        in_target = None
+        if target in ("openvino", "tvm") and available(target):
+            in_target = check_parity(model, tmp, calls, names, tol, reference, runtime=target)
+            if check and not in_target.ok:
+                raise ParityError(f"{target} disagrees with PyTorch on {path.name}: {in_target}")
+        elif target in ("openvino", "tvm"):
+            log.info("%s is not installed here: %s checked in ONNX Runtime only", target, path.name)
+        return (parity, in_target), lint(tmp, target if target != "onnxruntime" else _target(model))
 
-    (parity, report_lint), size = write_checked(proto, path, checked)
+    ((parity, runtime_parity), report_lint), size = write_checked(proto, path, checked)
     del proto
     if quantized and report_lint.issues:
         log.warning("export lint for %s: %s", path.name, "; ".join(report_lint.issues[:5]))
     log.info("exported %s (%.1f kB): %s", path, size / 1e3, parity)
-    return ExportReport(str(path), names, outputs, parity, report_lint, size)
+    return ExportReport(str(path), names, outputs, parity, report_lint, size, runtime_parity, target)
+
+
+@contextmanager
+def _standard_int4(model: nn.Module, on: bool) -> Iterator[None]:
+    """With ``on``, every 4-bit layer is exported as plain ONNX instead of MatMulNBits (restored after)."""
+    from slimkit.quant.weight_only import QuantLinearNBits
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinearNBits)] if on else []
+    for m in layers:
+        m.export_standard = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("export_standard", None)
 
 
 @contextmanager

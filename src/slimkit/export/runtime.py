@@ -122,11 +122,21 @@ def _outputs(model: nn.Module, batch: Batch) -> list[np.ndarray]:
 
 
 def check_parity(model: nn.Module, path: str, batch: Batch, names: list[str] | None,
-                 tolerance: float, reference: nn.Module | None = None) -> Parity:
-    """Run the file on ``batch`` and compare with ``model``, and with ``reference`` (the float model
-    ``model`` was compressed from) when given (see ``Parity``)."""
-    sess = session(path)
-    got = sess.run(None, feeds(sess, batch, names))
+                 tolerance: float, reference: nn.Module | None = None, runtime: str = "onnxruntime") -> Parity:
+    """Run the file on ``batch`` in ``runtime`` (``export/runtimes.py``) and compare with ``model``,
+    and with ``reference`` (the float model ``model`` was compressed from) when given (see ``Parity``)."""
+    if runtime == "onnxruntime":
+        sess = session(path)
+        got = sess.run(None, feeds(sess, batch, names))
+    else:
+        from slimkit.export.runtimes import open_file
+
+        runner = open_file(path, runtime)
+        ts = [t.detach().cpu().numpy() for t in tensors_of(batch)] if not isinstance(batch, Mapping) else None
+        order = names or runner.input_names
+        given = {n: batch[n].detach().cpu().numpy() for n in order} if isinstance(batch, Mapping) else \
+            dict(zip(order, ts or [], strict=True))
+        got = runner.run({n: given[n] for n in runner.input_names})
     ref = _outputs(model, batch)
     if len(got) != len(ref):
         raise ValueError(f"ONNX model has {len(got)} outputs, PyTorch {len(ref)}")

@@ -247,6 +247,10 @@ class QuantLinearNBits(DropIn, nn.Linear):
     # sets 4 for decoding, where each step reads every weight once: 1.6x the tokens per second of float
     # compute on a 125 M Llama, benchmarks/results/llm_generate.md), never saved.
     export_accuracy_level: int | None = None
+    # True while exporting for a runtime without MatMulNBits (``export_onnx(target="tvm")``): the layer
+    # is written as its ``weight`` (the 4-bit codes kept as bytes, split by BitShift) times the input,
+    # plain ONNX any runtime takes; set per export, never saved
+    export_standard: bool = False
 
     def meta(self) -> dict[str, int]:
         meta = {"N": self.out_features, "K": self.in_features, "bits": self.bits, "block_size": self.group_size,
@@ -272,6 +276,8 @@ class QuantLinearNBits(DropIn, nn.Linear):
         return dequantize_groups(q, self.scales.reshape(self.out_features, -1), zp)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.export_standard and torch.onnx.is_in_onnx_export():
+            return F.linear(x, self.weight, self.bias if bool(self.bias.any()) else None)
         if not bool((self.input_scale == 1).all()):  # decided on the buffer's values, also when exporting
             x = ScaleInput.apply(x, 1.0 / self.input_scale)
         return _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, self.bias, self.meta())

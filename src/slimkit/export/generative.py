@@ -21,8 +21,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,21 +270,6 @@ def genai_config(model: nn.Module, layout: CacheLayout, filename: str) -> dict[s
     }
 
 
-@contextmanager
-def _accuracy_level(model: nn.Module, level: int | None) -> Iterator[None]:
-    """Every 4-bit layer of ``model`` exported with MatMulNBits' ``accuracy_level`` ``level`` (restored after)."""
-    from slimkit.quant.weight_only import QuantLinearNBits
-
-    layers = [m for m in model.modules() if isinstance(m, QuantLinearNBits)]
-    for m in layers:
-        m.export_accuracy_level = level
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.__dict__.pop("export_accuracy_level", None)
-
-
 def export_generative(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, check: bool = True,
                       tolerance: float | None = None, accuracy_level: int | None = DECODE_ACCURACY_LEVEL
                       ) -> GenerativeReport:
@@ -302,6 +286,7 @@ def export_generative(model: nn.Module, path: str | os.PathLike[str], example_in
         _half_plan,
         _no_fastpath,
         default_tolerance,
+        int4_export,
         opset_for,
     )
     from slimkit.export.rewrite import slim_quantized, store_half
@@ -326,7 +311,7 @@ def export_generative(model: nn.Module, path: str | os.PathLike[str], example_in
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     prompt = _prompt(example_inputs)
-    with _eager_attention(model), _accuracy_level(model, accuracy_level):
+    with _eager_attention(model), int4_export(model, "export_accuracy_level", accuracy_level):
         layout = cache_layout(model, prompt)
         step = KVStep(model, layout).eval()
         past_len = 2

@@ -203,7 +203,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         raise ValueError("a BF16 file cannot be checked here: ONNX Runtime's CPU provider has no BF16 MatMul, Add or "
                          "Softmax kernels. Export the CPU form, the 'bf16-weights' preset (BF16 weights, FP32 "
                          "arithmetic), or pass check=False to write the BF16 file for a GPU runtime unchecked")
-    with _standard_int4(model, target in ("tvm", "tensorrt")):
+    with int4_export(model, "export_standard", True, on=target in ("tvm", "tensorrt")):
         proto = traced(export, model, path.parent)
     if half is not None and half.compute == "float32":
         store_half(proto, half.dtype)
@@ -248,18 +248,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
 
 @contextmanager
-def _standard_int4(model: nn.Module, on: bool) -> Iterator[None]:
-    """With ``on``, every 4-bit layer is exported as plain ONNX instead of MatMulNBits (restored after)."""
+def int4_export(model: nn.Module, name: str, value: Any, on: bool = True) -> Iterator[None]:
+    """Every 4-bit layer of ``model`` (``QuantLinearNBits``) exported with its class attribute
+    ``name`` (``export_standard``, ``export_accuracy_level``) set to ``value``; restored after."""
     from slimkit.quant.weight_only import QuantLinearNBits
 
     layers = [m for m in model.modules() if isinstance(m, QuantLinearNBits)] if on else []
     for m in layers:
-        m.export_standard = True
+        setattr(m, name, value)
     try:
         yield
     finally:
         for m in layers:
-            m.__dict__.pop("export_standard", None)
+            m.__dict__.pop(name, None)
 
 
 @contextmanager

@@ -104,6 +104,8 @@ def test_bad_targets(tmp_path):
         sk.export_onnx(nn.Linear(2, 2), tmp_path / "a.onnx", torch.randn(1, 2), target="tflite2")
     with pytest.raises(ValueError, match="generative export is for ONNX Runtime"):
         sk.export_onnx(nn.Linear(2, 2), tmp_path / "a.onnx", torch.randint(0, 2, (1, 2)), generative=True, target="tvm")
+    with pytest.raises(ValueError, match="missing.onnx: no such ONNX file"):
+        open_file(str(tmp_path / "missing.onnx"), "onnxruntime")
     with pytest.raises(ValueError, match="unknown runtime 'tensorflow'"):
         open_file(str(tmp_path / "a.onnx"), "tensorflow")
     with pytest.raises(ValueError, match="unknown lint target"):

@@ -139,6 +139,8 @@ def open_file(path: str, runtime: str = "onnxruntime", threads: int = 2) -> Runn
     """``path`` loaded and compiled in ``runtime`` with ``threads`` threads; a file the runtime cannot
     load is a ``ValueError`` naming the file and the runtime's reason."""
     _require(runtime)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such ONNX file")
     if runtime == "openvino":
         return _OpenVINO(path, threads)
     if runtime == "tvm":

@@ -1,5 +1,5 @@
-"""Benchmark: slimkit's files in the runtimes users deploy with, ONNX Runtime, OpenVINO and Apache
-TVM, each file against the FP32 file in the same runtime, in one run.
+"""Benchmark: slimkit's files in the runtimes users deploy with, ONNX Runtime, OpenVINO, Apache
+TVM and LiteRT (TFLite), each file against the FP32 file in the same runtime, in one run.
 
 Models: the digits-trained zoo ResNet-18 and MobileNetV2 (accuracy on the digits test set), the
 ImageNet-trained EfficientNet-Lite1 (a real depthwise CNN: top-1 agreement with FP32 PyTorch on
@@ -11,21 +11,28 @@ size) with 4-bit layers as plain ONNX; parity with the PyTorch model is the rela
 runtime's outputs from PyTorch's. Latency: 2 threads, batch 1 and 8, median of interleaved rounds
 within each runtime, as a ratio to that runtime's FP32 file. TVM compiles with its default LLVM
 schedules (no tuning). OpenVINO runs float layers in FP32 (its BF16 default on CPUs with BF16 units
-would be another format).
+would be another format). LiteRT runs ``.tflite`` files from ``export_onnx(target="tflite")``
+(slimkit's own converter; CNNs only) with its default XNNPACK delegate.
 
-    python benchmarks/runtimes.py [--quick]
+    python benchmarks/runtimes.py [--quick] [--only litert]
+
+``--only litert`` re-runs the LiteRT rows alone and merges them into the committed results.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from _common import bench_main
+from _common import RESULTS, bench_main, machine, write_results
 from torch import nn
 
 import slimkit as sk
@@ -37,7 +44,7 @@ from slimkit.zoo import trained
 from slimkit.zoo.efficientnet_lite import efficientnet_lite, preprocess
 
 log = logging.getLogger("runtimes")
-RUNTIMES = [r for r in ("onnxruntime", "openvino", "tvm") if available(r)]
+RUNTIMES = [r for r in ("onnxruntime", "openvino", "tvm", "litert") if available(r)]
 
 
 def _np(batch: Any) -> dict[str, np.ndarray] | np.ndarray:
@@ -74,7 +81,8 @@ def suite(tmp: str, name: str, model: nn.Module, configs: list[tuple[str, Callab
                         files[1] = files[8]
                         continue
                     # the batch-1 file is the batch-8 file's graph at another shape: its parity is judged at batch 8
-                    files[b] = sk.export_onnx(m, f"{tmp}/{name}_{ci}_{rt}_{b}.onnx", ex, target=rt, check=b == 8)
+                    suffix, target = (".tflite", "tflite") if rt == "litert" else (".onnx", rt)
+                    files[b] = sk.export_onnx(m, f"{tmp}/{name}_{ci}_{rt}_{b}{suffix}", ex, target=target, check=b == 8)
                 rep = files[8]
                 runner = open_file(rep.path, rt)
                 out = _run_all(runner, data, 8)
@@ -82,9 +90,9 @@ def suite(tmp: str, name: str, model: nn.Module, configs: list[tuple[str, Callab
                     want = torch.cat([sk_out(m, _slice(data, i, i + 64)) for i in range(0, len(out), 64)]).numpy()
                 row.update({"loads": True, "parity_rel_l2": float(np.linalg.norm(out - want) / np.linalg.norm(want)),
                             "size_mb": os.path.getsize(rep.path) / 1e6, **score(out),
-                            "lint": lint(rep.path, rt).issues[:2]})
-                if rt == "openvino":
-                    row["openvino_kernels"] = integer_kernels(rep.path, "openvino")
+                            "lint": (rep.lint if rt == "litert" else lint(rep.path, rt)).issues[:2]})
+                if rt in ("openvino", "litert"):
+                    row[f"{rt}_kernels"] = integer_kernels(rep.path, rt)
                 for b in (1, 8):
                     paths[b].append(files[b].path)
                 row["_ok"] = True
@@ -113,6 +121,17 @@ def sk_out(m: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def run(tmp: str, quick: bool) -> dict[str, Any]:
+    return {**versions(), "rows": rows_for(tmp, quick)}
+
+
+def versions() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    return {"runtimes": RUNTIMES, **{k: md.version(p) if available(r) else None for k, r, p in (
+        ("openvino", "openvino", "openvino"), ("tvm", "tvm", "apache-tvm"), ("litert", "litert", "ai-edge-litert"))}}
+
+
+def rows_for(tmp: str, quick: bool) -> list[dict[str, Any]]:
     rounds = 2 if quick else 5
     rows: list[dict[str, Any]] = []
     d = load_digits32()
@@ -155,18 +174,16 @@ def run(tmp: str, quick: bool) -> dict[str, Any]:
                                           for p in ("int8", "int8-dynamic", "int4-weight")]
     rows += suite(tmp, "all-MiniLM-L6-v2", mini, configs, evals_m, cosine, _slice(evals_m, 0, 1), _slice(evals_m, 0, 8),
                   rounds)
-    import openvino
-    import tvm
-
-    return {"runtimes": RUNTIMES, "openvino": openvino.__version__ if available("openvino") else None,
-            "tvm": tvm.__version__ if available("tvm") else None, "rows": rows}
+    return rows
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"# slimkit's files in ONNX Runtime, OpenVINO and Apache TVM ({res['machine']})", "",
-             f"onnxruntime {res['onnxruntime']}, openvino {res['openvino']}, tvm {res['tvm']}, torch {res['torch']}. "
+    lines = [f"# slimkit's files in ONNX Runtime, OpenVINO, Apache TVM and LiteRT ({res['machine']})", "",
+             f"onnxruntime {res['onnxruntime']}, openvino {res['openvino']}, tvm {res['tvm']}, ai-edge-litert "
+             f"{res.get('litert')}, torch {res['torch']}. "
              "Each file exported with export_onnx(target=runtime) (TVM: static shapes, one file per batch size, "
-             "4-bit layers as plain ONNX). Parity: relative L2 of the runtime's outputs from the PyTorch model's. "
+             "4-bit layers as plain ONNX; LiteRT: target='tflite', slimkit's own ONNX -> TFLite converter, CNNs only, "
+             "run with LiteRT's default XNNPACK delegate). Parity: relative L2 of the runtime's outputs from the PyTorch model's. "
              "Fidelity: digits accuracy, top-1 agreement with FP32 PyTorch (Lite1, photo crops) or embedding cosine "
              "with FP32 PyTorch (MiniLM, 64 tokens). Latency: 2 threads, median of interleaved rounds, as a ratio to "
              "the FP32 file in the same runtime. TVM: default LLVM schedules, untuned. Pruned rows: 50% structured, "
@@ -180,18 +197,45 @@ def markdown(res: dict[str, Any]) -> str:
         fid = (f"{r['accuracy']:.2f}%" if "accuracy" in r else f"{r['top1_agreement']:.3f}" if "top1_agreement" in r
                else f"{r['cosine']:.4f}")
         where = ""
-        if "openvino_kernels" in r:
-            where = ", ".join(f"{k} {'/'.join(f'{p}:{n}' for p, n in v.items())}" for k, v in r["openvino_kernels"].items())
+        kernels = r.get("openvino_kernels") or r.get("litert_kernels")
+        if kernels:
+            where = ", ".join(f"{k} {'/'.join(f'{p}:{n}' for p, n in v.items())}" for k, v in kernels.items())
         elif r["lint"]:
             where = r["lint"][0]
         lines.append(f"| {r['model']} | {r['config']} | {r['runtime']} | yes | {r['parity_rel_l2']:.1e} | {fid} | "
                      f"{r['size_mb']:.2f} | {r.get('b1_x', float('nan')):.2f}x ({r.get('b1_ms', float('nan')):.2f} ms) | "
                      f"{r.get('b8_x', float('nan')):.2f}x ({r.get('b8_ms', float('nan')):.2f} ms) | {where} |")
     lines += ["", f"Run took {res['seconds']:.0f} s."]
+    if "litert_run" in res:
+        lr = res["litert_run"]
+        lines.append(f"The LiteRT rows were re-run alone on {lr['when']} on {lr['machine']} ({lr['seconds']:.0f} s, "
+                     "`--only litert`).")
     return "\n".join(lines)
 
 
+def _rerun_litert(quick: bool) -> None:
+    """``--only litert``: the LiteRT rows alone, merged into the committed results."""
+    global RUNTIMES
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(2)
+    res = json.loads((RESULTS / "runtimes.json").read_text())
+    RUNTIMES = ["litert"]
+    t = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = rows_for(tmp, quick)
+    res["rows"] = [r for r in res["rows"] if r["runtime"] != "litert"] + fresh
+    res["runtimes"] = [*dict.fromkeys([*res["runtimes"], "litert"])]
+    res["litert"] = versions()["litert"]
+    res["litert_run"] = {"machine": machine(), "seconds": time.time() - t, "when": time.strftime("%Y-%m-%d")}
+    write_results("runtimes", res, markdown, None, quick)
+
+
 def main() -> None:
+    if "--only" in sys.argv:
+        if sys.argv[sys.argv.index("--only") + 1] != "litert":
+            raise SystemExit("--only takes litert")
+        _rerun_litert("--quick" in sys.argv)
+        return
     bench_main("runtimes", run, markdown)
 
 

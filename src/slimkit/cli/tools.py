@@ -20,14 +20,40 @@ _NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(d
              "tensor(bool)": "bool"}
 
 
+class _LiteRTSession:
+    """ONNX Runtime's session interface (``get_inputs``, ``run``) on a ``.tflite`` file in LiteRT."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        from types import SimpleNamespace
+
+        from slimkit.export.runtimes import _LiteRT, open_file
+
+        runner = open_file(path, "litert", threads)
+        assert isinstance(runner, _LiteRT)
+        self.runner = runner
+        types = {v: k for k, v in _NP_TYPES.items()}
+        self.inputs = [SimpleNamespace(name=d["name"], type=types.get(d["dtype"].__name__, "tensor(float)"),
+                                       shape=["batch" if k == 0 and n == -1 else int(n)
+                                              for k, n in enumerate(d["shape_signature"])]) for d in runner.inputs]
+
+    def get_inputs(self) -> list[Any]:
+        return self.inputs
+
+    def run(self, _outputs: Any, feeds: dict[str, Any]) -> list[Any]:
+        return self.runner.run(feeds)
+
+
 def onnx_session(path: str, threads: int = 2) -> Any:
-    """An ONNX Runtime session; a missing, corrupt or non-ONNX file is a ``ValueError`` naming it."""
+    """An ONNX Runtime session (for a ``.tflite`` file, LiteRT's interpreter behind the same
+    interface); a missing, corrupt or non-ONNX file is a ``ValueError`` naming it."""
     from slimkit.export.runtime import session
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder; give the .onnx file in it")
+    if path.endswith(".tflite"):
+        return _LiteRTSession(path, threads)
     try:
         return session(path, threads)
     except Exception as e:  # onnxruntime's InvalidProtobuf, InvalidGraph, Fail: not ValueErrors
@@ -123,6 +149,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from slimkit.export.runtime import measure_latency
 
+    tflite = [f for f in args.files + ([args.reference] if args.reference else []) if f.endswith(".tflite")]
+    if tflite and (args.runtime != "litert" or len(tflite) != len(args.files) + bool(args.reference)):
+        raise ValueError(f"{tflite[0]} is a TFLite file: bench .tflite files together, with --runtime litert")
     for f in args.files:
         onnx_session(f, 1)  # every file checked before any timing
     ref_path = args.reference or args.files[0]
@@ -283,8 +312,9 @@ def add_tools(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino", "tvm"],
-                   help="the runtime the files run and are timed in (openvino, tvm: when installed)")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino", "tvm", "litert"],
+                   help="the runtime the files run and are timed in (openvino, tvm, litert: when installed; litert "
+                   "takes .tflite files)")
     p.set_defaults(fn=_cmd_bench)
     p = sub.add_parser("generate", help="generate text with a file export_onnx(..., generative=True) wrote")
     p.add_argument("model", help="the .onnx file, or its folder (with genai_config.json)")

@@ -175,9 +175,10 @@ def _finish(args: argparse.Namespace, original: Any, compressed: Any, data: User
         lines.append(f"after {args.finetune} epochs of fine-tuning with distillation from the original:")
         lines.append(fidelity(original, compressed, evald, label))
     sk.save(compressed, args.out)
-    report = sk.export_onnx(compressed, f"{args.out}/model.onnx", evald.example(8), target=args.target)
-    lines.append(f"saved {args.out}; ONNX parity: {report.parity}")
-    if report.runtime_parity is not None:
+    name = "model.tflite" if args.target == "tflite" else "model.onnx"
+    report = sk.export_onnx(compressed, f"{args.out}/{name}", evald.example(8), target=args.target)
+    lines.append(f"saved {args.out}; {'LiteRT' if args.target == 'tflite' else 'ONNX'} parity: {report.parity}")
+    if report.runtime_parity is not None and args.target != "tflite":
         lines.append(f"parity in {args.target}: {report.runtime_parity}")
     lines += [f"lint ({args.target}): {issue}" for issue in report.lint.issues[:5]]
     sys.stdout.write("\n".join(lines) + "\n")
@@ -296,9 +297,11 @@ def _common(p: argparse.ArgumentParser, verb: str, preset_default: str | None) -
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--image-size", help="resize a folder's images to H,W (default: their own size)")
     g.add_argument("--max-length", type=int, default=128, help="tokens per text line (text data)")
-    p.add_argument("--out", required=True, help="the output folder: an sk.save folder and model.onnx")
-    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "openvino", "tvm", "tensorrt"],
-                   help="the runtime model.onnx is written for (export_onnx's target; default onnxruntime)")
+    p.add_argument("--out", required=True, help="the output folder: an sk.save folder and model.onnx (model.tflite "
+                   "for --target tflite)")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "openvino", "tvm", "tensorrt", "tflite"],
+                   help="the runtime the file is written for (export_onnx's target; default onnxruntime; tflite: "
+                   "model.tflite for LiteRT, CNNs)")
 
 
 def _finetune(p: argparse.ArgumentParser) -> None:

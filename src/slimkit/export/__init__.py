@@ -1,4 +1,4 @@
-"""The only layer that knows ONNX: export (for ONNX Runtime, OpenVINO, TVM, TensorRT), running files in ONNX Runtime, OpenVINO and TVM, parity, latency and lint."""
+"""The only layer that knows ONNX: export (for ONNX Runtime, OpenVINO, TVM, TensorRT; to TFLite for LiteRT), running files in ONNX Runtime, OpenVINO, TVM and LiteRT, parity, latency and lint."""
 
 from .early_exit import EarlyExitReport, EarlyExitSession, export_early_exit
 from .generative import GenerativeReport

@@ -38,11 +38,12 @@ from slimkit.export.runtimes import available
 from slimkit.export.writing import traced, write_checked
 from slimkit.quant.passes import HalfPrecision, Quantize
 
-__all__ = ["export_onnx", "ExportReport", "OPSET", "opset_for"]
+__all__ = ["export_onnx", "ExportReport", "OPSET", "opset_for", "EXPORT_TARGETS"]
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+EXPORT_TARGETS = (*TARGETS, "tflite")  # "tflite": a .tflite file for LiteRT, through ONNX (export/tflite.py)
 FLOAT8_OPSET = 19  # QuantizeLinear / DequantizeLinear take float8 tensors from opset 19
 
 
@@ -143,6 +144,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     write 4-bit layers as plain ONNX (the codes kept as bytes, split by BitShift, then MatMul)
     instead of ONNX Runtime's MatMulNBits. Where the target runtime is installed, the parity check
     runs there too (``report.runtime_parity``), and the lint says what it runs in float.
+    ``"tflite"`` writes a ``.tflite`` file for LiteRT instead (``export/tflite.py``: CNNs; a QDQ
+    model becomes full-integer ops with slimkit's own integers and scales), checked in LiteRT.
     ``static_shapes`` (default: only for ``"tvm"``, whose frontend fails on dynamic shape arithmetic):
     fix every input to the example's shape and fold the shape and mask arithmetic that follows.
 
@@ -151,8 +154,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     its ``genai_config.json`` beside it, checked on greedy generation (``export/generative.py``);
     returns a ``GenerativeReport``; ``generative_options`` go to ``export_generative`` (``accuracy_level``).
     """
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
+    if target not in EXPORT_TARGETS:
+        raise ValueError(f"unknown target {target!r}; one of {', '.join(EXPORT_TARGETS)}")
     if generative:
         if target != "onnxruntime" or static_shapes:
             raise ValueError("a generative export is for ONNX Runtime (onnxruntime-genai's layout, dynamic lengths): "
@@ -160,6 +163,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         from slimkit.export.generative import export_generative
 
         return export_generative(model, path, example_inputs, check=check, tolerance=tolerance, **generative_options)
+    if target == "tflite":
+        if static_shapes is False:
+            raise ValueError("target='tflite' converts the graph at the example's shapes (the batch stays free): "
+                             "leave static_shapes unset")
+        from slimkit.export.tflite import export_tflite
+
+        return export_tflite(model, path, example_inputs, check=check, tolerance=tolerance, input_names=input_names)
     for name, m in model.named_modules():
         if getattr(m, "calibrating", False):
             raise ValueError(f"{type(m).__name__} is still calibrating; quantize with calib_data first")

@@ -1,5 +1,5 @@
-"""One ONNX file in the runtimes users deploy with: ONNX Runtime (always installed), OpenVINO and
-Apache TVM (optional: ``pip install slimkit[runtimes]``). ``open_file(path, runtime)`` gives a
+"""One exported file in the runtimes users deploy with: ONNX Runtime (always installed), OpenVINO,
+Apache TVM and LiteRT (TFLite's runtime, for ``.tflite`` files; optional: ``pip install slimkit[runtimes]``). ``open_file(path, runtime)`` gives a
 ``Runner`` with the file's input names and ``run(feeds)``; ``compare_runtime_latency`` times files
 in one runtime in interleaved rounds; ``integer_kernels`` says which of the file's weighted layers
 the runtime runs on integer kernels, read off what it compiled (OpenVINO's runtime model), not
@@ -23,8 +23,9 @@ import numpy as np
 
 __all__ = ["RUNTIMES", "Runner", "available", "open_file", "compare_runtime_latency", "integer_kernels"]
 
-RUNTIMES = ("onnxruntime", "openvino", "tvm")
-_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tvm": "tvm"}
+RUNTIMES = ("onnxruntime", "openvino", "tvm", "litert")
+_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tvm": "tvm", "litert": "ai_edge_litert"}
+_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tvm": "apache-tvm", "litert": "ai-edge-litert"}
 
 
 class Runner(Protocol):
@@ -42,8 +43,7 @@ def available(runtime: str) -> bool:
 
 def _require(runtime: str) -> None:
     if not available(runtime):
-        raise ValueError(f"runtime {runtime!r} is not installed: pip install {'apache-tvm' if runtime == 'tvm' else runtime} "
-                         "(or slimkit[runtimes])")
+        raise ValueError(f"runtime {runtime!r} is not installed: pip install {_PACKAGES[runtime]} (or slimkit[runtimes])")
 
 
 class _Ort:
@@ -129,6 +129,43 @@ class _TVM:
         return [o.numpy() for o in outs]
 
 
+class _LiteRT:
+    """LiteRT's interpreter (its default XNNPACK delegate, ``threads`` threads) on a ``.tflite``
+    file; inputs of another batch size resize the interpreter (the files keep the batch dynamic)."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self.interp = Interpreter(model_path=str(path), num_threads=threads)
+            self.interp.allocate_tensors()
+        except Exception as e:  # LiteRT raises ValueError / RuntimeError with its own text
+            raise ValueError(f"{path}: LiteRT could not load the file ({_first_line(e)})") from e
+        self.path = str(path)
+        self.inputs = self.interp.get_input_details()
+        self.input_names = [d["name"] for d in self.inputs]
+        self.shapes = {d["name"]: tuple(d["shape"]) for d in self.inputs}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        resized = False
+        for d in self.inputs:
+            x = feeds[d["name"]]
+            if tuple(x.shape) != self.shapes[d["name"]]:
+                if len(x.shape) != len(d["shape"]) or any(
+                        a != b and s != -1 for a, b, s in zip(x.shape[1:], d["shape"][1:], d["shape_signature"][1:], strict=True)):
+                    raise ValueError(f"{self.path}: input {d['name']!r} has shape {list(d['shape_signature'])} (-1: free); "
+                                     f"got {list(x.shape)}")
+                self.interp.resize_tensor_input(d["index"], list(x.shape))
+                self.shapes[d["name"]] = tuple(x.shape)
+                resized = True
+        if resized:
+            self.interp.allocate_tensors()
+        for d in self.inputs:
+            self.interp.set_tensor(d["index"], np.ascontiguousarray(feeds[d["name"]], dtype=d["dtype"]))
+        self.interp.invoke()
+        return [self.interp.get_tensor(d["index"]).copy() for d in self.interp.get_output_details()]
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("File ", "at ", "#"))]
@@ -140,7 +177,12 @@ def open_file(path: str, runtime: str = "onnxruntime", threads: int = 2) -> Runn
     load is a ``ValueError`` naming the file and the runtime's reason."""
     _require(runtime)
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such ONNX file")
+        raise ValueError(f"{path}: no such {'TFLite' if runtime == 'litert' else 'ONNX'} file")
+    if (runtime == "litert") != str(path).endswith(".tflite"):
+        raise ValueError(f"{path}: LiteRT runs .tflite files (export_onnx(..., target='tflite')), the other runtimes "
+                         f".onnx files; {runtime} cannot run this one")
+    if runtime == "litert":
+        return _LiteRT(path, threads)
     if runtime == "openvino":
         return _OpenVINO(path, threads)
     if runtime == "tvm":
@@ -185,8 +227,16 @@ def integer_kernels(path: str, runtime: str = "openvino") -> dict[str, dict[str,
 
         rep = lint(path)
         return {"integer": dict(rep.integer_ops), "float": dict(rep.float_ops)}
+    if runtime == "litert":  # the interpreter's own op list: {"CONV_2D": {"int8": 20}, ...}
+        from slimkit.export.tflite import op_types
+
+        litert: dict[str, Counter[str]] = {}
+        for key, n in op_types(str(path)).items():
+            op, dtype = key.split(":")
+            litert.setdefault(op, Counter())[dtype] += n
+        return {k: dict(v) for k, v in litert.items()}
     if runtime != "openvino":
-        raise ValueError(f"integer_kernels reads OpenVINO's or ONNX Runtime's compiled graph, not {runtime!r}'s")
+        raise ValueError(f"integer_kernels reads OpenVINO's, LiteRT's or ONNX Runtime's compiled graph, not {runtime!r}'s")
     runner = open_file(path, "openvino", 1)
     assert isinstance(runner, _OpenVINO)
     counts: dict[str, Counter[str]] = {}

@@ -199,7 +199,7 @@ class _QKVEncoder(_Encoder):
 def test_smoothquant_calibrates_one_block_at_a_time(monkeypatch):
     """SmoothQuant and outlier channels take their inputs from the driver (group leaders only, one
     block's inputs at a time) and choose exactly what they choose from whole-model passes."""
-    from slimkit.quant import weight_passes
+    from slimkit.quant import smoothing as weight_passes  # the driver smoothing calls
 
     model, calib = _encoder(_QKVEncoder), _token_batches()
     asked = []

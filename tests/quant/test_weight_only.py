@@ -238,7 +238,7 @@ def test_awq_clipping_lowers_each_layers_output_error_on_the_trained_mlp(trained
 
 
 def test_padding_positions_stay_out_of_the_calibration_statistics():
-    from slimkit.quant.weight_passes import _token_rows
+    from slimkit.quant.sequential import token_rows as _token_rows
 
     x = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])

@@ -36,7 +36,7 @@ model, and the next layer's inputs are computed from the model as it is then.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -264,3 +264,24 @@ def sequential_inputs(model: nn.Module, names: list[str], batches: list[Batch], 
         yield name, ready.pop(name)
     log.debug("sequential calibration: %d passes of one block, %d (partial) passes of the model",
               runs["block"], runs["model"])
+
+
+def token_rows(xs: list[Tensor], batches: list[Batch]) -> Tensor:
+    """A layer's calibration inputs as rows ``[n, features]``. For tokenizer batches, the rows of
+    padding positions (``attention_mask == 0``) are left out: they are not text, and padded to a
+    fixed length they would outnumber the real tokens in GPTQ's Hessian and AWQ's statistics."""
+    if len(xs) != len(batches) and batches and len(xs) % len(batches) == 0:
+        # a layer shared by several blocks (ALBERT) runs k times per batch: each call reads that batch
+        k = len(xs) // len(batches)
+        batches = [b for b in batches for _ in range(k)]
+    if len(xs) != len(batches):
+        raise ValueError(f"a layer ran {len(xs)} times on {len(batches)} calibration batches, not the same number "
+                         "of times on each; list it in `exclude`")
+    rows = []
+    for x, b in zip(xs, batches, strict=True):
+        mask = b.get("attention_mask") if isinstance(b, Mapping) else None
+        if isinstance(mask, Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+            rows.append(x[mask.bool()])
+        else:
+            rows.append(x.reshape(-1, x.shape[-1]))
+    return torch.cat(rows)

@@ -1,5 +1,5 @@
-"""The techniques among the quantization passes (``quant/passes.py`` holds the base, the scheme
-passes and the list): model passes (``Equalize``, ``SmoothQuant``, ``OutlierChannels``), rounding
+"""The techniques among the quantization passes (``quant/registry.py`` holds the base,
+``quant/schemes.py`` the scheme passes, ``quant/passes.py`` the list): model passes (``Equalize``, ``SmoothQuant``, ``OutlierChannels``), rounding
 passes (``GPTQ``, ``AWQ``, ``AdaRound``), the layer pass ``BiasCorrection`` and the search passes
 (``MixedPrecision``, ``KeepFloat``). Each validates its own fields and, in ``check``, its fit with
 the rest of the list; its handler lives beside the algorithm it runs.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from slimkit.core.config import check_choice, check_range
-from slimkit.quant.passes import QuantPass, quant_pass
+from slimkit.quant.registry import QuantPass, quant_pass
 
 if TYPE_CHECKING:
     from slimkit.quant.passes import Quantize

@@ -35,6 +35,7 @@ from slimkit.quant.passes import (
     Weights,
     cannot_saturate,
 )
+from slimkit.quant.schemes import check_layer_names
 
 __all__ = ["QuantConfig", "cannot_saturate", "resolve_int8_layers"]
 
@@ -162,14 +163,7 @@ class QuantConfig(Config):
         check_range("adaround_iterations", self.adaround_iterations, 1, 10**6)
         if self.equalize and not self.fold_bn:
             raise ValueError("equalize needs fold_bn=True: equalization scales the folded weights")
-        if not all(isinstance(n, str) for n in self.exclude):
-            raise ValueError("exclude must be a list of module names (strings)")
-        if not isinstance(self.layer_bits, dict) or not all(isinstance(n, str) for n in self.layer_bits):
-            raise ValueError("layer_bits must map module names (strings) to bit widths")
-        for name, bits in self.layer_bits.items():
-            check_range(f"layer_bits[{name!r}]", bits, 2, 8)
-        if not all(isinstance(n, str) and n for n in self.int8_layers):
-            raise ValueError(f"int8_layers must be module names or 'first', 'last', 'depthwise'; got {self.int8_layers!r}")
+        check_layer_names(self.exclude, self.layer_bits, self.int8_layers)
         if self.int8_layers and self.mixed_bits:
             raise ValueError("int8_layers fixes some widths; with mixed_bits the search chooses every layer's width")
         self._validate_mixed()

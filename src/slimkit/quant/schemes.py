@@ -6,7 +6,7 @@ groups, formats) and ``Activations`` (static, dynamic or none; calibrators; plac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -17,10 +17,23 @@ from slimkit.quant.registry import QuantPass, cannot_saturate, quant_pass
 if TYPE_CHECKING:
     from slimkit.quant.passes import Quantize
 
-__all__ = ["Weights", "Activations", "Embeddings", "HalfPrecision", "WEIGHT_FORMATS", "ACTIVATION_FORMATS"]
+__all__ = ["Weights", "Activations", "Embeddings", "HalfPrecision", "WEIGHT_FORMATS", "ACTIVATION_FORMATS",
+           "check_layer_names"]
 
 WEIGHT_FORMATS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
 ACTIVATION_FORMATS = ("int", "fp8-e4m3", "fp8-e5m2")
+
+
+def check_layer_names(exclude: Any, layer_bits: Any, int8_layers: Any) -> None:
+    """The per-layer fields of a weight scheme: module names, and bit widths from 2 to 8."""
+    if not all(isinstance(n, str) for n in exclude):
+        raise ValueError("exclude must be a list of module names (strings)")
+    if not isinstance(layer_bits, dict) or not all(isinstance(n, str) for n in layer_bits):
+        raise ValueError("layer_bits must map module names (strings) to bit widths")
+    for name, bits in layer_bits.items():
+        check_range(f"layer_bits[{name!r}]", bits, 2, 8)
+    if not all(isinstance(n, str) and n for n in int8_layers):
+        raise ValueError(f"int8_layers must be module names or 'first', 'last', 'depthwise'; got {int8_layers!r}")
 
 
 @quant_pass("weights", "scheme", needs_data=False)
@@ -69,14 +82,7 @@ class Weights(QuantPass):
         check_range("bits", self.bits, 2, 8)
         check_choice("grid", self.grid, ("max", "mse", "output"))
         check_choice("format", self.format, WEIGHT_FORMATS)
-        if not all(isinstance(n, str) for n in self.exclude):
-            raise ValueError("exclude must be a list of module names (strings)")
-        if not isinstance(self.layer_bits, dict) or not all(isinstance(n, str) for n in self.layer_bits):
-            raise ValueError("layer_bits must map module names (strings) to bit widths")
-        for name, bits in self.layer_bits.items():
-            check_range(f"layer_bits[{name!r}]", bits, 2, 8)
-        if not all(isinstance(n, str) and n for n in self.int8_layers):
-            raise ValueError(f"int8_layers must be module names or 'first', 'last', 'depthwise'; got {self.int8_layers!r}")
+        check_layer_names(self.exclude, self.layer_bits, self.int8_layers)
         if self.format.startswith("fp8"):
             if self.group_size is not None or self.grid != "max" or self.layer_bits or self.int8_layers:
                 raise ValueError(f"format={self.format!r} scales each output channel by its largest magnitude: "

@@ -159,3 +159,22 @@ def test_bench_times_tflite_files_in_litert(tmp_path, capsys):
     onnx_file = sk.export_onnx(model, tmp_path / "f.onnx", _data()).path
     assert main(["bench", onnx_file, b, "--data", str(data)]) == 2
     assert "--runtime litert" in capsys.readouterr().err
+
+
+def test_a_hugging_face_cnn_converts(tmp_path):
+    """Hugging Face's ResNet: a max pool padded unlike TFLite's SAME (a PADV2 with the lowest value), and in
+    the INT8 file the BatchNormalizations the exporter leaves after quantized convs, folded into them."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
+    model = transformers.ResNetForImageClassification(cfg).eval()
+    x = torch.randn(4, 3, 32, 32)
+    f32 = sk.export_onnx(model, tmp_path / "f.tflite", x, target="tflite")
+    assert f32.parity.ok and f32.parity.rel_l2 < 1e-5
+    q = sk.quantize(model, "int8", calib_data=[torch.randn(8, 3, 32, 32) for _ in range(2)])
+    import onnx
+
+    sk.export_onnx(q, tmp_path / "q.onnx", x)
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    rep = sk.export_onnx(q, tmp_path / "q.tflite", x, target="tflite")
+    assert rep.parity.ok and rep.lint.integer_ops["CONV_2D"] >= 4

@@ -63,6 +63,7 @@ class GraphState:
         self.vals: dict[str, Value] = {}
         self.dq: dict[str, tuple[str, np.ndarray, np.ndarray, int]] = {}  # DQ output -> (input, scale, zero, axis)
         self.done: set[int] = set()  # nodes already folded into an earlier TFLite op
+        self.folded: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weighted op -> its BatchNormalization's s, t
         self.ops: Counter[str] = Counter()
         self.float_layers: list[str] = []
 
@@ -185,11 +186,45 @@ class GraphState:
 
     # -- weighted ops ------------------------------------------------------------------------
     def weighted(self, node: onnx.NodeProto) -> tuple[Value | None, str, str, QParams | None]:
-        """A Conv / Gemm / MatMul's int8 input (None: the op runs in float), output and activation."""
+        """A Conv / Gemm / MatMul's int8 input (None: the op runs in float), output and activation. A
+        BatchNormalization right after it (left by the exporter where the weights are quantized) is
+        folded into it (``fold_bn``), so that conv, normalization, activation and quantizer are one op."""
         x = self.quantized(node.input[0])
         w_int8 = node.input[1] in self.dq and self.const[self.dq[node.input[1]][0]].dtype == np.int8
-        out, act, q = self.epilogue(node, x is not None and w_int8)
+        nxt = self.sole_reader(node.output[0])
+        bn = self.batch_norm(nxt) if nxt is not None and nxt.op_type == "BatchNormalization" else None
+        tail = node
+        if nxt is not None and bn is not None and np.all(bn[0] != 0):
+            self.done.add(id(nxt))
+            self.folded[node.name] = bn
+            self.shape[nxt.output[0]] = self.shape[node.output[0]]
+            tail = nxt
+        out, act, q = self.epilogue(tail, x is not None and w_int8)
         return (x if q is not None else None), out, act, q
+
+    def batch_norm(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(s, t)`` of an inference BatchNormalization with constant statistics: ``y = x * s + t``
+        per channel; None where they are not constants."""
+        if len(node.input) < 5 or any(i not in self.const for i in node.input[1:5]):
+            return None
+        gamma, beta, mean, var = (self.const[i].astype(np.float64).reshape(-1) for i in node.input[1:5])
+        s = gamma / np.sqrt(var + float(attrs(node).get("epsilon", 1e-5)))
+        return s, beta - mean * s
+
+    def fold_bn(self, node: onnx.NodeProto, w: np.ndarray, scale: np.ndarray | None,
+                bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Weights ``[out, ...]``, their int8 scales (None: float weights) and float bias with the
+        op's folded BatchNormalization, if any: int8 weights keep their integers (negated where the
+        factor is negative) and take the factor's size into their scales."""
+        if node.name not in self.folded:
+            return w, scale, bias
+        s, t = self.folded[node.name]
+        axes = (-1,) + (1,) * (w.ndim - 1)
+        b = (bias.astype(np.float64) if bias is not None else np.zeros_like(s)) * s + t
+        if scale is None:
+            return (w * s.reshape(axes)).astype(np.float32), None, b
+        flipped = np.clip(w.astype(np.int16) * np.sign(s).reshape(axes), -128, 127).astype(np.int8)
+        return flipped, (np.broadcast_to(scale, s.shape) * np.abs(s)).astype(np.float32), b
 
     def int8_weight(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
         src, scale, zero, _ = self.dq[node.input[1]]
@@ -219,16 +254,19 @@ class GraphState:
         self.w.op("DEQUANTIZE", [stored], [out], int8=True)
         return out
 
-    def bias(self, node: onnx.NodeProto, x: Value | None, w_scale: np.ndarray | None, channels: int) -> int:
+    def bias(self, node: onnx.NodeProto, x: Value | None, w_scale: np.ndarray | None, channels: int,
+             folded: np.ndarray | None = None) -> int:
         """The bias tensor: float for a float op; for an int8 one, int32 at the accumulator's scale
         (input scale x weight scale): the file's own int32 bias where it is at that scale, else
-        the float bias rounded to it."""
+        the float bias (``folded``: with a BatchNormalization folded in) rounded to it."""
         name = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if x is None or x.q is None or w_scale is None:
-            b = self.weight_float(name) if name else np.zeros(channels, np.float32)
+            b = folded if folded is not None else self.weight_float(name) if name else np.zeros(channels, np.float32)
             return self.w.tensor(node.name + "_bias", [channels], "float32", b.reshape(-1))
         want = (x.q[0] * w_scale.astype(np.float64)).reshape(-1)
-        if name is None:
+        if folded is not None:
+            b32 = np.round(folded.reshape(-1) / want).astype(np.int64)
+        elif name is None:
             b32 = np.zeros(channels, np.int64)
         elif name in self.dq and self.const[self.dq[name][0]].dtype == np.int32 and \
                 np.allclose(self.dq[name][1].reshape(-1).astype(np.float64), want, rtol=1e-5, atol=0):
@@ -238,10 +276,14 @@ class GraphState:
         return self.w.tensor(node.name + "_bias", [channels], "int32", np.clip(b32, -(2**31), 2**31 - 1),
                              scale=want, zero=np.zeros(channels), axis=0)
 
+    def bias_float(self, node: onnx.NodeProto) -> np.ndarray | None:
+        return self.weight_float(node.input[2]).reshape(-1) if len(node.input) > 2 and node.input[2] else None
+
     def padded(self, node: onnx.NodeProto, x: Value, pads: list[int], k: tuple[int, int], strides: list[int],
-               dil: list[int]) -> tuple[Value, int]:
+               dil: list[int], fill: str | None = None) -> tuple[Value, int]:
         """``x`` and the TFLite padding for an op's explicit ``pads``: VALID for none, SAME where TFLite's
-        SAME pads the same, else a PAD op (int8 PAD fills with the zero-point: real zeros) and VALID."""
+        SAME pads the same, else a PAD op (int8 PAD fills with the zero-point: real zeros) and VALID;
+        ``fill="lowest"``: a PADV2 with the type's lowest value (max pooling's padding)."""
         n, c, h, w = self.shape[node.input[0]]
         top, left, bottom, right = pads
         if not any(pads):
@@ -251,5 +293,11 @@ class GraphState:
         amounts = self.w.tensor(node.name + "_pads", [4, 2], "int32", np.array([[0, 0], [top, bottom], [left, right], [0, 0]]))
         idx = self.w.tensor(node.name + "_padded", [n, h + top + bottom, w + left + right, c], "int8" if x.q else "float32",
                             scale=x.q[0] if x.q else None, zero=x.q[1] if x.q else None, dynamic_batch=True)
-        self.w.op("PAD", [x.index, amounts], [idx], self.s.PadOptionsT(), int8=x.q is not None)
+        if fill is None:
+            self.w.op("PAD", [x.index, amounts], [idx], self.s.PadOptionsT(), int8=x.q is not None)
+        else:
+            low = self.w.tensor(node.name + "_fill", [], "int8" if x.q else "float32",
+                                np.array(-128 if x.q else np.finfo(np.float32).min), scale=x.q[0] if x.q else None,
+                                zero=x.q[1] if x.q else None)
+            self.w.op("PADV2", [x.index, amounts, low], [idx], self.s.PadV2OptionsT(), int8=x.q is not None)
         return Value(idx, x.q, True), self.s.Padding.VALID

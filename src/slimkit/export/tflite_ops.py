@@ -1,6 +1,7 @@
 """ONNX ops lowered to TFLite's, one method each, on the conversion state of ``tflite_graph.py``.
 
-Conv (plain and depthwise), Gemm, MatMul with a constant weight, Add, Mul, Relu, Clip, Sigmoid,
+Conv (plain and depthwise; a BatchNormalization after one folded in), Gemm, MatMul with a constant
+weight, BatchNormalization, Add, Mul, Relu, Clip, Sigmoid,
 GlobalAveragePool, ReduceMean, AveragePool, MaxPool, Flatten, Reshape, Concat, Pad, Identity, Dropout, and the
 Q/DQ around them. Anything else is an error naming the node.
 """
@@ -112,6 +113,7 @@ class Converter(GraphState):
             raise ValueError(f"TFLite export: {node.name!r} is not a 2-d convolution")
         stored = self.int8_weight(node) if x is not None else self.stored_int8(node)
         wq, w_scale = stored if stored is not None else (self.weight_float(node.input[1]), None)
+        wq, w_scale, folded = self.fold_bn(node, wq, w_scale, self.bias_float(node))
         cin, cout, group = self.shape[node.input[0]][1], wq.shape[0], int(a.get("group", 1))
         kh, kw = wq.shape[2], wq.shape[3]
         strides, dil = a.get("strides", [1, 1]), a.get("dilations", [1, 1])
@@ -123,7 +125,7 @@ class Converter(GraphState):
         # TFLite's filters: [1, kh, kw, C x multiplier] for depthwise (scales on the last axis), OHWI otherwise
         weights = wq.reshape(cout, kh, kw).transpose(1, 2, 0)[None] if depthwise else wq.transpose(0, 2, 3, 1)
         wt = self.filter(node.input[1], weights, w_scale, 3 if depthwise else 0, x is not None)
-        bt = self.bias(node, x, w_scale if x is not None else None, cout)
+        bt = self.bias(node, x, w_scale if x is not None else None, cout, folded)
         y = self.out(out, q, True)
         opt: Any = self.s.DepthwiseConv2DOptionsT() if depthwise else self.s.Conv2DOptionsT()
         if depthwise:
@@ -159,14 +161,29 @@ class Converter(GraphState):
             stored = None
         wq, w_scale = stored if stored is not None else (self.weight_float(node.input[1]), None)
         wq = wq if transposed else wq.T  # TFLite's weights: [out, in]
-        wt = self.filter(node.input[1], wq, w_scale, 0, x is not None)
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and bool(node.input[2])
-        bt = self.bias(node, x, w_scale if x is not None else None, wq.shape[0]) if has_bias or x is not None else -1
+        wq, w_scale, folded = self.fold_bn(node, wq, w_scale, self.bias_float(node) if has_bias else None)
+        wt = self.filter(node.input[1], wq, w_scale, 0, x is not None)
+        bt = self.bias(node, x, w_scale if x is not None else None, wq.shape[0], folded) \
+            if has_bias or x is not None or folded is not None else -1
         y = self.out(out, q, False)
         opt = self.s.FullyConnectedOptionsT()
         opt.fusedActivationFunction = self.act(act)
         self.w.op("FULLY_CONNECTED", [xin.index, wt, bt], [y.index], opt, int8=x is not None)
         self.count("FULLY_CONNECTED", node, x is not None)
+
+    def _BatchNormalization(self, node: onnx.NodeProto) -> None:
+        """One not folded into a weighted op: a MUL and an ADD in float, per channel."""
+        bn = self.batch_norm(node)
+        rank = len(self.shape[node.input[0]])
+        if bn is None or rank not in (2, 4):
+            raise ValueError(f"TFLite export: {node.name!r} is a BatchNormalization with computed statistics or on "
+                             f"{rank}-d data")
+        x = self.floated(node.input[0])
+        mid = self.w.tensor(node.name + "_scaled", self.tfl_shape(node.output[0], x.nhwc), "float32", dynamic_batch=True)
+        s, t = (self.w.tensor(node.name + n, [len(v)], "float32", v.astype(np.float32)) for n, v in (("_s", bn[0]), ("_t", bn[1])))
+        self.w.op("MUL", [x.index, s], [mid], self.s.MulOptionsT())
+        self.w.op("ADD", [mid, t], [self.out(node.output[0], None, x.nhwc).index], self.s.AddOptionsT())
 
     # -- elementwise -------------------------------------------------------------------------
     def _binary(self, node: onnx.NodeProto, op: str, options: Any) -> None:
@@ -240,12 +257,18 @@ class Converter(GraphState):
         if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [1, 1])):
             raise ValueError(f"TFLite export: {node.name!r} pools with ceil_mode or dilations")
         same = [(pads[0], pads[2]), (pads[1], pads[3])] == same_padding(tuple(self.shape[node.input[0]][2:]), k, strides, [1, 1])
-        # only SAME padding is a pool's own (TFLite's SAME average divides by the valid count: count_include_pad=0)
-        if any(pads) and (not same or (op == "AVERAGE_POOL_2D" and a.get("count_include_pad", 0))):
+        # TFLite's SAME average divides by the valid count (count_include_pad=0) and its SAME max ignores the
+        # padding; other max-pool padding is a PADV2 with the lowest value
+        if any(pads) and op == "AVERAGE_POOL_2D" and (not same or a.get("count_include_pad", 0)):
             raise ValueError(f"TFLite export: {node.name!r} pads other than TFLite's SAME padding")
         opt = self.s.Pool2DOptionsT()
         opt.padding = self.s.Padding.SAME if any(pads) else self.s.Padding.VALID
         opt.strideH, opt.strideW, opt.filterHeight, opt.filterWidth = strides[0], strides[1], k[0], k[1]
+        if any(pads) and not same:
+            (x,), out, q = self.tail(node, [node.input[0]], same=True)
+            x, opt.padding = self.padded(node, x, pads, (k[0], k[1]), strides, [1, 1], fill="lowest")
+            self.w.op(op, [x.index], [self.out(out, q, True).index], opt, int8=q is not None)
+            return
         self._unary(node, op, opt, same=True)
 
     def _MaxPool(self, node: onnx.NodeProto) -> None:

@@ -15,7 +15,7 @@ __all__ = ["TFLiteWriter", "op_types", "WEIGHTED"]
 
 # the operator versions TFLite's converter gives the int8 forms (float forms are version 1)
 INT8_VERSION = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "MEAN": 2,
-                "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "QUANTIZE": 2, "DEQUANTIZE": 2, "PAD": 2,
+                "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "QUANTIZE": 2, "DEQUANTIZE": 2, "PAD": 2, "PADV2": 2,
                 "CONCATENATION": 2, "RESHAPE": 1, "RELU": 2, "RELU6": 2, "LOGISTIC": 2, "TRANSPOSE": 2}
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _DTYPES = ("float32", "int8", "int32")
